@@ -1,0 +1,168 @@
+"""model.py: the tiny offline build, checkpoint folders, prompt encoding and teacher-forced log-probs."""
+import json
+import os
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+import model as M
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    model, processor = M.load("tiny", seed=0)
+    return model.eval(), processor
+
+
+def samples():
+    return [{"image": Image.new("RGB", (112, 112), (200, 30, 30)), "problem": "How many shapes are there?"},
+            {"image": Image.new("RGB", (56, 84), (30, 30, 200)), "problem": "Is there a blue square? Answer yes or no."},
+            {"image": None, "problem": "What is 2 plus 3?"}]
+
+
+def test_tiny_is_deterministic_and_small(tiny):
+    model, processor = tiny
+    again, processor2 = M.load("tiny", seed=0)
+    assert processor2.tokenizer.get_vocab() == processor.tokenizer.get_vocab(), "tokenizer must not depend on the run"
+    for (name, a), (_, b) in zip(model.state_dict().items(), again.state_dict().items()):
+        assert torch.equal(a, b), f"{name}: same seed must give the same initial weights"
+    other, _ = M.load("tiny", seed=1)
+    assert not torch.equal(other.lm_head.weight, model.lm_head.weight), "another seed must give other weights"
+    assert len(processor.tokenizer) < 1024, "the tiny tokenizer is a BPE of a few hundred tokens"
+    assert M.num_parameters(model) < 2e6
+
+
+def test_bpe_tokenizer_is_compact(tiny):
+    _, processor = tiny
+    tok = processor.tokenizer
+    text = "<think>I count the shapes.</think><answer>3</answer>"
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    assert len(ids) < len(text.encode()) / 2, f"BPE must be much shorter than one token per byte: {len(ids)}"
+    assert tok.decode(ids) == text, "tokenizer must round-trip"
+    assert tok.decode(tok("héllo wörld ✓")["input_ids"]) == "héllo wörld ✓", "byte-level BPE covers any text"
+    for t in M.SPECIAL_TOKENS:
+        assert len(tok(t, add_special_tokens=False)["input_ids"]) == 1, f"{t} must be one token"
+
+
+def test_encode_layout(tiny):
+    _, processor = tiny
+    batch = M.encode(processor, samples())
+    ids, am, mm = batch["input_ids"], batch["attention_mask"], batch["mm_token_type_ids"]
+    B, L = ids.shape
+    assert B == 3 and am[:, -1].all(), "left padding: every prompt ends in the last column"
+    n_img = (ids == processor.image_token_id).sum(1).tolist()
+    assert n_img == [16, 6, 0], f"112x112 -> 16 image tokens, 56x84 -> 6, text-only -> 0; got {n_img}"
+    assert torch.equal(mm.bool(), ids == processor.image_token_id), "mm_token_type_ids marks image tokens"
+    assert batch["image_grid_thw"].tolist() == [[1, 8, 8], [1, 6, 4]]  # PIL size is (width, height)
+    assert batch["pixel_values"].shape[0] == 64 + 24, "pixel rows = patches of all images"
+    text = processor.tokenizer.decode(ids[0][am[0].bool()])
+    assert text.startswith("<|im_start|>system\n") and text.endswith("<|im_end|>\n<|im_start|>assistant\n")
+    assert "<|vision_start|>" + "<|image_pad|>" * 16 + "<|vision_end|>How many shapes are there?" in text
+
+
+def test_encode_never_truncates(tiny):
+    _, processor = tiny
+    with pytest.raises(ValueError, match="sample 0: prompt is .* over max_length=10"):
+        M.encode(processor, samples()[:1], max_length=10)
+
+
+def test_bad_input_names_the_sample_or_folder(tiny, tmp_path):
+    _, processor = tiny
+    with pytest.raises(ValueError, match="sample 1 needs a 'problem'"):
+        M.encode(processor, [samples()[0], {"image": None}])
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"not a png")
+    with pytest.raises(ValueError, match=r"sample 0: cannot open image .*broken.png"):
+        M.encode(processor, [{"image": str(bad), "problem": "x"}])
+    with pytest.raises(ValueError, match="must not contain <|image_pad|>"):
+        M.encode(processor, [{"image": None, "problem": "a <|image_pad|> b"}])
+    with pytest.raises(FileNotFoundError, match="neither a preset"):
+        M.load(str(tmp_path / "nowhere"))
+    with pytest.raises(FileNotFoundError, match="not a Qwen-VL checkpoint folder: it has no config.json"):
+        M.load(str(tmp_path))
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    with pytest.raises(ValueError, match="model_type 'llama'"):
+        M.load(str(tmp_path))
+
+
+def test_completion_logprobs_equal_plain_forward(tiny):
+    """The grouped, vision-once path must equal a plain forward of each (prompt, completion) on its own."""
+    model, processor = tiny
+    torch.manual_seed(0)
+    G, T = 2, 5
+    comp = torch.randint(20, len(processor.tokenizer) - 1, (3 * G, T))
+    batch = M.encode(processor, samples())
+    with torch.no_grad():
+        lp = M.completion_logprobs(model, batch, comp)
+        for n in range(3 * G):
+            one = M.encode(processor, [samples()[n // G]])
+            full = torch.cat([one["input_ids"], comp[n:n + 1]], dim=1)
+            mm = torch.cat([one["mm_token_type_ids"], torch.zeros(1, T, dtype=torch.int)], dim=1)
+            kw = {k: one[k] for k in ("pixel_values", "image_grid_thw") if k in one}
+            logits = model(input_ids=full, mm_token_type_ids=mm, attention_mask=torch.ones_like(full), **kw).logits
+            ref = logits[0, -T - 1:-1].log_softmax(-1).gather(1, comp[n][:, None]).squeeze(1)
+            assert torch.allclose(lp[n], ref, atol=1e-5), f"row {n}: batched log-probs differ from a plain forward"
+
+
+def test_logprob_loss_reaches_the_vision_tower(tiny):
+    model, processor = tiny
+    batch = M.encode(processor, samples()[:2])
+    comp = torch.randint(20, 200, (4, 3))
+    model.zero_grad()
+    M.completion_logprobs(model, batch, comp).sum().backward()
+    g = sum(p.grad.abs().sum() for p in model.model.visual.parameters() if p.grad is not None)
+    model.zero_grad()
+    assert g > 0, "a loss on completion log-probs must back-propagate into the vision tower"
+
+
+def public_release_layout(model, processor, path):
+    """Rewrite a save_pretrained folder into the layout of the public Qwen2.5-VL-3B-Instruct release:
+    flat text fields and rope_scaling of type mrope in config.json, old weight names, min/max_pixels."""
+    M.save(model, processor, path)
+    cfg = json.loads((path / "config.json").read_text())
+    text = cfg.pop("text_config")
+    rope = text.pop("rope_parameters")
+    flat = {**{k: v for k, v in text.items() if k not in ("model_type", "architectures", "dtype")}, **cfg}
+    flat.update(architectures=["Qwen2_5_VLForConditionalGeneration"], model_type="qwen2_5_vl",
+                rope_theta=rope["rope_theta"], rope_scaling={"type": "mrope", "mrope_section": rope["mrope_section"]})
+    (path / "config.json").write_text(json.dumps(flat))
+    weights = load_file(path / "model.safetensors")
+    renamed = {}
+    for k, v in weights.items():
+        k = k.replace("model.language_model.", "model.").replace("model.visual.", "visual.")
+        renamed[k] = v
+    save_file(renamed, path / "model.safetensors", metadata={"format": "pt"})
+    ip = processor.image_processor
+    (path / "preprocessor_config.json").write_text(json.dumps({
+        "min_pixels": 3136, "max_pixels": 12845056, "patch_size": 14, "temporal_patch_size": 2, "merge_size": 2,
+        "image_mean": list(ip.image_mean), "image_std": list(ip.image_std),
+        "image_processor_type": "Qwen2VLImageProcessor", "processor_class": "Qwen2_5_VLProcessor"}))
+    assert "visual.patch_embed.proj.weight" in renamed and "model.layers.0.mlp.up_proj.weight" in renamed
+
+
+def logits_of(model, processor):
+    batch = M.encode(processor, samples())
+    with torch.no_grad():
+        return model(**batch).logits
+
+
+def test_save_load_and_public_layout(tiny, tmp_path):
+    model, processor = tiny
+    ref = logits_of(model, processor)
+    M.save(model, processor, tmp_path / "saved")
+    loaded, proc = M.load(str(tmp_path / "saved"))
+    assert torch.equal(logits_of(loaded.eval(), proc), ref), "save -> load must give identical logits"
+    public_release_layout(model, processor, tmp_path / "public")
+    loaded, proc = M.load(str(tmp_path / "public"), max_pixels=448 * 448)
+    assert proc.image_processor.size["shortest_edge"] == 3136, "min_pixels read from preprocessor_config.json"
+    assert torch.equal(logits_of(loaded.eval(), proc), ref), "the public-release layout must load the same model"
+
+
+def test_qwen2_vl_builds_and_scores():
+    model, processor = M.build_tiny(model_type="qwen2_vl", seed=0)
+    batch = M.encode(processor, samples())
+    comp = torch.randint(20, 200, (3, 4))
+    lp = M.completion_logprobs(model.eval(), batch, comp)
+    assert lp.shape == (3, 4) and torch.isfinite(lp).all() and (lp < 0).all()

@@ -1,0 +1,179 @@
+"""rollout.py: the hand-written KV-cache group sampler against transformers and against the uncached loop."""
+import pytest
+import torch
+from PIL import Image
+
+import model as M
+from rollout import generate
+
+
+@pytest.fixture(scope="module", params=["qwen2_5_vl", "qwen2_vl"])
+def any_tiny(request):
+    model, processor = M.build_tiny(model_type=request.param, seed=0)
+    return model.eval(), processor
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    model, processor = M.load("tiny", seed=0)
+    return model.eval(), processor
+
+
+def prompts():
+    """Three images of different sizes and prompts of different lengths (so rows are left padded)."""
+    return [{"image": Image.new("RGB", (112, 112), (220, 40, 40)), "problem": "How many shapes?"},
+            {"image": Image.new("RGB", (56, 84), (40, 40, 220)), "problem": "Is there a blue square? Answer yes or no."},
+            {"image": Image.new("RGB", (140, 112), (40, 200, 40)), "problem": "Name the colours you see in this image."}]
+
+
+def test_greedy_matches_transformers_generate(any_tiny):
+    model, processor = any_tiny
+    T = 24
+    ours = generate(model, processor, prompts(), max_new_tokens=T, greedy=True)
+    batch = M.encode(processor, prompts())
+    with torch.no_grad():
+        ref = model.generate(**batch, max_new_tokens=T, do_sample=False, eos_token_id=processor.stop_token_ids,
+                             pad_token_id=processor.pad_token_id, suppress_tokens=processor.vision_token_ids)
+    ref = ref[:, batch["input_ids"].shape[1]:]
+    for n in range(3):
+        L = int(ours.lengths[n])
+        assert ours.completion_ids[n, :L].tolist() == ref[n, :L].tolist(), \
+            f"row {n}: greedy decoding must equal transformers' generate token for token"
+
+
+def test_tiny_init_does_not_collapse(tiny):
+    model, processor = tiny
+    r = generate(model, processor, prompts(), max_new_tokens=24, greedy=True)
+    for n in range(3):
+        assert len(set(r.completion_ids[n].tolist())) >= 2, "a random init must not repeat one token forever"
+    assert len({tuple(x) for x in r.completion_ids.tolist()}) == 3, "different prompts must give different answers"
+
+
+def test_cached_equals_uncached(any_tiny):
+    model, processor = any_tiny
+    for greedy in (True, False):
+        kw = dict(group_size=2, max_new_tokens=12, greedy=greedy)
+        a = generate(model, processor, prompts(), generator=torch.Generator().manual_seed(3), **kw)
+        b = generate(model, processor, prompts(), generator=torch.Generator().manual_seed(3), use_cache=False, **kw)
+        assert torch.equal(a.completion_ids, b.completion_ids), f"greedy={greedy}: KV cache must not change tokens"
+        assert torch.allclose(a.logp, b.logp, atol=1e-5)
+
+
+def test_group_equals_repeated_prompts(tiny):
+    model, processor = tiny
+    G = 3
+    grouped = generate(model, processor, prompts(), group_size=G, max_new_tokens=10, greedy=True)
+    repeated = generate(model, processor, [p for p in prompts() for _ in range(G)], max_new_tokens=10, greedy=True)
+    assert torch.equal(grouped.completion_ids, repeated.completion_ids), "cache replication = repeating prompts"
+    assert grouped.group.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+
+
+def test_seeded_sampling_is_reproducible_and_groups_vary(tiny):
+    model, processor = tiny
+    kw = dict(group_size=4, max_new_tokens=12)
+    a = generate(model, processor, prompts(), generator=torch.Generator().manual_seed(0), **kw)
+    b = generate(model, processor, prompts(), generator=torch.Generator().manual_seed(0), **kw)
+    c = generate(model, processor, prompts(), generator=torch.Generator().manual_seed(1), **kw)
+    assert torch.equal(a.completion_ids, b.completion_ids), "same seed must give the same samples"
+    assert not torch.equal(a.completion_ids, c.completion_ids), "another seed must give other samples"
+    for g in range(3):
+        rows = {tuple(x) for x in a.completion_ids[g * 4:(g + 1) * 4].tolist()}
+        assert len(rows) > 1, f"group {g}: sampled answers of one prompt must differ"
+    # One generator per prompt: a prompt's samples do not depend on the other prompts of the batch.
+    gens = lambda: [torch.Generator().manual_seed(100 + i) for i in range(3)]
+    full = generate(model, processor, prompts(), generator=gens(), **kw)
+    alone = generate(model, processor, prompts()[1:2], generator=gens()[1:2], **kw)
+    assert torch.equal(full.completion_ids[4:8, :alone.completion_ids.shape[1]], alone.completion_ids)
+
+
+def test_recorded_logprobs_equal_teacher_forced(tiny):
+    model, processor = tiny
+    r = generate(model, processor, prompts(), group_size=2, max_new_tokens=16,
+                 generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        lp = M.completion_logprobs(model, r.batch, r.completion_ids, r.mask)
+    assert torch.allclose(lp * r.mask, r.logp, atol=1e-4), "log-probs recorded while decoding = teacher forced"
+
+
+def force_token(model, token_id, at_step, row=None, bonus=1e4):
+    """Hook on lm_head: from decode call `at_step` on, make `token_id` the largest logit (of `row`, or all)."""
+    calls = {"n": 0}
+
+    def hook(module, inputs, output):
+        calls["n"] += 1
+        if calls["n"] - 1 >= at_step:
+            output = output.clone()
+            output[(slice(None) if row is None else row), -1, token_id] += bonus
+            return output
+
+    return model.lm_head.register_forward_hook(hook)
+
+
+def test_first_eos_is_inside_the_mask_and_stops_the_row(tiny):
+    model, processor = tiny
+    eos = processor.eos_token_id
+    handle = force_token(model, eos, at_step=3, row=0)  # call 0 is the prefill, so row 0 emits EOS as token 4
+    try:
+        r = generate(model, processor, prompts(), max_new_tokens=8, greedy=True)
+    finally:
+        handle.remove()
+    assert r.completion_ids[0, 3] == eos and r.finished.tolist() == [True, False, False]
+    assert r.mask[0].tolist() == [1, 1, 1, 1, 0, 0, 0, 0], "the first EOS is a real action inside the mask"
+    assert (r.completion_ids[0, 4:] == processor.pad_token_id).all() and (r.logp[0, 4:] == 0).all()
+    assert r.mask[1:].all() and r.lengths.tolist() == [4, 8, 8]
+    assert "<|im_end|>" not in r.texts[0]
+    assert r.texts[0] == processor.tokenizer.decode(r.completion_ids[0, :3])
+
+
+def test_stops_early_when_every_row_is_done(tiny):
+    model, processor = tiny
+    handle = force_token(model, processor.eos_token_id, at_step=2)
+    try:
+        r = generate(model, processor, prompts(), group_size=2, max_new_tokens=50,
+                     generator=torch.Generator().manual_seed(0))
+    finally:
+        handle.remove()
+    assert r.completion_ids.shape[1] == 3 and r.finished.all(), "the loop ends once every row has stopped"
+
+
+def test_vision_tokens_are_never_sampled(tiny):
+    model, processor = tiny
+    handles = [force_token(model, t, at_step=0) for t in processor.vision_token_ids]
+    try:
+        for greedy in (True, False):
+            r = generate(model, processor, prompts(), group_size=4, max_new_tokens=6, greedy=greedy,
+                         generator=torch.Generator().manual_seed(0))
+            assert not torch.isin(r.completion_ids, torch.tensor(processor.vision_token_ids)).any(), \
+                "vision special tokens must never be sampled, even as the largest logits"
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def test_top_k_and_top_p_restrict_the_support():
+    from rollout import sample_next
+    logits = torch.tensor([[3.0, 2.0, 1.0, 0.0, -1.0]]).repeat(2000, 1)
+    g = torch.Generator().manual_seed(0)
+    assert set(sample_next(logits, top_k=2, generator=g).tolist()) == {0, 1}
+    p = logits[0].softmax(-1)  # top two hold p0 + p1 = 0.91; top_p = 0.8 keeps exactly them
+    assert p[0] < 0.8 < p[0] + p[1]
+    assert set(sample_next(logits, top_p=0.8, generator=g).tolist()) == {0, 1}
+    assert set(sample_next(logits, temperature=100.0, generator=g).tolist()) == {0, 1, 2, 3, 4}
+
+
+def test_text_only_and_mixed_batches(tiny):
+    model, processor = tiny
+    mixed = prompts()[:1] + [{"image": None, "problem": "What is 2 plus 3?"}]
+    a = generate(model, processor, mixed, max_new_tokens=8, greedy=True)
+    b = generate(model, processor, mixed[1:], max_new_tokens=8, greedy=True)
+    assert torch.equal(a.completion_ids[1], b.completion_ids[0]), "a text-only row is unaffected by an image row"
+
+
+def test_bad_arguments(tiny):
+    model, processor = tiny
+    with pytest.raises(ValueError, match="group_size"):
+        generate(model, processor, prompts(), group_size=0)
+    with pytest.raises(ValueError, match="one per prompt"):
+        generate(model, processor, prompts(), generator=[torch.Generator()])
+    with pytest.raises(ValueError, match="temperature"):
+        generate(model, processor, prompts(), temperature=0.0)
