@@ -1,0 +1,390 @@
+"""
+The curriculum: three stages of the same questions in ever harder answer forms, and the schedule.
+
+Curr-ReFT trains with GRPO in three stages whose images and questions come from one pool; only the answer
+form (and so its reward) changes:
+
+    judge   a yes/no claim about the image          "How many circles are there? Is it 3?"   -> yes | no
+    choice  options A-D (multi-select for classify)  "How many circles are there?\\nA. 1 ..."  -> B | A, C
+    open    the question itself                     "How many circles are there?"            -> 2
+
+Use it:
+
+    import data, curriculum
+    pool = data.make_split("train", 3000)                                   # open rows with `meta`
+    cur = curriculum.Curriculum(curriculum.paper_stages(), pool=pool, seed=0)
+    while not cur.done:
+        stage = cur.current_stage()                  # StageSpec: name, group_size, ...
+        rows = cur.next_batch(8)                     # the stage's rows, deterministic, resumable
+        ...                                          # rollout G = stage.group_size per row, reward, update
+        cur.record(mean_accuracy)                    # True when the schedule moved on
+    torch.save({"curriculum": cur.state_dict(), ...}, path)   # cur.load_state_dict(...) resumes exactly
+
+Deriving a stage's rows from an open synthetic row (`make_stage_row(row, stage, rng)`), using its `meta`:
+- judge: the claim is the true answer half of the time. `Curriculum` and `stage_rows` make it exact: the
+  row at data position p claims the truth when p is even. A false claim is a near miss: a count off by one
+  or two (never negative); a label set with one label swapped for, or joined by, a palette label absent from
+  the scene, or with one label dropped; another shape for "what shape"; for a box, another object's box or
+  the true box moved along the grid until IoU < 0.5.
+- choice: four options A-D in shuffled order. Detection and math have exactly one right option (boxes of
+  other objects or moved boxes with IoU < 0.5; numbers within 3 of the truth, never negative); "what shape"
+  too. "Which colours / shapes" is multi-select: 1-3 present labels and the rest absent ones, so there is
+  always at least one right option and one distractor. The solution lists the right letters in order:
+  `<answer>A, C</answer>`.
+- open: the row unchanged.
+Every prompt ends with one instruction line from INSTRUCTIONS (all of them are there, and short: each
+prompt token costs CPU time in a tiny model): think in <think></think>, then answer in <answer></answer>,
+saying what the answer must be.
+
+Stage files. When the user has each stage's questions in files (as the Curr-ReFT release does), a stage's
+`data` is a mixture spec (see data.py) and its rows are used as they are: a row's problem gets the stage's
+instruction line appended only when it holds no `<answer>` tag (the release's problems carry their own
+instructions, which are left alone), and `stage` is set when missing. `assign_stage_data(stages,
+{"judge": "judge.jsonl:all", ...})` puts such files into a schedule.
+
+The schedule: a list of StageSpec, run in order. A stage ends at the first of: `steps` optimizer steps;
+`epochs` passes over its pool (counted in rows drawn); the advance rule (the mean training accuracy of the
+last `advance_window` steps reaches `advance_accuracy`); `max_steps`. Within a stage, rows are drawn in a
+fresh permutation of the pool each epoch, seeded by (seed, stage, epoch); a derived row is seeded by (seed,
+stage, data position). So the state is a few integers and the recent accuracies (`state_dict()`), and a
+resumed run draws exactly the batches the interrupted run would have drawn.
+
+Departures from the paper, and why:
+- Judge and choice rows are derived from one open pool of the synthetic world, as the paper's stages share
+  their images and questions (its release stores each stage's questions in its own files; those load too).
+- The judge is exactly balanced (positions alternate) rather than balanced by chance.
+- The paper preset (`paper_stages`): G = 4 / 2 / 4 and 1 / 1 / 2 epochs as the release trains the 3B model;
+  `max_steps` 600 / 500 / 2300 stop where the release handed each stage's checkpoint on. The `tiny` preset
+  adds an advance rule, since a tiny base either learns a form quickly or not at all (../shared/TINY_WORLD.md).
+"""
+import dataclasses
+import random
+from dataclasses import dataclass
+
+import data
+from data import COLOURS, SHAPES, format_value
+
+STAGES = ("judge", "choice", "open")
+LETTERS = "ABCD"
+
+# Every instruction string, in one place. Key: "stage/task", or "stage" for all tasks of a stage.
+INSTRUCTIONS = {
+    "judge": "Think in <think></think>, then answer only yes or no in <answer></answer>.",
+    "choice": "Think in <think></think>, then answer only the option letter in <answer></answer>.",
+    "choice/classify": "Think in <think></think>, then answer every right letter, comma-separated, "
+                       "in <answer></answer>.",
+    "open/detection": "Think in <think></think>, then answer the box [x1, y1, x2, y2] in <answer></answer>.",
+    "open/classify": "Think in <think></think>, then answer the labels, comma-separated, in <answer></answer>.",
+    "open/math": "Think in <think></think>, then answer a number in <answer></answer>.",
+}
+
+
+def instruction(stage, task):
+    """The instruction line of a stage and task."""
+    if stage not in STAGES:
+        raise ValueError(f"unknown stage {stage!r}; expected one of {', '.join(STAGES)}")
+    text = INSTRUCTIONS.get(f"{stage}/{task}") or INSTRUCTIONS.get(stage)
+    if text is None:
+        raise ValueError(f"no instruction for stage {stage!r} and task {task!r}")
+    return text
+
+
+def build_problem(question, task, stage):
+    """The full user text: the question (options included), then the stage's instruction line."""
+    return f"{question}\n{instruction(stage, task)}"
+
+
+def has_instruction(problem):
+    """Whether a problem already says how to answer (it names the <answer> tag)."""
+    return "<answer>" in problem.lower()
+
+
+# -----------------------------------------------------------------------------
+# Deriving judge and choice questions from an open row's ground truth
+
+def iou(a, b):
+    """Intersection over union of two [x1, y1, x2, y2] boxes."""
+    w = min(a[2], b[2]) - max(a[0], b[0])
+    h = min(a[3], b[3]) - max(a[1], b[1])
+    inter = max(w, 0) * max(h, 0)
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
+
+
+def wrong_boxes(meta, rng):
+    """Plausible wrong boxes, all with IoU < 0.5 to the truth: (other objects' boxes, moved true boxes)."""
+    truth, cell, size = meta["answer"], meta["cell"], meta["size"]
+    others = [o["box"] for o in meta["objects"] if o["box"] != truth]
+    moved = []
+    for dy in range(-3, 4):
+        for dx in range(-3, 4):
+            box = [truth[0] + dx * cell, truth[1] + dy * cell, truth[2] + dx * cell, truth[3] + dy * cell]
+            if min(box) >= 0 and max(box) <= size and iou(box, truth) < 0.5 and box not in others:
+                moved.append(box)
+    rng.shuffle(others)
+    rng.shuffle(moved)
+    return others, moved
+
+
+def wrong_labels(meta, rng):
+    """A label set near the truth: one label swapped for an absent one, an absent one added, or one dropped."""
+    labels = meta["answer"]
+    if meta["kind"] == "shape_of":
+        return [rng.choice([s for s in SHAPES if s != labels[0]])]
+    palette = list(COLOURS) if meta["kind"] == "colours" else list(SHAPES)
+    absent = [x for x in palette if x not in labels]
+    moves = ["swap", "add"] + (["drop"] if len(labels) > 1 else [])
+    move = rng.choice(moves)
+    wrong = set(labels)
+    if move in ("swap", "drop"):
+        wrong.discard(rng.choice(labels))
+    if move in ("swap", "add"):
+        wrong.add(rng.choice(absent))
+    return [x for x in palette if x in wrong]
+
+
+def near_miss(meta, task, rng):
+    """A false answer value close to the truth (for a judge claim)."""
+    truth = meta["answer"]
+    if task == "detection":
+        others, moved = wrong_boxes(meta, rng)
+        return others[0] if others and rng.random() < 0.5 else moved[0]
+    if task == "classify":
+        return wrong_labels(meta, rng)
+    if task == "math":
+        return rng.choice([v for v in (truth - 2, truth - 1, truth + 1, truth + 2) if v >= 0])
+    raise ValueError(f"unknown task {task!r}")
+
+
+def choice_options(meta, task, rng):
+    """Four shuffled option values and the letters of the right ones."""
+    truth = meta["answer"]
+    if task == "detection":
+        others, moved = wrong_boxes(meta, rng)
+        k = rng.randint(0, min(3, len(others)))
+        options, right = [truth] + others[:k] + moved[:3 - k], [truth]
+    elif task == "math":
+        near = [v for v in range(truth - 3, truth + 4) if v >= 0 and v != truth]
+        options, right = [truth] + rng.sample(near, 3), [truth]
+    elif task == "classify" and meta["kind"] == "shape_of":
+        right = [truth]
+        options = right + [[s] for s in rng.sample([s for s in SHAPES if s != truth[0]], 3)]
+    elif task == "classify":
+        palette = list(COLOURS) if meta["kind"] == "colours" else list(SHAPES)
+        absent = [x for x in palette if x not in truth]
+        k = rng.randint(max(1, 4 - len(absent)), min(len(truth), 3))  # 1-3 right, at least one distractor
+        right = [[x] for x in rng.sample(truth, k)]
+        options = right + [[x] for x in rng.sample(absent, 4 - k)]
+    else:
+        raise ValueError(f"unknown task {task!r}")
+    rng.shuffle(options)
+    letters = [LETTERS[i] for i, v in enumerate(options) if v in right]
+    return options, letters
+
+
+def make_stage_row(row, stage, rng, truth=None):
+    """An open synthetic row (with `meta`) as `stage` asks it; a new dict, the input is left alone.
+
+    truth: for judge, whether the claim is true (None: a coin flip from rng). The derived form is recorded
+    in meta["judge"] = {"claim", "truth"} or meta["choice"] = {"options", "letters"}.
+    """
+    if stage not in STAGES:
+        raise ValueError(f"unknown stage {stage!r}; expected one of {', '.join(STAGES)}")
+    if stage == "open":
+        return {**row, "stage": "open"}
+    meta, task = row.get("meta"), row["task"]
+    if not meta or "answer" not in meta:
+        raise ValueError(f"a {stage} question is derived from a synthetic row's meta, and this row has none: "
+                         f"{row['problem'][:60]!r} (give the stage its own data files instead)")
+    if stage == "judge":
+        truth = rng.random() < 0.5 if truth is None else bool(truth)
+        claim = meta["answer"] if truth else near_miss(meta, task, rng)
+        question = f"{meta['question']} Is it {format_value(claim)}?"
+        solution = "<answer>yes</answer>" if truth else "<answer>no</answer>"
+        form = {"claim": claim, "truth": truth}
+    else:
+        options, letters = choice_options(meta, task, rng)
+        question = meta["question"] + "".join(f"\n{L}. {format_value(v)}" for L, v in zip(LETTERS, options))
+        solution = f"<answer>{', '.join(letters)}</answer>"
+        form = {"options": options, "letters": letters}
+    return {**row, "problem": build_problem(question, task, stage), "solution": solution, "stage": stage,
+            "meta": {**meta, stage: form}}
+
+
+def stage_rows(rows, stage, seed=0):
+    """Every open row as `stage` asks it (for evaluation sets): deterministic, judge exactly balanced."""
+    return [make_stage_row(row, stage, random.Random(f"stage_rows:{seed}:{stage}:{i}"), truth=i % 2 == 0)
+            for i, row in enumerate(rows)]
+
+
+def prepare_stage_rows(rows, stage):
+    """Rows of a stage's own files: unchanged, except the instruction line when the problem lacks one."""
+    out = []
+    for row in rows:
+        row = dict(row)
+        if not has_instruction(row["problem"]):
+            row["problem"] = build_problem(row["problem"], row["task"], stage)
+        row.setdefault("stage", stage)
+        out.append(row)
+    return out
+
+
+# -----------------------------------------------------------------------------
+# The schedule
+
+@dataclass
+class StageSpec:
+    name: str                               # judge | choice | open
+    data: str | list | None = None          # a mixture spec of this stage's files; None = derive from the pool
+    group_size: int = 4                     # G completions per prompt
+    steps: int | None = None                # stage length in optimizer steps
+    epochs: float | None = None             # ... or in passes over the stage's pool
+    advance_accuracy: float | None = None   # move on once the mean accuracy of the last K steps reaches this
+    advance_window: int = 20                # K
+    max_steps: int | None = None            # a hard cap on the stage's steps
+
+    def __post_init__(self):
+        if self.name not in STAGES:
+            raise ValueError(f"unknown stage {self.name!r}; expected one of {', '.join(STAGES)}")
+        if self.steps is None and self.epochs is None and self.max_steps is None:
+            raise ValueError(f"stage {self.name!r} needs steps, epochs or max_steps, or it never ends")
+        if self.group_size < 1 or self.advance_window < 1:
+            raise ValueError(f"stage {self.name!r}: group_size and advance_window must be >= 1")
+
+
+def paper_stages():
+    """The release's 3B recipe: G = 4 / 2 / 4, 1 / 1 / 2 epochs, handed on at steps ~600 / ~500 / ~2300."""
+    return [StageSpec("judge", group_size=4, epochs=1, max_steps=600),
+            StageSpec("choice", group_size=2, epochs=1, max_steps=500),
+            StageSpec("open", group_size=4, epochs=2, max_steps=2300)]
+
+
+def tiny_stages(steps=200, group_size=8):
+    """A CPU schedule: each stage at most `steps`, leaving early at 90% mean accuracy over 20 steps."""
+    return [StageSpec(name, group_size=group_size, max_steps=steps, advance_accuracy=0.9, advance_window=20)
+            for name in STAGES]
+
+
+PRESETS = {"paper": paper_stages, "tiny": tiny_stages}
+
+
+def assign_stage_data(stages, mapping):
+    """A copy of `stages` whose stages named in `mapping` (stage -> mixture spec) read those files."""
+    unknown = set(mapping) - {s.name for s in stages}
+    if unknown:
+        raise ValueError(f"data given for stages not in the schedule: {sorted(unknown)}")
+    return [dataclasses.replace(s, data=mapping.get(s.name, s.data)) for s in stages]
+
+
+def parse_stage_data(text):
+    """'judge=a.jsonl:all;choice=b.jsonl:random:500' -> {"judge": "a.jsonl:all", "choice": ...}."""
+    mapping = {}
+    for part in filter(None, (p.strip() for p in text.split(";"))):
+        stage, sep, spec = part.partition("=")
+        if not sep or stage.strip() not in STAGES:
+            raise ValueError(f"bad stage data {part!r}; expected stage=mixture_spec with stage in {STAGES}")
+        mapping[stage.strip()] = spec.strip()
+    return mapping
+
+
+class Curriculum:
+    """Which stage runs, which rows it trains on next, and when it moves on; resumable via state_dict()."""
+
+    def __init__(self, stages, pool=None, seed=0, image_root=None, on_error="raise"):
+        self.stages = list(stages)
+        if not self.stages:
+            raise ValueError("a curriculum needs at least one stage")
+        self.seed = seed
+        self.pools = []
+        for spec in self.stages:
+            if spec.data is not None:
+                rows = data.load_mixture(spec.data, seed=seed, image_root=image_root, on_error=on_error)
+                rows = prepare_stage_rows(rows, spec.name)
+            elif pool is None:
+                raise ValueError(f"stage {spec.name!r} has no data files and no synthetic pool was given")
+            else:
+                rows = list(pool)
+                if spec.name != "open" and not all(r.get("meta") for r in rows):
+                    raise ValueError(f"stage {spec.name!r} derives its questions from `meta`; "
+                                     "the pool holds rows without it")
+            if not rows:
+                raise ValueError(f"stage {spec.name!r} has no rows")
+            self.pools.append(rows)
+        self.stage_index, self.step, self.position, self.global_step = 0, 0, 0, 0
+        self.recent = []           # accuracies of the stage's last advance_window steps
+        self._perm = (None, None)  # ((stage index, epoch), permutation) of the epoch being drawn
+
+    @property
+    def done(self):
+        return self.stage_index >= len(self.stages)
+
+    def current_stage(self):
+        """The running StageSpec, or None once every stage has finished."""
+        return None if self.done else self.stages[self.stage_index]
+
+    def _row_at(self, position):
+        """The row at data position `position` of the current stage (a pure function of the state)."""
+        spec, pool = self.stages[self.stage_index], self.pools[self.stage_index]
+        epoch, k = divmod(position, len(pool))
+        if self._perm[0] != (self.stage_index, epoch):
+            perm = list(range(len(pool)))
+            random.Random(f"curriculum:{self.seed}:{self.stage_index}:{epoch}").shuffle(perm)
+            self._perm = ((self.stage_index, epoch), perm)
+        row = pool[self._perm[1][k]]
+        if spec.data is not None:
+            return dict(row)
+        rng = random.Random(f"curriculum:{self.seed}:{self.stage_index}:row:{position}")
+        return make_stage_row(row, spec.name, rng, truth=position % 2 == 0)
+
+    def next_batch(self, n):
+        """The next n rows of the current stage (a global batch: ranks slice it). Advances the data position."""
+        if self.done:
+            raise RuntimeError("the curriculum has finished; no stage is left to draw from")
+        rows = [self._row_at(self.position + i) for i in range(n)]
+        self.position += n
+        return rows
+
+    def _stage_finished(self):
+        spec = self.stages[self.stage_index]
+        if spec.steps is not None and self.step >= spec.steps:
+            return True
+        if spec.max_steps is not None and self.step >= spec.max_steps:
+            return True
+        if spec.epochs is not None and self.position >= spec.epochs * len(self.pools[self.stage_index]):
+            return True
+        return (spec.advance_accuracy is not None and len(self.recent) >= spec.advance_window
+                and sum(self.recent) / len(self.recent) >= spec.advance_accuracy)
+
+    def record(self, accuracy):
+        """Count one optimizer step with its mean training accuracy; True when this moved to the next stage."""
+        if self.done:
+            raise RuntimeError("the curriculum has finished")
+        self.step += 1
+        self.global_step += 1
+        window = self.stages[self.stage_index].advance_window
+        self.recent = (self.recent + [float(accuracy)])[-window:]
+        if not self._stage_finished():
+            return False
+        self.stage_index += 1
+        self.step, self.position, self.recent = 0, 0, []
+        return True
+
+    def state_dict(self):
+        return {"stages": [s.name for s in self.stages], "seed": self.seed, "stage_index": self.stage_index,
+                "step": self.step, "position": self.position, "global_step": self.global_step,
+                "recent": list(self.recent)}
+
+    def load_state_dict(self, state):
+        names = [s.name for s in self.stages]
+        if state["stages"] != names or state["seed"] != self.seed:
+            raise ValueError(f"checkpoint curriculum {state['stages']} seed {state['seed']} does not match "
+                             f"this one {names} seed {self.seed}: its batches would differ")
+        self.stage_index, self.step = state["stage_index"], state["step"]
+        self.position, self.global_step = state["position"], state["global_step"]
+        self.recent = list(state["recent"])
+
+    def __repr__(self):
+        if self.done:
+            return f"Curriculum(done after {self.global_step} steps)"
+        return (f"Curriculum(stage {self.stage_index + 1}/{len(self.stages)} {self.stages[self.stage_index].name}, "
+                f"step {self.step}, position {self.position})")

@@ -1,0 +1,607 @@
+"""
+Data: Curr-ReFT rows from JSONL/JSON files, data mixtures, and a synthetic world of coloured shapes.
+
+A row is a plain dict, the unit every other file passes around:
+
+    {"image": "imgs/0001.png" | PIL.Image.Image | None,   # None: a text-only row
+     "problem": "How many circles are there?\\nThink in ...",  # the full user text, instructions included
+     "solution": "<answer>2</answer>",
+     "task": "detection" | "classify" | "math",
+     "meta": {...},            # synthetic rows only: the scene and the question's ground truth
+     "stage": "open"}          # optional: judge | choice | open
+
+Use it:
+
+    import data
+    rows = data.load_rows("train.jsonl", default_task="math")          # a Rows list; rows.skipped == 0
+    rows = data.load_rows("train.jsonl", on_error="skip")              # bad rows skipped, counted, logged
+    rows = data.load_mixture("a.jsonl:all,b.jsonl:random:500,c.jsonl:30%", seed=0)
+    rows = data.make_split("train", 3000, seed=0)                       # synthetic, PIL images in memory
+    image = data.open_image(rows[0])                                    # always an RGB PIL image
+
+    python data.py --out synth --split train --n 3000 --seed 0         # synth/train.jsonl + synth/images/
+    python data.py --out synth --split ood --n 300 --stage judge       # synth/ood_judge.jsonl (stage questions)
+
+Files (the Curr-ReFT format). JSONL, one object per line, or a JSON list of objects:
+- `image`: a path relative to `image_root`, or absolute. With `image_root=None` a relative path is relative
+  to the folder of the data file (so a folder of JSONL + images moves as a unit). Missing or null: text-only.
+  An SFT-style `images: [path]` list of one path is accepted too.
+- `problem`: the user text. `solution`: `<answer>...</answer>` (a think block before it is kept as is), or a
+  bare string, number, label list or box, which is wrapped as `<answer>...</answer>` (a box as
+  `[x1, y1, x2, y2]`, labels comma-separated). `task`: detection, classify or math; when missing,
+  `default_task`, else the row is bad.
+- Curr-ReFT SFT rows (`messages`: a user turn and an assistant turn) are read as problem = the user text
+  (an `<image>` placeholder removed), solution = the assistant text.
+A bad row (malformed JSON, a missing field, an unknown task, a missing or unreadable image: every image is
+checked at load time with PIL's `verify()`) raises `DataError("file:line: problem")`. With
+`on_error="skip"` it is dropped, never replaced: the returned `Rows` list carries `.skipped` (the count) and
+`.errors` (the messages), and one warning line goes to the `data` logger.
+
+Mixtures, for the command line: comma-separated items `path[:rule]`, rule one of `all` (the default),
+`first:N`, `last:N`, `random:N`, `N%` (= `random:N%`; first/last accept N% too). Or a JSON file holding a
+list of `{"path": ..., "rule": ..., "image_root": ..., "task": ...}` (paths relative to that file). Items are
+concatenated in order; `first`/`last` keep file order, `random` samples without replacement, keeps file
+order, and is deterministic for a seed. Asking for more rows than a file has is an error. (A `:` inside a
+path, as in Windows drive letters, is not supported in the string form; use the JSON form.)
+
+The synthetic world (what a tiny randomly initialised VLM can learn on a 2-core CPU; the choices follow the
+measurements in ../shared/TINY_WORLD.md):
+- Images are `size` px square, default 112 (a multiple of 28, the Qwen-VL patch-merge unit: 112 px is an
+  8x8 patch grid, 16 image tokens). The image is a 7x7 grid of cells of size/7 px (16 px at 112).
+- Scenes hold 1-4 shapes from 5 (circle, square, triangle, diamond, cross) in 5 colours (red, green, blue,
+  yellow, purple). Colours are unique within a scene, so "the red circle" names one object and "the red
+  one" is unambiguous. 5 labels of each kind, with at most 4 objects, leave an absent shape and an absent
+  colour in every scene, so a false yes/no claim and a multi-select distractor always exist.
+- Every shape fills a square box of 2 or 3 cells (32 or 48 px at 112): large objects, on cell boundaries,
+  never overlapping (they may touch). So every box answer is a multiple of 16 px (0, 16, ..., 112 at
+  112 px): a coarse grid with 8 values per coordinate. Boxes never learned at 56 px nor on a fine grid.
+- Boxes are [x1, y1, x2, y2] in pixels of the image the model sees; x2, y2 are the right and bottom edges
+  (the shape's last pixel column is x2 - 1), so width = x2 - x1. The box tightly contains the drawn pixels.
+- Flat colours, no anti-aliasing, a light-grey background: clean, cheap to draw (about 0.1 ms an image).
+- Tasks and question kinds (all derived from the scene, stored in `meta`):
+    detection  locate      "Where is the red circle?"                    [16, 32, 64, 80]
+    classify   colours     "Which colours are there?"                    red, blue   (palette order)
+               shapes      "Which shapes are there?"                     circle, cross
+               shape_of    "What shape is the red one?"                  circle
+    math       count_all   "How many shapes are there?"                  3
+               count_shape "How many circles are there?"                 2 (0 when absent)
+               sum_shapes  "How many circles plus squares are there?"    3
+  The task of row i is TASKS[i % 3], the kind is drawn at random within it.
+- `reference_completion(row)` is the answer a model should write, for warm-start SFT and the tokenizer:
+  `<think>red circle, blue square</think><answer>...</answer>`, the think block listing the scene in
+  reading order (a short perception step the answer can lean on; about 10 tokens).
+- Token lengths with the tiny model's 512-token BPE trained on `tokenizer_corpus()` (digits are single
+  tokens under Qwen's pre-tokenizer): prompts 25-45 tokens, except choice-stage detection (~100: four
+  boxes of ~15 tokens each); completions 15-35 tokens (a box answer alone is ~16). Add the 16 image tokens.
+- Splits: `train`, `test` (in-domain) and `ood`. A scene's layout (shapes, colours, boxes) is hashed into
+  one of 10 buckets: bucket 0 is held out for test and ood, buckets 1-9 feed train, so train never shares
+  a scene with test or ood. Each split also seeds its own generator.
+  ood = the test distribution on a light-blue background instead of light grey. Every question stays
+  answerable (no colour of the palette is close to the new background). TINY_WORLD.md measured this shift
+  as a meaningful middle range for a tiny model, where a dark noisy background gave 0-30% (too strong).
+  `ood_small` (an extra, optional split) shrinks every shape to one cell (16 px), the other mild shift
+  measured there.
+
+Departures from the paper, and why:
+- A synthetic world instead of RefCOCO (detection), COCO labels (classification) and Math360K/Geo170K
+  (math), with RefGTA / Pascal VOC / SuperCLEVR as OOD sets: a tiny model must learn on a CPU in minutes.
+  The three tasks keep their answer forms (pixel box, label list, number); real files load through the same
+  `load_rows`.
+- Classification answers are whole label names (palette order), not free text.
+"""
+import argparse
+import hashlib
+import json
+import logging
+import os
+import random
+import re
+from dataclasses import dataclass
+
+from PIL import Image, ImageDraw
+
+log = logging.getLogger("data")
+
+TASKS = ("detection", "classify", "math")
+
+
+class DataError(ValueError):
+    """A bad row or file; the message names the file, the line and the problem."""
+
+
+class Rows(list):
+    """A list of rows that also reports what was dropped: `skipped` (a count) and `errors` (messages)."""
+
+    def __init__(self, rows=(), skipped=0, errors=None):
+        super().__init__(rows)
+        self.skipped = skipped
+        self.errors = list(errors or [])
+
+
+# -----------------------------------------------------------------------------
+# Images
+
+def open_image(row_or_path):
+    """An RGB PIL image from a row (its `image`), a path or a PIL image; a clear DataError otherwise."""
+    if isinstance(row_or_path, dict):
+        image = row_or_path.get("image")
+        if image is None:
+            raise DataError(f"row has no image (text-only): problem {str(row_or_path.get('problem'))[:60]!r}")
+    else:
+        image = row_or_path
+    if isinstance(image, Image.Image):
+        return image if image.mode == "RGB" else image.convert("RGB")
+    path = os.fspath(image)
+    if not os.path.isfile(path):
+        raise DataError(f"image not found: {path}")
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")  # convert() loads the pixels, so the file can close
+    except Exception as e:
+        raise DataError(f"unreadable image {path}: {e}") from e
+
+
+def _check_image(path):
+    """Raise a DataError unless `path` is an image file PIL can read (verify() reads it without decoding)."""
+    if not os.path.isfile(path):
+        raise DataError(f"image not found: {path}")
+    try:
+        with Image.open(path) as im:
+            im.verify()
+    except Exception as e:
+        raise DataError(f"unreadable image {path}: {e}") from e
+
+
+# -----------------------------------------------------------------------------
+# Reading Curr-ReFT files
+
+def format_value(value):
+    """An answer value as the model should write it: 3 -> '3', box -> '[1, 2, 3, 4]', labels -> 'a, b'."""
+    if isinstance(value, bool):
+        raise DataError(f"a boolean is not an answer value: {value!r}")
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, (int, float)):
+        return str(value)
+    if isinstance(value, str):
+        return value.strip()
+    if isinstance(value, (list, tuple)):
+        if len(value) == 4 and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+            return "[" + ", ".join(format_value(v) for v in value) + "]"
+        if value and all(isinstance(v, str) for v in value):
+            return ", ".join(v.strip() for v in value)
+    raise DataError(f"cannot write {value!r} as an answer (a number, a string, a label list or a 4-number box)")
+
+
+def normalize_solution(solution):
+    """`<answer>...</answer>` text kept as is; a bare string, number, list or box wrapped in answer tags."""
+    if isinstance(solution, str) and "<answer>" in solution:
+        return solution.strip()
+    return f"<answer>{format_value(solution)}</answer>"
+
+
+def _message_text(content):
+    """The text of a chat message's content (a string or a list of typed parts), image placeholders removed."""
+    if isinstance(content, list):
+        content = "".join(part.get("text", "") for part in content if isinstance(part, dict))
+    if not isinstance(content, str):
+        raise DataError("message content is neither text nor a list of parts")
+    return content.replace("<image>", "").strip()
+
+
+def _from_messages(obj):
+    """Problem and solution of an SFT row {"messages": [user, assistant]}."""
+    messages = obj["messages"]
+    user = [m for m in messages if isinstance(m, dict) and m.get("role") == "user"]
+    assistant = [m for m in messages if isinstance(m, dict) and m.get("role") == "assistant"]
+    if not user or not assistant:
+        raise DataError("`messages` needs a user turn and an assistant turn")
+    return _message_text(user[0].get("content")), _message_text(assistant[-1].get("content"))
+
+
+def parse_row(obj, base_dir, default_task=None):
+    """One file object -> a row with a checked, resolved image path. Raises DataError on any problem."""
+    if not isinstance(obj, dict):
+        raise DataError(f"a row must be a JSON object, got {type(obj).__name__}")
+    row = {k: v for k, v in obj.items() if k not in ("messages", "images")}
+    if "problem" not in obj and isinstance(obj.get("messages"), list):
+        row["problem"], row["solution"] = _from_messages(obj)
+    for field in ("problem", "solution"):
+        if row.get(field) is None:
+            raise DataError(f"missing field `{field}`")
+    if not isinstance(row["problem"], str) or not row["problem"].strip():
+        raise DataError("`problem` must be non-empty text")
+    row["solution"] = normalize_solution(row["solution"])
+    task = row.get("task") or default_task
+    if task is None:
+        raise DataError("missing field `task` and no default_task given")
+    if task not in TASKS:
+        raise DataError(f"unknown task {task!r}; expected one of {', '.join(TASKS)}")
+    row["task"] = task
+    image = row.get("image")
+    if image is None and isinstance(obj.get("images"), list) and obj["images"]:
+        if len(obj["images"]) > 1:
+            raise DataError("rows with several images are not supported")
+        image = obj["images"][0]
+    if image is not None:
+        if not isinstance(image, str) or not image:
+            raise DataError(f"`image` must be a path, got {image!r}")
+        path = image if os.path.isabs(image) else os.path.join(base_dir, image)
+        _check_image(path)
+        image = os.path.normpath(path)
+    row["image"] = image
+    return row
+
+
+def _file_objects(path):
+    """(where, object or exception) for every row of a JSONL file or a JSON list; `where` is 'file:line N'."""
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    if text.lstrip().startswith("["):
+        try:
+            items = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}: malformed JSON list: {e}") from e
+        for i, obj in enumerate(items, 1):
+            yield f"{path}: item {i}", obj
+        return
+    for i, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            yield f"{path}:{i}", json.loads(line)
+        except json.JSONDecodeError as e:
+            yield f"{path}:{i}", DataError(f"malformed JSON: {e.msg} (column {e.colno})")
+
+
+def load_rows(path, image_root=None, default_task=None, on_error="raise"):
+    """All rows of one JSONL / JSON file (see the top docstring). Returns a `Rows` list.
+
+    image_root: folder that relative image paths start from; None = the data file's own folder.
+    on_error: "raise" (a DataError naming file and line) or "skip" (counted in `.skipped`, logged).
+    """
+    if on_error not in ("raise", "skip"):
+        raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise DataError(f"data file not found: {path}")
+    base_dir = image_root if image_root is not None else os.path.dirname(os.path.abspath(path))
+    rows, errors = [], []
+    for where, obj in _file_objects(path):
+        try:
+            if isinstance(obj, Exception):
+                raise obj
+            rows.append(parse_row(obj, base_dir, default_task))
+        except DataError as e:
+            message = f"{where}: {e}"
+            if on_error == "raise":
+                raise DataError(message) from e
+            errors.append(message)
+    if errors:
+        log.warning("skipped %d bad row(s) of %s; first: %s", len(errors), path, errors[0])
+    return Rows(rows, skipped=len(errors), errors=errors)
+
+
+# -----------------------------------------------------------------------------
+# Mixtures
+
+@dataclass
+class MixtureItem:
+    path: str
+    rule: str = "all"          # all | first | last | random
+    amount: str | None = None  # "N" or "N%"; None with "all"
+    image_root: str | None = None
+    task: str | None = None    # default_task for this file
+
+
+def _parse_rule(text, where):
+    """'all' | 'first:N' | 'last:N' | 'random:N' | 'N%' (each N may be 'N%') -> (rule, amount)."""
+    parts = text.split(":") if text else ["all"]
+    if parts == ["all"]:
+        return "all", None
+    if len(parts) == 1 and re.fullmatch(r"\d+(\.\d+)?%", parts[0]):
+        return "random", parts[0]
+    if len(parts) == 2 and parts[0] in ("first", "last", "random") and re.fullmatch(r"\d+(\.\d+)?%|\d+", parts[1]):
+        return parts[0], parts[1]
+    raise DataError(f"{where}: bad sampling rule {text!r}; use all, first:N, last:N, random:N or N%")
+
+
+def parse_mixture(spec):
+    """A mixture spec (a string, a JSON mixture file, or a list of dicts) -> a list of MixtureItem."""
+    if isinstance(spec, (list, tuple)):
+        return [_item_from_dict(d, f"mixture item {i}", base_dir=None) for i, d in enumerate(spec, 1)]
+    spec = os.fspath(spec)
+    if spec.endswith(".json") and os.path.isfile(spec) and _is_mixture_file(spec):
+        with open(spec, encoding="utf-8") as f:
+            entries = json.load(f)
+        base_dir = os.path.dirname(os.path.abspath(spec))
+        return [_item_from_dict(d, f"{spec}: item {i}", base_dir) for i, d in enumerate(entries, 1)]
+    items = []
+    for text in spec.split(","):
+        text = text.strip()
+        if not text:
+            continue
+        path, _, rule = text.partition(":")
+        items.append(MixtureItem(path, *_parse_rule(rule, f"mixture item {text!r}")))
+    if not items:
+        raise DataError(f"empty mixture spec {spec!r}")
+    return items
+
+
+def _is_mixture_file(path):
+    """A JSON file whose top level is a list of {"path": ...} objects (and not a list of rows)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            entries = json.load(f)
+    except (OSError, json.JSONDecodeError):
+        return False
+    return (isinstance(entries, list) and len(entries) > 0
+            and all(isinstance(d, dict) and "path" in d and "problem" not in d for d in entries))
+
+
+def _item_from_dict(d, where, base_dir):
+    if not isinstance(d, dict) or "path" not in d:
+        raise DataError(f"{where}: a mixture entry needs a `path`")
+    path = d["path"] if base_dir is None or os.path.isabs(d["path"]) else os.path.join(base_dir, d["path"])
+    image_root = d.get("image_root")
+    if image_root is not None and base_dir is not None and not os.path.isabs(image_root):
+        image_root = os.path.join(base_dir, image_root)
+    return MixtureItem(path, *_parse_rule(d.get("rule", "all"), where), image_root=image_root, task=d.get("task"))
+
+
+def _select(rows, item, rng):
+    """The rows a rule picks, in file order."""
+    if item.rule == "all":
+        return list(rows)
+    if item.amount.endswith("%"):
+        count = round(float(item.amount[:-1]) / 100 * len(rows))
+    else:
+        count = int(item.amount)
+    if count > len(rows):
+        raise DataError(f"{item.path}: rule {item.rule}:{item.amount} asks for {count} rows, the file has {len(rows)}")
+    if item.rule == "first":
+        return list(rows[:count])
+    if item.rule == "last":
+        return list(rows[len(rows) - count:]) if count else []
+    picked = sorted(rng.sample(range(len(rows)), count))
+    return [rows[i] for i in picked]
+
+
+def load_mixture(spec, seed=0, image_root=None, default_task=None, on_error="raise"):
+    """Rows of every item of a mixture spec, concatenated in order; deterministic for a seed.
+
+    Returns a `Rows` list whose `.skipped` / `.errors` sum those of the files (on_error="skip").
+    """
+    out = Rows()
+    for i, item in enumerate(parse_mixture(spec)):
+        rows = load_rows(item.path, image_root=item.image_root or image_root,
+                         default_task=item.task or default_task, on_error=on_error)
+        rng = random.Random(f"mixture:{seed}:{i}")
+        out.extend(_select(rows, item, rng))
+        out.skipped += rows.skipped
+        out.errors += rows.errors
+    return out
+
+
+# -----------------------------------------------------------------------------
+# The synthetic world
+
+GRID = 7  # cells per image side: size / 7 px each (16 px at 112)
+SHAPES = ("circle", "square", "triangle", "diamond", "cross")
+PLURALS = {"circle": "circles", "square": "squares", "triangle": "triangles", "diamond": "diamonds",
+           "cross": "crosses"}
+COLOURS = {"red": (220, 40, 40), "green": (40, 160, 60), "blue": (40, 80, 220), "yellow": (235, 190, 20),
+           "purple": (150, 60, 190)}
+BACKGROUNDS = {"light_grey": (224, 224, 224), "light_blue": (185, 215, 245)}
+KINDS = {"detection": ("locate",),
+         "classify": ("colours", "shapes", "shape_of"),
+         "math": ("count_all", "count_shape", "sum_shapes")}
+HELD_OUT_BUCKETS = 10  # layouts hashing to bucket 0 (1 in 10) are held out of train
+
+
+@dataclass(frozen=True)
+class SplitStyle:
+    background: str        # a key of BACKGROUNDS
+    cells: tuple           # allowed object sizes, in grid cells
+    held_out: bool         # True: layouts of bucket 0 only (test, ood); False: the other buckets (train)
+
+
+SPLITS = {
+    "train": SplitStyle("light_grey", (2, 3), held_out=False),
+    "test": SplitStyle("light_grey", (2, 3), held_out=True),
+    "ood": SplitStyle("light_blue", (2, 3), held_out=True),        # the documented shift: the background
+    "ood_small": SplitStyle("light_grey", (1,), held_out=True),    # optional: one-cell (16 px) shapes
+}
+
+
+def _layout_bucket(objects):
+    """A stable hash of a scene's layout into HELD_OUT_BUCKETS buckets (independent of PYTHONHASHSEED)."""
+    key = ";".join(f"{o['shape']},{o['colour']},{o['box']}" for o in objects)
+    return int(hashlib.md5(key.encode()).hexdigest(), 16) % HELD_OUT_BUCKETS
+
+
+def _place(rng, style, size):
+    """1-4 non-overlapping objects with unique colours on the cell grid, in reading order; None if stuck."""
+    cell = size // GRID
+    free = [[True] * GRID for _ in range(GRID)]  # free[row][col]
+    objects = []
+    for colour in rng.sample(list(COLOURS), rng.randint(1, 4)):
+        shape = rng.choice(SHAPES)
+        preferred = rng.choice(style.cells)
+        for c in [preferred] + sorted((c for c in style.cells if c < preferred), reverse=True):
+            spots = [(x, y) for y in range(GRID - c + 1) for x in range(GRID - c + 1)
+                     if all(free[y + j][x + i] for j in range(c) for i in range(c))]
+            if spots:
+                break
+        else:
+            return None
+        x, y = rng.choice(spots)
+        for j in range(c):
+            for i in range(c):
+                free[y + j][x + i] = False
+        objects.append({"shape": shape, "colour": colour, "box": [x * cell, y * cell, (x + c) * cell, (y + c) * cell]})
+    return sorted(objects, key=lambda o: (o["box"][1], o["box"][0]))
+
+
+def random_scene(rng, split="train", size=112):
+    """The objects of one scene of `split`: a list of {"shape", "colour", "box"} in reading order."""
+    if size % 28:
+        raise ValueError(f"size must be a multiple of 28 (the Qwen-VL patch-merge unit), got {size}")
+    style = SPLITS[split]
+    while True:
+        objects = _place(rng, style, size)
+        if objects is None:
+            continue
+        if (_layout_bucket(objects) == 0) == style.held_out:
+            return objects
+
+
+def draw_shape(draw, shape, box, fill):
+    """Fill `shape` so that its pixels span exactly box = [x1, y1, x2, y2] (x2, y2 exclusive)."""
+    x1, y1, x2, y2 = box
+    r, b = x2 - 1, y2 - 1                      # last pixel column and row
+    cx, cy = (x1 + r) / 2, (y1 + b) / 2
+    if shape == "circle":
+        draw.ellipse([x1, y1, r, b], fill=fill)
+    elif shape == "square":
+        draw.rectangle([x1, y1, r, b], fill=fill)
+    elif shape == "triangle":
+        draw.polygon([(x1, b), (r, b), (cx, y1)], fill=fill)
+    elif shape == "diamond":
+        draw.polygon([(cx, y1), (r, cy), (cx, b), (x1, cy)], fill=fill)
+    elif shape == "cross":
+        t = (x2 - x1) // 3                       # arm inset: the bars are the middle third (or a bit more)
+        draw.rectangle([x1 + t, y1, r - t, b], fill=fill)
+        draw.rectangle([x1, y1 + t, r, b - t], fill=fill)
+    else:
+        raise ValueError(f"unknown shape {shape!r}")
+
+
+def draw_scene(objects, size=112, background="light_grey"):
+    """An RGB image of the objects on a flat background (no anti-aliasing: a colour's pixels are exact)."""
+    image = Image.new("RGB", (size, size), BACKGROUNDS[background])
+    draw = ImageDraw.Draw(image)
+    for o in objects:
+        draw_shape(draw, o["shape"], o["box"], COLOURS[o["colour"]])
+    return image
+
+
+def ask(rng, task, objects):
+    """A random question of `task` about the scene: (kind, question text, target, answer value)."""
+    kind = rng.choice(KINDS[task])
+    present_shapes = [s for s in SHAPES if any(o["shape"] == s for o in objects)]
+    count = {s: sum(o["shape"] == s for o in objects) for s in SHAPES}
+    if kind == "locate":
+        o = rng.choice(objects)
+        target = {"colour": o["colour"], "shape": o["shape"]}
+        return kind, f"Where is the {o['colour']} {o['shape']}?", target, list(o["box"])
+    if kind == "colours":
+        return kind, "Which colours are there?", {}, [c for c in COLOURS if any(o["colour"] == c for o in objects)]
+    if kind == "shapes":
+        return kind, "Which shapes are there?", {}, present_shapes
+    if kind == "shape_of":
+        o = rng.choice(objects)
+        return kind, f"What shape is the {o['colour']} one?", {"colour": o["colour"]}, [o["shape"]]
+    if kind == "count_all":
+        return kind, "How many shapes are there?", {}, len(objects)
+    if kind == "count_shape":
+        shape = rng.choice(present_shapes) if rng.random() < 0.7 else rng.choice(SHAPES)  # 0 now and then
+        return kind, f"How many {PLURALS[shape]} are there?", {"shape": shape}, count[shape]
+    if kind == "sum_shapes":
+        a = rng.choice(present_shapes)
+        b = rng.choice([s for s in SHAPES if s != a])
+        a, b = rng.sample([a, b], 2)
+        question = f"How many {PLURALS[a]} plus {PLURALS[b]} are there?"
+        return kind, question, {"shapes": [a, b]}, count[a] + count[b]
+    raise ValueError(f"unknown question kind {kind!r}")
+
+
+def make_rows(split, n, seed=0, size=112, tasks=TASKS, draw=True):
+    """n open-form rows of a synthetic split; row i asks a `tasks[i % len(tasks)]` question.
+
+    draw=False leaves `image` None (the scene stays in `meta`): for tokenizer corpora, fast tests.
+    """
+    from curriculum import build_problem  # curriculum imports data; the instruction strings live there
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
+    style = SPLITS[split]
+    rows = []
+    for i in range(n):
+        rng = random.Random(f"{split}:{seed}:{i}")
+        task = tasks[i % len(tasks)]
+        objects = random_scene(rng, split, size)
+        kind, question, target, answer = ask(rng, task, objects)
+        meta = {"split": split, "seed": seed, "index": i, "size": size, "cell": size // GRID,
+                "background": style.background, "objects": objects,
+                "kind": kind, "question": question, "target": target, "answer": answer}
+        rows.append({"image": draw_scene(objects, size, style.background) if draw else None,
+                     "problem": build_problem(question, task, "open"),
+                     "solution": f"<answer>{format_value(answer)}</answer>",
+                     "task": task, "meta": meta, "stage": "open"})
+    return rows
+
+
+def make_split(split, n, seed=0, size=112, tasks=TASKS):
+    """n synthetic rows of `split` (train, test, ood, ood_small) whose `image` is a PIL image."""
+    return make_rows(split, n, seed, size, tasks, draw=True)
+
+
+def describe_scene(meta):
+    """The objects in reading order, as the reference reasoning: 'red circle, blue square'."""
+    return ", ".join(f"{o['colour']} {o['shape']}" for o in meta["objects"])
+
+
+def reference_completion(row):
+    """The answer a model should write: '<think>{scene}</think><answer>...</answer>' (empty think without meta)."""
+    answers = re.findall(r"<answer>.*?</answer>", row["solution"], flags=re.S)
+    answer = answers[-1] if answers else f"<answer>{row['solution'].strip()}</answer>"
+    think = describe_scene(row["meta"]) if row.get("meta") else ""
+    return f"<think>{think}</think>{answer}"
+
+
+def tokenizer_corpus(n=1000, seed=0, size=112):
+    """n texts 'problem\\ncompletion' covering every task, kind and stage of the world (no images drawn)."""
+    import curriculum  # lazy: curriculum imports data
+    texts = []
+    for i, row in enumerate(make_rows("train", n, seed, size, draw=False)):
+        stage = curriculum.STAGES[(i // len(TASKS)) % len(curriculum.STAGES)]  # every task meets every stage
+        staged = curriculum.make_stage_row(row, stage, random.Random(f"corpus:{seed}:{i}"), truth=i % 2 == 0)
+        texts.append(staged["problem"] + "\n" + reference_completion(staged))
+    return texts
+
+
+# -----------------------------------------------------------------------------
+# Writing a split as a Curr-ReFT file
+
+def write_split(out, split="train", n=300, seed=0, size=112, stage="open"):
+    """Write `out/{split}.jsonl` (or `{split}_{stage}.jsonl`) and PNGs under `out/images/`; returns the path."""
+    import curriculum
+    os.makedirs(os.path.join(out, "images"), exist_ok=True)
+    name = split if stage == "open" else f"{split}_{stage}"
+    path = os.path.join(out, f"{name}.jsonl")
+    with open(path, "w", encoding="utf-8") as f:
+        for i, row in enumerate(make_split(split, n, seed, size)):
+            if stage != "open":
+                row = curriculum.make_stage_row(row, stage, random.Random(f"write:{seed}:{i}"), truth=i % 2 == 0)
+            image = f"images/{split}_{seed}_{i:05d}.png"
+            row["image"].save(os.path.join(out, image))
+            f.write(json.dumps({**row, "image": image}) + "\n")
+    return path
+
+
+def main():
+    parser = argparse.ArgumentParser(description="Write a synthetic split as Curr-ReFT JSONL plus PNG images.")
+    parser.add_argument("--out", required=True, help="output folder (created)")
+    parser.add_argument("--split", default="train", choices=list(SPLITS), help="which split to draw")
+    parser.add_argument("--n", type=int, default=300, help="number of rows")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the split's generator")
+    parser.add_argument("--size", type=int, default=112, help="image side in pixels, a multiple of 28")
+    parser.add_argument("--stage", default="open", choices=["judge", "choice", "open"],
+                        help="write that stage's questions (judge / choice derived from the open rows)")
+    args = parser.parse_args()
+    path = write_split(args.out, args.split, args.n, args.seed, args.size, args.stage)
+    print(f"wrote {args.n} rows to {path} (images in {os.path.join(args.out, 'images')})")
+
+
+if __name__ == "__main__":
+    main()

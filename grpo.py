@@ -1,0 +1,166 @@
+"""
+GRPO, the policy update of Curr-ReFT (arXiv 2503.07065), as two pure tensor functions.
+
+Group Relative Policy Optimisation samples G completions per prompt, scores them, and uses the score
+relative to the group as the advantage, so no value network is needed:
+
+    A_i = (r_i - mean_g(r)) / (std_g(r) + eps)         i in group g, eps = 1e-4 (the release)
+
+std is the UNBIASED group standard deviation (divide by G - 1), torch.std's default, as in the official
+code and TRL. The per-token loss is the PPO clipped surrogate plus a KL penalty to the frozen reference:
+
+    ratio_t = exp(logp_t - old_logp_t)
+    L_t     = -min(ratio_t * A, clip(ratio_t, 1 - eps_low, 1 + eps_high) * A) + beta * KL_t
+    KL_t    = exp(ref_logp_t - logp_t) - (ref_logp_t - logp_t) - 1
+
+the k3 estimator: >= 0 per token, unbiased for KL(pi || ref) under samples of pi
+(http://joschu.net/blog/kl-approx.html). The token losses are aggregated over the completion tokens
+(mask = 1) of the N = B * G completions, with T_max = max_len or the mask width:
+
+    seq      (paper)     1/N * sum_i ( 1/|o_i| * sum_t L_it )     mean per completion, then over completions
+    token    (DAPO)      sum_it L_it / sum_i |o_i|                 every token weighs the same
+    dr_grpo  (Dr. GRPO)  sum_it L_it / (N * T_max)                 no length normalisation
+
+Usage (one optimizer step, see train.py):
+
+    adv = group_advantages(rewards, G)                              # (N,)
+    loss, stats = grpo_loss(logp, old_logp, ref_logp, adv, mask)    # logp etc. (N, T), mask (N, T)
+    loss.backward()
+
+Distributed / micro-batched use: each call divides by a LOCAL count (N sequences, or the masked tokens).
+To make the result independent of how the batch is split, pass the GLOBAL count (summed over all
+micro-batches and ranks, e.g. with an all-reduce) as `num_seqs` (seq, dr_grpo) or `num_tokens` (token),
+and a fixed `max_len` for dr_grpo; then the SUM of the micro-batch losses over micro-batches and ranks is
+exactly the full-batch loss. If gradients are then averaged over ranks (all_reduce with mean), multiply
+each loss by the world size, or sum the gradients instead.
+
+Masked positions (mask = 0) never contribute: logp, old_logp and ref_logp are replaced by 0 there with
+torch.where BEFORE any arithmetic, so even NaN or inf garbage at padded positions changes neither the loss
+nor any gradient.
+
+Departures from the paper's release, and why:
+- The release takes one gradient step per rollout batch, so ratio = exp(logp - logp.detach()) = 1 and the
+  clip never acts. We keep the clip (with an optional asymmetric eps_high, DAPO's "clip higher") so that
+  several updates per batch are possible. With old_logp = logp.detach(), agg="seq", beta=0.04, the loss
+  and its gradient equal the release's objective (tested).
+- scale: "group" (paper), "batch" (divide by the std of the whole batch) or "none" (Dr. GRPO: only
+  mean-centred), and the agg modes token / dr_grpo: published fixes of the length and difficulty biases
+  of the per-group std and the per-sequence mean; options, off by default.
+- A group whose rewards are all equal (group size 1 included, where the unbiased std is NaN) gets
+  advantage exactly 0: it holds no comparison, so no learning signal. The formula would give 0 up to
+  rounding of the mean (and NaN for G = 1 or eps = 0); we make it exact and never NaN.
+- A completion with no tokens (all mask 0) contributes 0 to the seq mean but still counts in N.
+"""
+
+import torch
+
+SCALES = ("group", "batch", "none")
+AGGS = ("seq", "token", "dr_grpo")
+
+
+def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-4, scale: str = "group") -> torch.Tensor:
+    """(N,) rewards, groups contiguous -> (N,) advantages (r - group mean) / (unbiased std + eps).
+
+    scale: group (paper) | batch (std of all N rewards) | none (Dr. GRPO, mean-centred only).
+    """
+    if rewards.dim() != 1:
+        raise ValueError(f"rewards must be 1-D (N,), got shape {tuple(rewards.shape)}")
+    if group_size < 1 or rewards.numel() % group_size != 0:
+        raise ValueError(f"N = {rewards.numel()} rewards cannot be split into groups of {group_size}")
+    if scale not in SCALES:
+        raise ValueError(f"scale must be one of {SCALES}, got {scale!r}")
+    r = rewards if rewards.is_floating_point() else rewards.float()
+    r = r.view(-1, group_size)  # (B, G)
+    centred = r - r.mean(dim=1, keepdim=True)  # (B, G)
+    if scale == "group":
+        std = r.std(dim=1, keepdim=True) if group_size > 1 else torch.zeros_like(r[:, :1])  # (B, 1), unbiased
+        adv = centred / (std + eps)
+    elif scale == "batch":
+        std = r.std() if r.numel() > 1 else torch.zeros((), dtype=r.dtype)  # (), unbiased over the batch
+        adv = centred / (std + eps)
+    else:
+        adv = centred
+    constant = (r.max(dim=1, keepdim=True).values == r.min(dim=1, keepdim=True).values)  # (B, 1)
+    return torch.where(constant, torch.zeros_like(adv), adv).view(-1)  # (N,), exactly 0 for equal rewards
+
+
+def zero_variance_fraction(rewards: torch.Tensor, group_size: int) -> float:
+    """Fraction of groups whose G rewards are all equal (they give no policy gradient)."""
+    if group_size < 1 or rewards.numel() % group_size != 0:
+        raise ValueError(f"N = {rewards.numel()} rewards cannot be split into groups of {group_size}")
+    r = rewards.detach().float().view(-1, group_size)  # (B, G)
+    return (r.max(dim=1).values == r.min(dim=1).values).float().mean().item()
+
+
+def grpo_loss(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    ref_logp: torch.Tensor | None,
+    adv: torch.Tensor,
+    mask: torch.Tensor,
+    clip_eps: float = 0.2,
+    clip_eps_high: float | None = None,
+    beta: float = 0.04,
+    agg: str = "seq",
+    num_seqs: float | None = None,
+    num_tokens: float | None = None,
+    max_len: int | None = None,
+) -> tuple[torch.Tensor, dict]:
+    """Clipped GRPO surrogate + beta * k3 KL, aggregated by `agg`. Returns (scalar loss, stats of floats).
+
+    logp, old_logp, ref_logp, mask: (N, T) per-token log-probs of the sampled tokens and the completion
+    mask; adv: (N,). ref_logp may be None when beta == 0. clip_eps_high defaults to clip_eps.
+    num_seqs / num_tokens / max_len replace the local counts (see the module docstring).
+    """
+    if agg not in AGGS:
+        raise ValueError(f"agg must be one of {AGGS}, got {agg!r}")
+    if ref_logp is None and beta != 0:
+        raise ValueError("ref_logp is required when beta != 0")
+    if logp.dim() != 2 or mask.shape != logp.shape or adv.shape != logp.shape[:1]:
+        raise ValueError(f"expected logp, mask (N, T) and adv (N,), got {tuple(logp.shape)}, "
+                         f"{tuple(mask.shape)}, {tuple(adv.shape)}")
+    N, T = logp.shape
+    eps_low, eps_high = clip_eps, clip_eps if clip_eps_high is None else clip_eps_high
+
+    keep = mask.bool()  # (N, T)
+    zero = torch.zeros_like(logp)
+    logp = torch.where(keep, logp, zero)  # garbage at masked positions can neither leak nor get gradient
+    old_logp = torch.where(keep, old_logp.detach(), zero)
+    A = adv.detach().to(logp.dtype).unsqueeze(1)  # (N, 1)
+
+    ratio = torch.exp(logp - old_logp)  # (N, T), 1 at masked positions
+    surrogate = torch.min(ratio * A, ratio.clamp(1 - eps_low, 1 + eps_high) * A)  # (N, T)
+    per_token = -surrogate
+    if ref_logp is not None:
+        d = torch.where(keep, ref_logp.detach(), zero) - logp  # (N, T), 0 at masked positions
+        kl = torch.exp(d) - d - 1  # (N, T), k3
+        if beta != 0:
+            per_token = per_token + beta * kl
+    else:
+        kl = zero
+    per_token = torch.where(keep, per_token, zero)  # (N, T)
+
+    tokens_per_seq = keep.sum(dim=1)  # (N,)
+    if agg == "seq":
+        per_seq = per_token.sum(dim=1) / tokens_per_seq.clamp(min=1).to(per_token.dtype)  # (N,)
+        loss = per_seq.sum() / (N if num_seqs is None else num_seqs)
+    elif agg == "token":
+        loss = per_token.sum() / (tokens_per_seq.sum().clamp(min=1).item() if num_tokens is None else num_tokens)
+    else:
+        loss = per_token.sum() / ((N if num_seqs is None else num_seqs) * (T if max_len is None else max_len))
+
+    with torch.no_grad():
+        n = max(int(keep.sum()), 1)
+
+        def token_mean(x):  # masked token mean of a bool or float (N, T) tensor
+            return (x * keep).sum().item() / n
+
+        stats = {
+            "loss": loss.item(),
+            "kl": token_mean(kl),
+            "ratio": token_mean(ratio),
+            "clip_low": token_mean((ratio < 1 - eps_low) & (A < 0)),
+            "clip_high": token_mean((ratio > 1 + eps_high) & (A > 0)),
+            "adv_abs": adv.detach().abs().float().mean().item(),
+        }
+    return loss, stats

@@ -1,0 +1,184 @@
+"""Curriculum: derived judge / choice questions (balanced, near misses, one or more right options), the
+instruction lines, the rewards agreeing with every derived solution, stage files, the schedule and resume."""
+import json
+import random
+
+import pytest
+
+import curriculum
+import data
+from curriculum import Curriculum, StageSpec
+
+POOL = data.make_rows("train", 240, seed=0, draw=False)  # open rows; the scene lives in meta
+ROWS_PER_KIND = {}
+for _row in POOL:
+    ROWS_PER_KIND.setdefault(_row["meta"]["kind"], []).append(_row)
+
+
+def test_judge_is_balanced_and_false_claims_are_near_misses():
+    rows = curriculum.stage_rows(POOL, "judge", seed=0)
+    yes = sum(r["solution"] == "<answer>yes</answer>" for r in rows)
+    assert yes == len(rows) // 2, "stage_rows alternates true and false claims: exactly half are yes"
+    flips = [curriculum.make_stage_row(r, "judge", random.Random(i)) for i, r in enumerate(POOL)]
+    assert 0.4 < sum(r["meta"]["judge"]["truth"] for r in flips) / len(flips) < 0.6, "a coin flip is about fair"
+    for r in rows:
+        m, claim = r["meta"], r["meta"]["judge"]["claim"]
+        assert r["problem"].startswith(f"{m['question']} Is it {data.format_value(claim)}?\n")
+        if m["judge"]["truth"]:
+            assert claim == m["answer"]
+        elif r["task"] == "math":
+            assert 1 <= abs(claim - m["answer"]) <= 2 and claim >= 0, "a count off by one or two"
+        elif r["task"] == "detection":
+            assert curriculum.iou(claim, m["answer"]) < 0.5 and min(claim) >= 0 and max(claim) <= m["size"]
+        else:
+            palette = data.COLOURS if m["kind"] == "colours" else data.SHAPES
+            assert claim != m["answer"] and claim and set(claim) <= set(palette), "a wrong but real label set"
+
+
+def test_choice_options():
+    letters_seen = set()
+    for r in curriculum.stage_rows(POOL, "choice", seed=0):
+        m = r["meta"]
+        options, letters = m["choice"]["options"], m["choice"]["letters"]
+        assert len(options) == 4 and len({json.dumps(o) for o in options}) == 4, "four distinct options"
+        assert r["solution"] == f"<answer>{', '.join(letters)}</answer>" and letters == sorted(letters)
+        for letter, option in zip("ABCD", options):
+            assert f"\n{letter}. {data.format_value(option)}\n" in r["problem"]
+        right = [o for L, o in zip("ABCD", options) if L in letters]
+        wrong = [o for L, o in zip("ABCD", options) if L not in letters]
+        if m["kind"] in ("colours", "shapes"):
+            assert 1 <= len(letters) <= 3, "multi-select: at least one right option and one distractor"
+            assert all(o[0] in m["answer"] for o in right) and not any(o[0] in m["answer"] for o in wrong)
+        else:
+            assert len(letters) == 1 and right[0] == m["answer"], "single-select: exactly the answer is right"
+            letters_seen.add(letters[0])
+            assert all(o != m["answer"] for o in wrong), "distractors differ from the answer"
+            if r["task"] == "detection":
+                assert all(curriculum.iou(o, m["answer"]) < 0.5 for o in wrong), "distractor boxes IoU < 0.5"
+    assert letters_seen == set("ABCD"), "option order is shuffled: the right letter takes every position"
+
+
+def test_open_is_the_row_itself_and_every_prompt_ends_with_its_instruction():
+    for stage in curriculum.STAGES:
+        for r in curriculum.stage_rows(POOL[:30], stage):
+            assert r["stage"] == stage and r["problem"].endswith("\n" + curriculum.instruction(stage, r["task"]))
+    opened = curriculum.make_stage_row(POOL[0], "open", random.Random(0))
+    assert {k: v for k, v in opened.items() if k != "stage"} == {k: v for k, v in POOL[0].items() if k != "stage"}
+    assert curriculum.build_problem("Q?", "math", "open") == "Q?\n" + curriculum.INSTRUCTIONS["open/math"]
+    assert all(len(text) < 100 for text in curriculum.INSTRUCTIONS.values()), "instructions stay short"
+
+
+def _wrong_answer(r, stage):
+    """An answer that must score accuracy 0 for row r in `stage`."""
+    m = r["meta"]
+    if stage == "judge":
+        return "no" if m["judge"]["truth"] else "yes"
+    if stage == "choice":
+        return ", ".join(L for L in "ABCD" if L not in m["choice"]["letters"])
+    if r["task"] == "detection":
+        return data.format_value(curriculum.wrong_boxes(m, random.Random(0))[1][0])
+    if r["task"] == "math":
+        return str(m["answer"] + 1)
+    palette = data.COLOURS if m["kind"] == "colours" else data.SHAPES
+    return ", ".join(x for x in palette if x not in m["answer"])  # disjoint labels: Jaccard 0
+
+
+def test_every_derived_solution_scores_right_through_rewards():
+    rewards = pytest.importorskip("rewards")
+    for stage in curriculum.STAGES:
+        for kind, rows in ROWS_PER_KIND.items():
+            for r in curriculum.stage_rows(rows[:8], stage):
+                right = rewards.score(data.reference_completion(r), r["solution"], r["task"], stage)
+                assert (right["accuracy"], right["format"]) == (1, 1), f"{stage}/{kind}: {r['solution']} -> {right}"
+                wrong = rewards.score(f"<think>x</think><answer>{_wrong_answer(r, stage)}</answer>", r["solution"],
+                                      r["task"], stage)
+                assert wrong["accuracy"] == 0, f"{stage}/{kind}: a wrong answer must score 0: {wrong}"
+
+
+# -----------------------------------------------------------------------------
+# Stage files
+
+def test_stage_files_pass_through_with_the_instruction_added_when_missing(tmp_path):
+    path = tmp_path / "judge.jsonl"
+    lines = [{"problem": "Is there a cat?", "solution": "<answer>yes</answer>", "task": "classify"},
+             {"problem": "Is it 3? Put it in <answer> </answer>.", "solution": "no", "task": "math", "stage": "x"}]
+    path.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    mapping = curriculum.parse_stage_data(f"judge={path}:all")
+    stages = curriculum.assign_stage_data([StageSpec("judge", steps=5)], mapping)
+    rows = Curriculum(stages, seed=0).next_batch(2)
+    rows.sort(key=lambda r: r["problem"])
+    assert rows[0]["problem"] == "Is it 3? Put it in <answer> </answer>." and rows[0]["stage"] == "x", "left alone"
+    assert rows[1]["problem"] == "Is there a cat?\n" + curriculum.INSTRUCTIONS["judge"] and rows[1]["stage"] == "judge"
+    with pytest.raises(ValueError, match="not in the schedule"):
+        curriculum.assign_stage_data(stages, {"open": "x.jsonl"})
+
+
+# -----------------------------------------------------------------------------
+# The schedule
+
+def test_paper_preset():
+    stages = curriculum.paper_stages()
+    assert [(s.name, s.group_size, s.epochs) for s in stages] == [("judge", 4, 1), ("choice", 2, 1), ("open", 4, 2)]
+
+
+def test_advance_rule_steps_and_epochs():
+    stages = [StageSpec("judge", max_steps=50, advance_accuracy=0.8, advance_window=3),
+              StageSpec("choice", steps=2),
+              StageSpec("open", epochs=1)]
+    cur = Curriculum(stages, pool=POOL[:10], seed=0)
+    for accuracy in (0.9, 0.9, 0.1, 0.9, 0.9):
+        cur.next_batch(4)
+        assert not cur.record(accuracy), "the mean of the last 3 steps is still below 0.8"
+    assert cur.record(0.9) and cur.current_stage().name == "choice", "mean(0.9, 0.9, 0.9) >= 0.8 moves on"
+    assert not cur.record(0.0) and cur.record(0.0), "a steps=2 stage moves on after exactly 2 steps"
+    advanced = []
+    for _ in range(3):
+        assert cur.next_batch(4)[0]["stage"] == "open"
+        advanced.append(cur.record(0.0))
+    assert advanced == [False, False, True], "an epochs=1 stage ends once 12 rows >= the 10-row pool are drawn"
+    assert cur.done and cur.current_stage() is None
+    with pytest.raises(RuntimeError):
+        cur.next_batch(1)
+
+
+def test_max_steps_caps_a_stage():
+    cur = Curriculum([StageSpec("open", max_steps=3, advance_accuracy=0.99)], pool=POOL[:5])
+    assert [cur.record(0.0) for _ in range(3)] == [False, False, True] and cur.done
+
+
+def test_state_dict_resumes_the_exact_same_batches():
+    stages = [StageSpec("judge", steps=3), StageSpec("choice", steps=3), StageSpec("open", steps=3)]
+    a = Curriculum(stages, pool=POOL[:20], seed=7)
+    for _ in range(2):
+        a.next_batch(8)
+        a.record(0.5)
+    state = json.loads(json.dumps(a.state_dict()))  # survives a JSON (or torch.save) round trip
+    expected = []
+    for _ in range(4):  # crosses from judge into choice, and an epoch boundary of the 20-row pool
+        expected.append(a.next_batch(8))
+        a.record(0.5)
+    b = Curriculum(stages, pool=POOL[:20], seed=7)
+    b.load_state_dict(state)
+    for batch in expected:
+        assert [(r["problem"], r["solution"], r["meta"]) for r in b.next_batch(8)] == \
+               [(r["problem"], r["solution"], r["meta"]) for r in batch], "a resumed run draws the same rows"
+        b.record(0.5)
+    assert b.state_dict() == a.state_dict()
+    with pytest.raises(ValueError, match="does not match"):
+        Curriculum(stages, pool=POOL[:20], seed=8).load_state_dict(state)
+
+
+def test_batches_are_deterministic_and_judge_batches_balanced():
+    make = lambda: Curriculum([StageSpec("judge", steps=5)], pool=POOL, seed=1)
+    a, b = make().next_batch(16), make().next_batch(16)
+    assert [r["problem"] for r in a] == [r["problem"] for r in b]
+    assert sum(r["solution"] == "<answer>yes</answer>" for r in a) == 8
+    other = Curriculum([StageSpec("judge", steps=5)], pool=POOL, seed=2).next_batch(16)
+    assert [r["problem"] for r in a] != [r["problem"] for r in other], "the seed changes the order"
+
+
+def test_derived_stage_needs_meta():
+    real = [{"image": None, "problem": "q", "solution": "<answer>1</answer>", "task": "math"}]
+    with pytest.raises(ValueError, match="meta"):
+        Curriculum([StageSpec("judge", steps=1)], pool=real)
+    assert Curriculum([StageSpec("open", steps=1)], pool=real).next_batch(1)[0]["problem"] == "q"
