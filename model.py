@@ -219,12 +219,20 @@ def build_tiny(preset="tiny", seed=0, model_type="qwen2_5_vl", corpus=None, voca
     return model, processor
 
 
+def quiet_transformers():
+    """No per-file progress bars or info lines from transformers when loading and saving small models."""
+    from transformers.utils import logging as hf_logging
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+
+
 MODEL_CLASSES = {"qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration", "qwen2_vl": "Qwen2VLForConditionalGeneration"}
 
 
 def load(name_or_path="tiny", device="cpu", dtype=torch.float32, min_pixels=None, max_pixels=None, seed=0):
     """(model, processor) from "tiny" / "small" (built in code) or a local Qwen2.5-VL / Qwen2-VL folder."""
     import transformers
+    quiet_transformers()
     if name_or_path in PRESETS:
         kw = {k: v for k, v in (("min_pixels", min_pixels), ("max_pixels", max_pixels)) if v is not None}
         model, processor = build_tiny(name_or_path, seed=seed, **kw)

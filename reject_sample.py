@@ -88,7 +88,7 @@ def sft(model, processor, next_rows, steps, lr=1e-3, warmup=20, schedule="consta
             opt.step()
         opt.zero_grad(set_to_none=True)
         loss_sum = all_reduce_sum(loss_sum)
-        bar.set_postfix(loss=f"{loss_sum:.3f}")
+        bar.set_postfix(loss=f"{loss_sum:.3f}", refresh=False)
         if callback is not None and callback(step, loss_sum):
             return step + 1
     return steps

@@ -1,22 +1,76 @@
 """
-train.py (in progress): the manual DDP helpers shared by every loop of the project.
+train.py: Curr-ReFT, the whole pipeline in one command. Curriculum GRPO (judge -> choice -> open), then
+rejection-sampling SFT, then evaluation.
+
+    python train.py                                    # tiny preset: shipped tiny base, synthetic world, CPU
+    python train.py --resume                           # continue the run in --out from its latest checkpoint
+    python train.py --preset qwen2.5-vl-3b --model /ckpt/Qwen2.5-VL-3B-Instruct --stage-data \\
+        "judge=judge.jsonl;choice=choice.jsonl;open=open.jsonl" --eval-data "test=test.jsonl;ood=ood.jsonl"
+    torchrun --nproc_per_node=8 train.py --preset qwen2.5-vl-3b ...   # manual DDP, one process per GPU
+
+The loop, read top to bottom: setup -> policy + frozen reference -> for each stage -> for each step:
+    1. rollout   G answers per prompt, sampled with the policy (rollout.generate, KV cache, no grad)
+    2. reward    r = accuracy + format of each answer (rewards.score: the stage's answer form)
+    3. advantage A = (r - group mean) / (unbiased group std + 1e-4)        (grpo.group_advantages)
+    4. update    mu passes of  -min(ratio A, clip(ratio) A) + beta KL_k3(pi || ref)   (grpo.grpo_loss),
+                 gradients averaged over ranks (all_reduce_grads), clipped to 1.0, AdamW
+    5. log one line, metrics.jsonl, samples.jsonl; evaluate; checkpoint
+Each stage starts from the previous stage's weights with a fresh optimizer and schedule (as the release's
+three chained jobs); its reference is its starting weights (the release) or the base (--ref base).
+
+Distributed (written out below, no framework): setup_dist() reads RANK / LOCAL_RANK / WORLD_SIZE from
+torchrun (gloo on CPU, NCCL on CUDA; one process when unset). Every rank builds identical weights from the
+same seed; a global batch of P prompts is drawn identically on every rank and rank r takes prompts
+r*P/W .. (r+1)*P/W - 1 with all their G answers. Sampling is seeded per prompt from (seed, step, the prompt's
+global index), so the same global batch gives the same rollouts on 1 or N processes. Loss counts are
+global (all-reduced), gradients are averaged after the micro-batches, and accuracies that steer the
+schedule are all-reduced, so every rank takes the same branches and runs the same collectives. Rank 0
+alone prints and writes; a parameter checksum is compared across ranks at every checkpoint.
+
+Checkpoints (out/checkpoints/step_XXXXXX, `latest` names the newest complete one): the model and processor
+as a save_pretrained folder that transformers opens directly, plus trainer_state.pt (optimizer, step,
+stage, curriculum state, RNG states of every rank, config). Written to a temporary folder and renamed, so a
+kill during a save leaves the previous checkpoint usable. out/stages/<k>_<name>_start is the model each
+stage started from (its reference model, and the table's "after stage k-1" row).
+
+Departures from the paper's release, and why:
+- One command runs the curriculum and resumes; the release chains three jobs by hand and saves weights only.
+- Learning rate (qwen2.5-vl-3b preset): 1e-6 with linear decay and no warm-up, the release's scripts (TRL's
+  default); the model card's 1e-5 cosine is one flag away (--lr 1e-5 --schedule cosine).
+- The clip is kept (ratio clipped to [1 - 0.2, 1 + 0.2]) so that mu > 1 passes per rollout are possible; with
+  mu = 1 (the default, as the release) the ratio is exactly 1 and the objective equals the release's.
+- The G answers of a prompt share its image: the vision tower runs once per prompt in the rollout, the
+  update and the reference pass, not once per answer (a prototype measured 63-70% of a step spent
+  re-encoding images).
+- tiny preset: the base is this project's own warm-started tiny model (assets/tiny-base, see README), G = 8,
+  more prompts per step and a larger learning rate, since a 0.4 M-parameter model on a CPU must learn in
+  minutes.
 """
+import argparse
+import copy
+import dataclasses
+import json
+import math
 import os
+import random
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
 
-
 # -----------------------------------------------------------------------------
 # Manual DDP: torchrun sets RANK, LOCAL_RANK, WORLD_SIZE; without them this is one process.
 
+
 def setup_dist(device=None):
     """(rank, local_rank, world_size, device). gloo on CPU, NCCL on CUDA, one process when not under torchrun."""
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if "RANK" not in os.environ:
-        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         return 0, 0, 1, device
     rank, local_rank, world = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda"):
         torch.cuda.set_device(local_rank)
         device = f"cuda:{local_rank}"
@@ -38,8 +92,8 @@ def all_reduce_sum(x):
 
 
 def all_reduce_grads(model):
-    """Average gradients over ranks after the micro-batches (every rank must own a gradient for each
-    parameter, so missing ones count as zero); a no-op on one process."""
+    """Average gradients over ranks after the micro-batches (a parameter without a gradient counts as zero,
+    so every rank runs the same collectives); a no-op on one process."""
     W = world_size()
     if W == 1:
         return
@@ -49,3 +103,469 @@ def all_reduce_grads(model):
                 p.grad = torch.zeros_like(p)
             dist.all_reduce(p.grad)
             p.grad /= W
+
+
+def barrier():
+    if world_size() > 1:
+        dist.barrier()
+
+
+def param_checksum(model):
+    return sum(p.detach().double().sum().item() for p in model.parameters())
+
+
+# -----------------------------------------------------------------------------
+# Configuration: one dataclass per concern; flags mirror the fields; presets fill them.
+
+def arg(default, help):
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class ModelConfig:
+    model: str = arg("assets/tiny-base", "base model: a local Qwen2.5-VL / Qwen2-VL folder, or 'tiny' (random)")
+    device: str = arg("auto", "auto | cpu | cuda")
+    dtype: str = arg("auto", "auto (bfloat16 on GPU, float32 on CPU) | float32 | bfloat16")
+    max_pixels: int = arg(401_408, "images are resized to at most this many pixels (the model card's value)")
+
+
+@dataclass
+class DataConfig:
+    stage_data: str = arg("", "per-stage files 'judge=a.jsonl;choice=b.jsonl;open=c.jsonl' (mixture specs); "
+                              "stages without files derive their questions from the synthetic pool")
+    image_root: str = arg("", "folder that relative image paths in data files are relative to")
+    pool_size: int = arg(3000, "synthetic training pool: rows (scenes with one question each)")
+    image_size: int = arg(112, "synthetic image side in pixels (a multiple of 28)")
+    eval_data: str = arg("", "evaluation files 'test=a.jsonl;ood=b.jsonl'; empty: the synthetic test and ood splits")
+    eval_n: int = arg(150, "synthetic evaluation rows per split and stage (50 per task)")
+
+
+@dataclass
+class RLConfig:
+    stages: str = arg("judge,choice,open", "the curriculum, in order ('open' alone = RL without curriculum)")
+    group_size: str = arg("8", "G answers per prompt: one value, or one per stage ('4,2,4')")
+    stage_steps: str = arg("60", "optimizer steps per stage: one value or one per stage")
+    advance_accuracy: float = arg(0.0, "leave a stage early when the mean training accuracy of the last "
+                                       "advance_window steps reaches this (0: off)")
+    advance_window: int = arg(20, "steps the advance rule averages over")
+    prompts_per_step: int = arg(16, "prompts per optimizer step, over all ranks")
+    micro_batch: int = arg(16, "prompts per forward/backward pass on one rank (memory only)")
+    max_new_tokens: int = arg(48, "answer length limit")
+    temperature: float = arg(1.0, "sampling temperature")
+    top_p: float = arg(1.0, "nucleus sampling")
+    top_k: int = arg(0, "top-k sampling (0: off)")
+    lr: float = arg(3e-4, "AdamW learning rate")
+    schedule: str = arg("linear", "learning-rate decay within each stage: constant | linear | cosine")
+    warmup: int = arg(5, "warm-up steps at the start of each stage")
+    weight_decay: float = arg(0.0, "AdamW weight decay")
+    grad_clip: float = arg(1.0, "gradient norm clip")
+    beta: float = arg(0.04, "KL coefficient (k3 estimator)")
+    clip_eps: float = arg(0.2, "PPO ratio clip")
+    clip_eps_high: float = arg(0.0, "upper clip (DAPO 'clip higher'); 0: same as clip_eps")
+    mu: int = arg(1, "optimizer steps per rollout batch (1: the release, ratio = 1)")
+    agg: str = arg("seq", "loss aggregation: seq (paper) | token (DAPO) | dr_grpo")
+    adv_scale: str = arg("group", "advantage scale: group (paper) | batch | none (Dr. GRPO)")
+    ref: str = arg("stage", "reference model: stage (each stage's starting weights, the release) | base")
+
+
+@dataclass
+class RunConfig:
+    out: str = arg("runs/tiny", "output folder: checkpoints, logs, stages, report")
+    seed: int = arg(0, "seed of data order, sampling and initial weights")
+    resume: bool = arg(False, "continue from the latest checkpoint in --out")
+    ckpt_every: int = arg(20, "steps between checkpoints (and at every stage end)")
+    keep: int = arg(2, "checkpoints kept")
+    eval_every: int = arg(0, "steps between held-out evaluations during a stage (0: only between stages)")
+    sample_every: int = arg(10, "steps between dumps of sampled answers to samples.jsonl")
+    max_bad_steps: int = arg(5, "consecutive non-finite steps before the run stops")
+    phase2: bool = arg(True, "run rejection-sampling SFT after the open stage")
+    baseline: bool = arg(False, "also run the same number of RL steps without the curriculum (open only)")
+    threads: int = arg(0, "torch CPU threads (0: torch's default)")
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rl: RLConfig = field(default_factory=RLConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+
+PRESETS = {
+    "tiny": {},  # the defaults above
+    "qwen2.5-vl-3b": {
+        "model": {"model": "", "device": "cuda", "dtype": "bfloat16"},
+        "rl": {"group_size": "4,2,4", "stage_steps": "600,500,2300", "prompts_per_step": 8, "micro_batch": 1,
+               "max_new_tokens": 256, "lr": 1e-6, "schedule": "linear", "warmup": 0, "beta": 0.04, "mu": 1},
+        "run": {"out": "runs/qwen2.5-vl-3b", "ckpt_every": 100, "eval_every": 0, "sample_every": 20},
+    },
+}
+CHOICES = {"device": None, "dtype": ("auto", "float32", "bfloat16", "float16"),
+           "schedule": ("constant", "linear", "cosine"), "agg": ("seq", "token", "dr_grpo"),
+           "adv_scale": ("group", "batch", "none"), "ref": ("stage", "base")}
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description="Curr-ReFT: curriculum GRPO + rejection-sampling SFT for Qwen-VL.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="named recipe the flags override")
+    for group in dataclasses.fields(Config):
+        g = p.add_argument_group(group.name)
+        for f in dataclasses.fields(group.type):
+            flag = "--" + f.name.replace("_", "-")
+            kw = dict(dest=f"{group.name}.{f.name}", default=None, help=f.metadata["help"])
+            if isinstance(f.default, bool):
+                g.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
+            else:
+                g.add_argument(flag, type=type(f.default), choices=CHOICES.get(f.name), **kw)
+    return p
+
+
+def make_config(argv=None):
+    """Defaults <- preset <- flags, then validated. Invalid values raise ValueError before any work."""
+    args = build_parser().parse_args(argv)
+    cfg = Config()
+    for group, values in PRESETS[args.preset].items():
+        setattr(cfg, group, dataclasses.replace(getattr(cfg, group), **values))
+    for key, value in vars(args).items():
+        if "." in key and value is not None:
+            group, name = key.split(".")
+            setattr(cfg, group, dataclasses.replace(getattr(cfg, group), **{name: value}))
+    validate(cfg)
+    return cfg
+
+
+def per_stage(text, n, name, cast=int):
+    """'4' -> [4] * n; '4,2,4' -> [4, 2, 4] (one value per stage)."""
+    values = [cast(v) for v in str(text).split(",") if v.strip()]
+    if len(values) == 1:
+        values = values * n
+    if len(values) != n:
+        raise ValueError(f"--{name.replace('_', '-')} {text!r}: give one value or one per stage ({n})")
+    return values
+
+
+def validate(cfg):
+    import curriculum
+    rl, run = cfg.rl, cfg.run
+    stages = [s.strip() for s in rl.stages.split(",") if s.strip()]
+    bad = [s for s in stages if s not in curriculum.STAGES]
+    if not stages or bad:
+        raise ValueError(f"--stages {rl.stages!r}: use judge, choice and open, comma-separated")
+    groups = per_stage(rl.group_size, len(stages), "group_size")
+    steps = per_stage(rl.stage_steps, len(stages), "stage_steps")
+    checks = [
+        (cfg.model.model != "", "--model: give the folder of a Qwen2.5-VL / Qwen2-VL checkpoint"),
+        (all(g >= 2 for g in groups), "--group-size must be >= 2: a group of one has no relative advantage"),
+        (all(s >= 1 for s in steps), "--stage-steps must be >= 1"),
+        (rl.prompts_per_step >= 1 and rl.micro_batch >= 1, "--prompts-per-step and --micro-batch must be >= 1"),
+        (rl.max_new_tokens >= 1, "--max-new-tokens must be >= 1"),
+        (rl.temperature > 0 and 0 < rl.top_p <= 1 and rl.top_k >= 0, "need temperature > 0, 0 < top-p <= 1, top-k >= 0"),
+        (rl.lr > 0 and rl.beta >= 0 and rl.clip_eps > 0 and rl.clip_eps_high >= 0, "need lr > 0, beta >= 0, clip-eps > 0"),
+        (rl.mu >= 1 and rl.warmup >= 0 and rl.grad_clip > 0, "need mu >= 1, warmup >= 0, grad-clip > 0"),
+        (0 <= rl.advance_accuracy <= 2 and rl.advance_window >= 1, "need 0 <= advance-accuracy and advance-window >= 1"),
+        (run.ckpt_every >= 1 and run.keep >= 1 and run.max_bad_steps >= 1, "need ckpt-every, keep, max-bad-steps >= 1"),
+        (cfg.data.image_size % 28 == 0 and cfg.data.pool_size >= 1, "--image-size must be a multiple of 28"),
+        (cfg.model.device in ("auto", "cpu") or cfg.model.device.startswith("cuda"), "--device: auto, cpu or cuda"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ValueError(message)
+    if cfg.model.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError("--device cuda, but torch sees no GPU (on a CPU machine use --device cpu)")
+    if cfg.model.model not in ("tiny", "small") and not os.path.isdir(cfg.model.model) \
+            and cfg.model.model != ModelConfig.model:
+        raise ValueError(f"--model {cfg.model.model!r} is neither 'tiny' nor a folder")
+    W = int(os.environ.get("WORLD_SIZE", 1))
+    if rl.prompts_per_step % W:
+        raise ValueError(f"--prompts-per-step {rl.prompts_per_step} must split evenly over {W} processes")
+    return stages, groups, steps
+
+
+def as_dict(cfg):
+    return dataclasses.asdict(cfg)
+
+
+# -----------------------------------------------------------------------------
+# Checkpoints: atomic, complete, resumable
+
+def save_checkpoint(out, step, policy, processor, state, keep, rank):
+    """Rank 0 writes checkpoints/step_XXXXXX (via a temporary folder + rename) and points `latest` at it."""
+    import model as M
+    total = param_checksum(policy)
+    sums = [None] * world_size()
+    if world_size() > 1:
+        dist.all_gather_object(sums, total)
+        if max(sums) - min(sums) > 1e-6 * max(1.0, abs(total)):
+            raise RuntimeError(f"ranks disagree on the weights at step {step} (checksums {sums}): "
+                               "gradients were not synchronised")
+    rng = {"torch": torch.get_rng_state(), "python": random.getstate(),
+           "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
+    all_rng = [None] * world_size()
+    if world_size() > 1:
+        dist.all_gather_object(all_rng, rng)
+    else:
+        all_rng = [rng]
+    if rank == 0:
+        root = os.path.join(out, "checkpoints")
+        final = os.path.join(root, f"step_{step:06d}")
+        tmp = final + ".tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        M.save(policy, processor, tmp)
+        torch.save({**state, "rng": all_rng, "checksum": total}, os.path.join(tmp, "trainer_state.pt"))
+        shutil.rmtree(final, ignore_errors=True)
+        os.rename(tmp, final)
+        write_atomic(os.path.join(root, "latest"), os.path.basename(final))
+        done = sorted(d for d in os.listdir(root) if d.startswith("step_") and not d.endswith(".tmp"))
+        for old in done[:-keep]:
+            shutil.rmtree(os.path.join(root, old), ignore_errors=True)
+    barrier()
+
+
+def write_atomic(path, text):
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def latest_checkpoint(out):
+    path = os.path.join(out, "checkpoints", "latest")
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return os.path.join(out, "checkpoints", f.read().strip())
+
+
+# -----------------------------------------------------------------------------
+# One GRPO step
+
+def prompt_generators(seed, step, first_index, n, device):
+    """One generator per prompt, seeded by (seed, step, global prompt index): rank-independent sampling."""
+    return [torch.Generator(device=device).manual_seed((seed * 1_000_003 + step) * 100_003 + first_index + i)
+            for i in range(n)]
+
+
+def grpo_step(policy, ref, processor, rows, stage, G, cfg, opt, rank, device, global_step):
+    """Rollout -> rewards -> advantages -> mu updates for this rank's rows. Returns a dict of global stats."""
+    import grpo
+    import model as M
+    import rewards
+    from eval import samples_of
+    from rollout import generate
+    rl, W = cfg.rl, world_size()
+    t0 = time.time()
+    P = len(rows) // W
+    local = rows[rank * P:(rank + 1) * P]
+    policy.eval()
+    gens = prompt_generators(cfg.run.seed, global_step, rank * P, P, "cpu" if device == "cpu" else device)
+    ro = generate(policy, processor, samples_of(local), group_size=G, max_new_tokens=rl.max_new_tokens,
+                  temperature=rl.temperature, top_p=rl.top_p, top_k=rl.top_k, generator=gens)
+    t_gen = time.time() - t0
+    scores = [rewards.score(text, local[n // G]["solution"], local[n // G]["task"], stage)
+              for n, text in enumerate(ro.texts)]
+    r = torch.tensor([s["total"] for s in scores], dtype=torch.float32)
+    adv = grpo.group_advantages(r, G, scale=rl.adv_scale).to(device)          # (N,)
+
+    # Micro-batches of whole groups; prompts re-encoded per micro-batch (the image features are computed once
+    # per prompt inside completion_logprobs, for the policy with gradient and for the reference without).
+    mb = min(rl.micro_batch, P)
+    chunks = []
+    for i in range(0, P, mb):
+        sl = slice(i * G, (i + mb) * G)
+        mask = ro.mask[sl]
+        T = int(mask.sum(1).max())
+        batch = {k: v.to(device) for k, v in M.encode(processor, samples_of(local[i:i + mb])).items()}
+        ids, mask = ro.completion_ids[sl, :T], mask[:, :T]
+        with torch.no_grad():
+            ref_logp = M.completion_logprobs(ref, batch, ids, mask) if rl.beta > 0 else None
+            old_logp = M.completion_logprobs(policy, batch, ids, mask) if rl.mu > 1 else None
+        chunks.append((batch, ids, mask, adv[sl], ref_logp, old_logp))
+    num_seqs = all_reduce_sum(float(len(ro.texts)))
+    num_tokens = all_reduce_sum(float(ro.mask.sum()))
+    t_ref = time.time() - t0 - t_gen
+
+    policy.train()
+    totals = {"loss": 0.0, "kl": 0.0, "clip_low": 0.0, "clip_high": 0.0, "grad_norm": 0.0}
+    skipped = 0
+    for _ in range(rl.mu):
+        for batch, ids, mask, a, ref_logp, old_logp in chunks:
+            logp = M.completion_logprobs(policy, batch, ids, mask)
+            loss, st = grpo.grpo_loss(logp, logp.detach() if old_logp is None else old_logp, ref_logp, a, mask,
+                                      clip_eps=rl.clip_eps, clip_eps_high=rl.clip_eps_high or None, beta=rl.beta,
+                                      agg=rl.agg, num_seqs=num_seqs, num_tokens=num_tokens,
+                                      max_len=rl.max_new_tokens)
+            (loss * W).backward()                                  # gradients are averaged over ranks below
+            n_tok = float(mask.sum())
+            totals["loss"] += st["loss"]
+            for k in ("kl", "clip_low", "clip_high"):
+                totals[k] += st[k] * n_tok / num_tokens / rl.mu
+        all_reduce_grads(policy)
+        norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), rl.grad_clip)
+        if torch.isfinite(norm):
+            opt.step()
+        else:
+            skipped += 1
+        opt.zero_grad(set_to_none=True)
+        totals["grad_norm"] += float(norm) / rl.mu
+    # Global means of what the log and the schedule need (every rank gets the same numbers).
+    keys = ("total", "accuracy", "format")
+    sums = all_reduce_sum(torch.tensor([sum(s[k] for s in scores) for k in keys] + [float(ro.mask.sum())]
+                                       + [totals[k] for k in ("loss", "kl", "clip_low", "clip_high")]
+                                       + [grpo.zero_variance_fraction(r, G) * P, float(skipped)]))
+    stats = {f"reward_{k}": sums[i].item() / num_seqs for i, k in enumerate(keys)}
+    stats.update(length=sums[3].item() / num_seqs, loss=sums[4].item(), kl=sums[5].item(),
+                 clip_low=sums[6].item(), clip_high=sums[7].item(), zero_var=sums[8].item() / (P * W),
+                 skipped=int(sums[9].item()), grad_norm=totals["grad_norm"], t_gen=t_gen, t_ref=t_ref,
+                 seconds=time.time() - t0)
+    samples = [{"problem": local[n // G]["problem"], "solution": local[n // G]["solution"], "answer": ro.texts[n],
+                "total": scores[n]["total"]} for n in range(min(len(ro.texts), 2 * G))]
+    return stats, samples
+
+
+# -----------------------------------------------------------------------------
+# The run
+
+def log_line(stage, step, steps, s, lr):
+    return (f"{stage:6s} {step:4d}/{steps} | reward {s['reward_total']:.3f} acc {s['reward_accuracy']:.3f} "
+            f"fmt {s['reward_format']:.3f} | kl {s['kl']:.4f} | clip {s['clip_low'] + s['clip_high']:.3f} | "
+            f"zero-var {s['zero_var']:.2f} | len {s['length']:.1f} | lr {lr:.2e} | {s['seconds']:.2f}s")
+
+
+def append_jsonl(path, records):
+    with open(path, "a") as f:
+        for r in records:
+            f.write(json.dumps(r) + "\n")
+
+
+def resolve_device(cfg, device):
+    dtype = cfg.model.dtype
+    if dtype == "auto":
+        dtype = "bfloat16" if str(device).startswith("cuda") else "float32"
+    return getattr(torch, dtype)
+
+
+def load_base(cfg, device, dtype, rank):
+    """The base policy and processor. The tiny base is built by the warm-start when it is missing."""
+    import model as M
+    path = cfg.model.model
+    if path == ModelConfig.model and not os.path.isdir(path):
+        if rank == 0:
+            print(f"{path} is missing: building the tiny base (python reject_sample.py --warm-start)", flush=True)
+            from reject_sample import build_base
+            build_base(path, seed=0)
+        barrier()
+    with torch.random.fork_rng(devices=[]):
+        model, processor = M.load(path, device=device, dtype=dtype, seed=cfg.run.seed,
+                                  max_pixels=cfg.model.max_pixels)
+    return model, processor
+
+
+def run_rl(cfg, stages, groups, steps, out, rank, device, dtype, policy, processor, base, pool, tag=""):
+    """The curriculum GRPO loop over `stages`. Returns the list of per-stage model folders written."""
+    import curriculum
+    import model as M
+    from reject_sample import lr_factor
+    rl = cfg.rl
+    specs = [curriculum.StageSpec(name, group_size=g, steps=n, advance_window=rl.advance_window,
+                                  advance_accuracy=rl.advance_accuracy or None)
+             for name, g, n in zip(stages, groups, steps)]
+    stage_data = curriculum.parse_stage_data(cfg.data.stage_data) if cfg.data.stage_data else {}
+    specs = curriculum.assign_stage_data(specs, {k: v for k, v in stage_data.items() if k in stages})
+    cur = curriculum.Curriculum(specs, pool=pool, seed=cfg.run.seed, image_root=cfg.data.image_root or None)
+    opt, ref, resumed_opt = None, None, None
+    ckpt = latest_checkpoint(out) if cfg.run.resume else None
+    if ckpt:
+        state = torch.load(os.path.join(ckpt, "trainer_state.pt"), weights_only=False)
+        cur.load_state_dict(state["curriculum"])
+        loaded, _ = M.load(ckpt, device=device, dtype=dtype)
+        policy.load_state_dict(loaded.state_dict())
+        resumed_opt = state["optimizer"]
+        torch.set_rng_state(state["rng"][min(rank, len(state["rng"]) - 1)]["torch"])
+        if rank == 0:
+            print(f"resumed from {ckpt}: {cur}", flush=True)
+    bad_in_row, stage_dirs = 0, []
+    while not cur.done:
+        spec, k = cur.current_stage(), cur.stage_index
+        start_dir = os.path.join(out, "stages", f"{k}_{spec.name}_start")
+        if ref is None:  # stage start (or resume): the reference is the stage's starting weights, or the base
+            if cur.step == 0 and rank == 0 and not os.path.isdir(start_dir):
+                M.save(policy, processor, start_dir + ".tmp")
+                os.rename(start_dir + ".tmp", start_dir)
+            barrier()
+            if rl.ref == "base":
+                ref = base
+            else:
+                ref, _ = M.load(start_dir, device=device, dtype=dtype)
+            ref.eval().requires_grad_(False)
+            stage_dirs.append(start_dir)
+            opt = torch.optim.AdamW(policy.parameters(), lr=rl.lr, weight_decay=rl.weight_decay, betas=(0.9, 0.99))
+            if resumed_opt is not None:
+                opt.load_state_dict(resumed_opt)
+                resumed_opt = None
+        lr = rl.lr * lr_factor(cur.step, rl.warmup, spec.steps, rl.schedule, floor=0.0 if rl.schedule == "linear" else 0.1)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        rows = cur.next_batch(rl.prompts_per_step)
+        stats, samples = grpo_step(policy, ref, processor, rows, spec.name, spec.group_size, cfg, opt, rank,
+                                   device, cur.global_step)
+        bad_in_row = bad_in_row + 1 if stats["skipped"] else 0
+        if bad_in_row >= cfg.run.max_bad_steps:
+            raise RuntimeError(f"{bad_in_row} steps in a row had a non-finite loss or gradient (stage {spec.name}, "
+                               f"step {cur.step}): lower --lr, check --dtype, and look at samples.jsonl")
+        step, global_step = cur.step + 1, cur.global_step + 1
+        if rank == 0:
+            print(tag + log_line(spec.name, step, spec.steps, stats, lr), flush=True)
+            append_jsonl(os.path.join(out, "metrics.jsonl"),
+                         [{"stage": spec.name, "step": step, "global_step": global_step, "lr": lr, **stats}])
+            if cfg.run.sample_every and step % cfg.run.sample_every == 1:
+                append_jsonl(os.path.join(out, "samples.jsonl"),
+                             [{"stage": spec.name, "step": step, **s} for s in samples])
+        advanced = cur.record(stats["reward_accuracy"])
+        state = {"curriculum": cur.state_dict(), "optimizer": opt.state_dict(), "config": as_dict(cfg)}
+        if advanced:
+            ref = None
+            state["optimizer"] = None
+        if advanced or global_step % cfg.run.ckpt_every == 0:
+            save_checkpoint(out, global_step, policy, processor, state, cfg.run.keep, rank)
+    final_dir = os.path.join(out, "stages", f"{len(specs)}_final")
+    if rank == 0 and not os.path.isdir(final_dir):
+        M.save(policy, processor, final_dir + ".tmp")
+        os.rename(final_dir + ".tmp", final_dir)
+    barrier()
+    return stage_dirs + [final_dir]
+
+
+def main(argv=None):
+    try:  # a bad config: one clear line before any work, no traceback
+        cfg = make_config(argv)
+        stages, groups, steps = validate(cfg)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}")
+    rank, _, W, device = setup_dist(None if cfg.model.device == "auto" else cfg.model.device)
+    if cfg.run.threads:
+        torch.set_num_threads(cfg.run.threads)
+    dtype = resolve_device(cfg, device)
+    out = cfg.run.out
+    if rank == 0:
+        os.makedirs(out, exist_ok=True)
+        if not cfg.run.resume and latest_checkpoint(out):
+            raise SystemExit(f"{out} already holds a run: pass --resume to continue it, or another --out")
+        print(json.dumps({"world_size": W, "device": str(device), **as_dict(cfg)}, indent=1), flush=True)
+        with open(os.path.join(out, "config.json"), "w") as f:
+            json.dump(as_dict(cfg), f, indent=1)
+    barrier()
+    torch.manual_seed(cfg.run.seed)
+    random.seed(cfg.run.seed)
+    import data
+    policy, processor = load_base(cfg, device, dtype, rank)
+    base = copy.deepcopy(policy).eval().requires_grad_(False) if cfg.rl.ref == "base" else None
+    pool = data.make_split("train", cfg.data.pool_size, seed=cfg.run.seed, size=cfg.data.image_size)
+    t0 = time.time()
+    dirs = run_rl(cfg, stages, groups, steps, out, rank, device, dtype, policy, processor, base, pool)
+    if rank == 0:
+        print(f"RL done in {time.time() - t0:.1f}s: {dirs}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
