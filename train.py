@@ -194,7 +194,7 @@ class Config:
 PRESETS = {
     "tiny": {},  # the defaults above
     "qwen2.5-vl-3b": {
-        "model": {"model": "", "device": "cuda", "dtype": "bfloat16"},
+        "model": {"model": "", "dtype": "bfloat16"},
         "rl": {"group_size": "4,2,4", "stage_steps": "600,500,2300", "prompts_per_step": 8, "micro_batch": 1,
                "max_new_tokens": 256, "lr": 1e-6, "schedule": "linear", "warmup": 0, "beta": 0.04, "mu": 1},
         "run": {"out": "runs/qwen2.5-vl-3b", "ckpt_every": 100, "eval_every": 0, "sample_every": 20},
@@ -421,6 +421,42 @@ def grpo_step(policy, ref, processor, rows, stage, G, cfg, opt, rank, device, gl
     samples = [{"problem": local[n // G]["problem"], "solution": local[n // G]["solution"], "answer": ro.texts[n],
                 "total": scores[n]["total"]} for n in range(min(len(ro.texts), 2 * G))]
     return stats, samples
+
+
+# -----------------------------------------------------------------------------
+# The reward curve, drawn with pillow
+
+def plot_rewards(metrics, path, keys=("reward_total", "reward_accuracy"), width=960, height=360):
+    """PNG of training reward per step across the stages (raw as dots, moving average of 9 as a line)."""
+    from PIL import Image, ImageDraw
+    colours = {"reward_total": (40, 80, 200), "reward_accuracy": (220, 90, 30)}
+    img = Image.new("RGB", (width, height), "white")
+    d = ImageDraw.Draw(img)
+    L, R, T, B = 50, 20, 30, 40
+    n = len(metrics)
+    x = lambda i: L + (width - L - R) * i / max(1, n - 1)
+    y = lambda v: height - B - (height - T - B) * v / 2.0          # rewards lie in [0, 2]
+    for v in (0, 0.5, 1.0, 1.5, 2.0):
+        d.line([(L, y(v)), (width - R, y(v))], fill=(230, 230, 230))
+        d.text((8, y(v) - 6), f"{v:.1f}", fill="black")
+    for i, m in enumerate(metrics):                               # stage boundaries and names
+        if i == 0 or m["stage"] != metrics[i - 1]["stage"]:
+            d.line([(x(i), T), (x(i), height - B)], fill=(150, 150, 150))
+            d.text((x(i) + 4, T - 16), m["stage"], fill="black")
+    starts = [i for i in range(n) if i == 0 or metrics[i]["stage"] != metrics[i - 1]["stage"]] + [n]
+    for key in keys:
+        c = colours.get(key, (0, 0, 0))
+        light = tuple(min(255, 130 + ch // 2) for ch in c)
+        vals = [m[key] for m in metrics]
+        for i, v in enumerate(vals):
+            d.ellipse([x(i) - 1.5, y(v) - 1.5, x(i) + 1.5, y(v) + 1.5], fill=light)
+        for a, b in zip(starts, starts[1:]):                     # moving average within each stage
+            seg = [sum(vals[max(a, i - 4):min(b, i + 5)]) / len(vals[max(a, i - 4):min(b, i + 5)]) for i in range(a, b)]
+            if len(seg) > 1:
+                d.line([(x(a + j), y(v)) for j, v in enumerate(seg)], fill=c, width=2)
+    d.text((L, height - B + 12), "training step (all stages)   blue: reward (accuracy + format)   "
+                                 "orange: accuracy", fill="black")
+    img.save(path)
 
 
 # -----------------------------------------------------------------------------

@@ -1,0 +1,91 @@
+"""train.py: configuration errors, one process == two processes for a step, and kill + resume == uninterrupted.
+
+The two multi-process tests launch real runs (torchrun with gloo, SIGKILL); they take about half a minute
+each on a 2-core CPU and are marked slow: `python -m pytest -m slow tests/test_train.py` runs them.
+"""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BASE = os.path.join(ROOT, "assets", "tiny-base")
+# One short open-stage run from the shipped base: 4 prompts x G=4 per step, small pool, no phase 2 or eval.
+QUICK = ["--model", BASE, "--stages", "open", "--group-size", "4", "--prompts-per-step", "4", "--micro-batch", "2",
+         "--pool-size", "40", "--max-new-tokens", "24", "--no-phase2", "--eval-n", "0", "--threads", "1"]
+
+
+def weights(folder):
+    return load_file(os.path.join(folder, "model.safetensors"))
+
+
+def run(args, out, env=None, torchrun=0):
+    cmd = ([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={torchrun}", "--master_port=29531"]
+           if torchrun else [sys.executable]) + [os.path.join(ROOT, "train.py")] + args + ["--out", str(out)]
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, **(env or {})},
+                          timeout=600)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--group-size", "1"], "group-size must be >= 2"),
+    (["--group-size", "4,2"], "one value or one per stage"),
+    (["--stages", "judge,exam"], "--stages"),
+    (["--lr", "-1"], "lr > 0"),
+    (["--image-size", "100"], "multiple of 28"),
+    (["--model", "/no/such/folder"], "neither 'tiny' nor a folder"),
+])
+def test_bad_config_is_a_clear_error(flags, message):
+    with pytest.raises(SystemExit, match="error: .*" + message.replace("-", r"\-").replace("+", r"\+")):
+        train.main(flags + ["--out", "/tmp/never-written"])
+
+
+def test_presets_and_flags():
+    cfg = train.make_config(["--preset", "qwen2.5-vl-3b", "--model", ROOT, "--lr", "1e-5"])
+    assert cfg.rl.lr == 1e-5, "a flag overrides the preset"
+    assert cfg.rl.group_size == "4,2,4" and cfg.rl.beta == 0.04 and cfg.rl.max_new_tokens == 256
+    assert cfg.rl.prompts_per_step == 8 and cfg.model.dtype == "bfloat16"
+    assert train.make_config(["--no-phase2"]).run.phase2 is False, "boolean flags are real booleans"
+    with pytest.raises(SystemExit):
+        train.build_parser().parse_args(["--agg", "mean"])
+
+
+@pytest.mark.slow
+def test_two_processes_equal_one(tmp_path):
+    one = run(QUICK + ["--stage-steps", "1"], tmp_path / "one")
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = run(QUICK + ["--stage-steps", "1"], tmp_path / "two", torchrun=2)
+    assert two.returncode == 0, two.stderr[-3000:]
+    a, b = weights(tmp_path / "one/stages/1_final"), weights(tmp_path / "two/stages/1_final")
+    start = weights(tmp_path / "one/stages/0_open_start")
+    assert any(not torch.equal(a[k], start[k]) for k in a), "the step must change the weights"
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-6, rtol=1e-4), f"{k}: 2 processes must match 1 process"
+
+
+@pytest.mark.slow
+def test_kill_and_resume_equals_uninterrupted(tmp_path):
+    args = QUICK + ["--stage-steps", "4", "--ckpt-every", "1"]
+    full = run(args, tmp_path / "full")
+    assert full.returncode == 0, full.stderr[-3000:]
+    out = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py")] + args + ["--out", str(out)],
+                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    latest = out / "checkpoints" / "latest"
+    deadline = time.time() + 300
+    while time.time() < deadline and not (latest.exists() and latest.read_text() >= "step_000002"):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert latest.read_text() < "step_000004", "the run must be killed before it ends"
+    resumed = run(args + ["--resume"], out)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    a, b = weights(tmp_path / "full/stages/1_final"), weights(out / "stages/1_final")
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"{k}: kill + resume must end with the uninterrupted run's weights"
