@@ -552,10 +552,15 @@ def describe_scene(meta):
 
 
 def reference_completion(row):
-    """The answer a model should write: '<think>{scene}</think><answer>...</answer>' (empty think without meta)."""
+    """The answer a model should write, reasoning first: '<think>{scene}; so {open answer}</think><answer>...
+    </answer>' (an empty think block without meta). The think block lists the objects, then states the answer
+    to the open question, so a yes/no claim or options A-D are judged by comparing with it: this chain of
+    thought is what lets a tiny model learn the judge and choice forms (asked without it, they stayed at
+    chance for thousands of steps in ../shared/TINY_WORLD.md and in this project's first warm-start)."""
     answers = re.findall(r"<answer>.*?</answer>", row["solution"], flags=re.S)
     answer = answers[-1] if answers else f"<answer>{row['solution'].strip()}</answer>"
-    think = describe_scene(row["meta"]) if row.get("meta") else ""
+    meta = row.get("meta")
+    think = f"{describe_scene(meta)}; so {format_value(meta['answer'])}" if meta else ""
     return f"<think>{think}</think>{answer}"
 
 

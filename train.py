@@ -169,6 +169,19 @@ class RLConfig:
 
 
 @dataclass
+class Phase2Config:
+    phase2: bool = arg(True, "run rejection-sampling SFT after the open stage")
+    phase2_data: str = arg("", "prompts for phase 2 (a mixture spec); empty: the last phase2_prompts rows of the "
+                               "synthetic pool, asked in the three stage forms in turn")
+    phase2_prompts: int = arg(300, "prompts sampled in phase 2 (synthetic pool)")
+    phase2_samples: int = arg(4, "answers sampled per prompt")
+    phase2_bar: float = arg(2.0, "keep the best answer of a prompt when its reward (accuracy + format) >= this")
+    phase2_lr: float = arg(1e-4, "SFT learning rate (the paper: 2e-7 for the 3B model)")
+    phase2_epochs: int = arg(2, "SFT passes over the kept answers")
+    phase2_batch: int = arg(32, "SFT rows per optimizer step, over all ranks")
+
+
+@dataclass
 class RunConfig:
     out: str = arg("runs/tiny", "output folder: checkpoints, logs, stages, report")
     seed: int = arg(0, "seed of data order, sampling and initial weights")
@@ -178,7 +191,6 @@ class RunConfig:
     eval_every: int = arg(0, "steps between held-out evaluations during a stage (0: only between stages)")
     sample_every: int = arg(10, "steps between dumps of sampled answers to samples.jsonl")
     max_bad_steps: int = arg(5, "consecutive non-finite steps before the run stops")
-    phase2: bool = arg(True, "run rejection-sampling SFT after the open stage")
     baseline: bool = arg(False, "also run the same number of RL steps without the curriculum (open only)")
     threads: int = arg(0, "torch CPU threads (0: torch's default)")
 
@@ -188,6 +200,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     rl: RLConfig = field(default_factory=RLConfig)
+    phase2: Phase2Config = field(default_factory=Phase2Config)
     run: RunConfig = field(default_factory=RunConfig)
 
 
@@ -197,6 +210,7 @@ PRESETS = {
         "model": {"model": "", "dtype": "bfloat16"},
         "rl": {"group_size": "4,2,4", "stage_steps": "600,500,2300", "prompts_per_step": 8, "micro_batch": 1,
                "max_new_tokens": 256, "lr": 1e-6, "schedule": "linear", "warmup": 0, "beta": 0.04, "mu": 1},
+        "phase2": {"phase2_lr": 2e-7, "phase2_samples": 4, "phase2_epochs": 1, "phase2_batch": 8},
         "run": {"out": "runs/qwen2.5-vl-3b", "ckpt_every": 100, "eval_every": 0, "sample_every": 20},
     },
 }
@@ -265,6 +279,8 @@ def validate(cfg):
         (rl.mu >= 1 and rl.warmup >= 0 and rl.grad_clip > 0, "need mu >= 1, warmup >= 0, grad-clip > 0"),
         (0 <= rl.advance_accuracy <= 2 and rl.advance_window >= 1, "need 0 <= advance-accuracy and advance-window >= 1"),
         (run.ckpt_every >= 1 and run.keep >= 1 and run.max_bad_steps >= 1, "need ckpt-every, keep, max-bad-steps >= 1"),
+        (cfg.phase2.phase2_prompts >= 1 and cfg.phase2.phase2_samples >= 1 and cfg.phase2.phase2_epochs >= 1
+         and cfg.phase2.phase2_batch >= 1 and cfg.phase2.phase2_lr > 0, "phase-2 sizes must be >= 1 and its lr > 0"),
         (cfg.data.image_size % 28 == 0 and cfg.data.pool_size >= 1, "--image-size must be a multiple of 28"),
         (cfg.model.device in ("auto", "cpu") or cfg.model.device.startswith("cuda"), "--device: auto, cpu or cuda"),
     ]
@@ -572,6 +588,33 @@ def run_rl(cfg, stages, groups, steps, out, rank, device, dtype, policy, process
     return stage_dirs + [final_dir]
 
 
+def phase2_prompts(cfg, pool):
+    """Phase 2's prompts: the user's files, or the last rows of the synthetic pool asked in judge, choice and
+    open form in turn (so the SFT keeps every answer form)."""
+    import curriculum
+    import data
+    if cfg.phase2.phase2_data:
+        return data.load_mixture(cfg.phase2.phase2_data, seed=cfg.run.seed, image_root=cfg.data.image_root or None)
+    rows = pool[-cfg.phase2.phase2_prompts:]
+    return [curriculum.make_stage_row(r, curriculum.STAGES[i % 3], random.Random(f"phase2:{cfg.run.seed}:{i}"),
+                                      truth=(i // 3) % 2 == 0) for i, r in enumerate(rows)]
+
+
+def evaluate_stages(cfg, named_dirs, out, rank, device, dtype):
+    """The table: every stage's model on the held-out in-domain and out-of-domain sets."""
+    import eval as E
+    sets = E.load_eval_sets(cfg.data.eval_data or "synthetic", n=cfg.data.eval_n, seed=cfg.run.seed,
+                            image_root=cfg.data.image_root or None, size=cfg.data.image_size)
+    results = E.evaluate_models(named_dirs, sets, max_new_tokens=cfg.rl.max_new_tokens, device=device, dtype=dtype,
+                                max_pixels=cfg.model.max_pixels, verbose=rank == 0)
+    table = E.markdown_table(results)
+    if rank == 0:
+        print("\n" + table, flush=True)
+        with open(os.path.join(out, "eval.json"), "w") as f:
+            json.dump({"results": results, "table": table}, f, indent=1)
+    return results, table
+
+
 def main(argv=None):
     try:  # a bad config: one clear line before any work, no traceback
         cfg = make_config(argv)
@@ -594,13 +637,60 @@ def main(argv=None):
     torch.manual_seed(cfg.run.seed)
     random.seed(cfg.run.seed)
     import data
+    timings = {}
     policy, processor = load_base(cfg, device, dtype, rank)
-    base = copy.deepcopy(policy).eval().requires_grad_(False) if cfg.rl.ref == "base" else None
+    base = copy.deepcopy(policy).eval().requires_grad_(False) if cfg.rl.ref == "base" or cfg.run.baseline else None
     pool = data.make_split("train", cfg.data.pool_size, seed=cfg.run.seed, size=cfg.data.image_size)
+
+    # Phase 1: curriculum GRPO.
     t0 = time.time()
     dirs = run_rl(cfg, stages, groups, steps, out, rank, device, dtype, policy, processor, base, pool)
+    timings["rl"] = time.time() - t0
+    names = ["base"] + [f"after {s}" for s in stages]
+    named = list(zip(names, dirs))
+
+    # Phase 2: rejection-sampling SFT on the RL model's own best answers.
+    p2 = cfg.phase2
+    if p2.phase2:
+        t0 = time.time()
+        final_dir = os.path.join(out, "stages", f"{len(stages) + 1}_phase2")
+        if not os.path.isdir(final_dir):
+            from reject_sample import phase2
+            phase2(policy, processor, phase2_prompts(cfg, pool), os.path.join(out, "phase2"), device=device,
+                   rank=rank, seed=cfg.run.seed, max_new_tokens=cfg.rl.max_new_tokens, n_samples=p2.phase2_samples,
+                   bar=p2.phase2_bar, lr=p2.phase2_lr, epochs=p2.phase2_epochs, batch_size=p2.phase2_batch)
+            if rank == 0:
+                import model as M
+                M.save(policy, processor, final_dir + ".tmp")
+                os.rename(final_dir + ".tmp", final_dir)
+            barrier()
+        named.append(("final (+ phase 2)", final_dir))
+        timings["phase2"] = time.time() - t0
+
+    # The same number of RL steps without the curriculum (open stage only), from the same base.
+    if cfg.run.baseline:
+        t0 = time.time()
+        policy.load_state_dict(base.state_dict())
+        b_out = os.path.join(out, "baseline")
+        b_dirs = run_rl(dataclasses.replace(cfg, rl=dataclasses.replace(cfg.rl, advance_accuracy=0.0)),
+                        ["open"], [groups[-1]], [sum(steps)], b_out, rank, device, dtype, policy, processor, base,
+                        pool, tag="[open only] ")
+        named.append((f"open only, {sum(steps)} steps", b_dirs[-1]))
+        timings["baseline"] = time.time() - t0
+
     if rank == 0:
-        print(f"RL done in {time.time() - t0:.1f}s: {dirs}", flush=True)
+        metrics = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+        plot_rewards(metrics, os.path.join(out, "rewards.png"))
+    if cfg.data.eval_n > 0:
+        t0 = time.time()
+        evaluate_stages(cfg, named, out, rank, device, dtype)
+        timings["eval"] = time.time() - t0
+    if rank == 0:
+        print("wall time (s): " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()), flush=True)
+        with open(os.path.join(out, "timings.json"), "w") as f:
+            json.dump(timings, f)
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
