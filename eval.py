@@ -1,13 +1,79 @@
 """
-eval.py (in progress): greedy evaluation of a model on rows, per task and stage.
+eval.py: held-out evaluation of Curr-ReFT checkpoints, in-domain and out of domain, side by side.
+
+Every row is answered with greedy decoding (rollout.generate, batched) and scored from its answer block
+only. Several checkpoints go into one markdown table (one row per model) and one JSON file.
+
+    python eval.py --model runs/tiny/stages/0_judge_start,runs/tiny/stages/3_final     # synthetic test + ood
+    python eval.py --model DIR --data synthetic --n 300 --stages judge,choice,open     # + judge / choice rows
+    python eval.py --model DIR --data "test=test.jsonl;ood=superclevr.jsonl" --task math --out results.json
+    python eval.py --model DIR --samples 8 --pass-k 1,4                               # + pass@k from 8 samples
+    torchrun --nproc_per_node=8 eval.py --model DIR --rows 300   # rank r answers rows[r::W]; sums all-reduced
+                                                    # (--rows = --n: torchrun reads --n as its own flag)
+
+From Python (train.py prints one table of base, after each stage, final):
+
+    sets = eval_sets_synthetic(n=150, seed=0)                    # {"test": rows, "ood": rows}
+    results = evaluate_models([("base", model, processor), "runs/tiny/stages/3_final"], sets)
+    print(markdown_table(results))
+    results["base"]["ood"]["math"]["open"]        # {"n", "accuracy", "accuracy_se", "format", ...}
+
+Data (`--data`): `synthetic` (the default) is data.make_split("test", n) and ("ood", n), open questions,
+plus with `--stages judge,choice,open` the same rows asked as yes/no claims and as options A-D
+(curriculum.stage_rows). Or `name=spec;name=spec` where each spec is a data.load_mixture spec of Curr-ReFT
+JSONL files; `--task` is the task of rows that carry none (as some public test files; their bare-integer
+solutions load as they are). A row's stage is its `stage` field, else open; a problem that does not say how
+to answer (no `<answer>` in it) gets the stage's instruction line, as in training.
+
+Metrics of one (split, task, stage) cell over its n rows. A row's answer is the content of its single
+<answer>...</answer> block (rewards.split_completion); the think block never counts.
+    detection (open)  IoU of the last box of the answer with the true box (0 when none parses);
+                      acc@0.5 = 1[IoU >= 0.5], iou_mean = mean IoU;                accuracy = acc@0.5
+    classify (open)   P, G = label sets (rewards.parse_labels: whole names, lower case);
+                      exact = 1[P = G], f1 = 2|P & G| / (|P| + |G|) (0 when P does not parse); accuracy = exact
+    math (open)       1 if the final answer of the answer block (the last \\boxed{}, else the text after the
+                      last "=", holding exactly one number) equals the solution within 1e-6 relative
+                      (letters as sets when the solution is an option letter);    accuracy = that
+    judge             1 if the answer is exactly yes or no and equals the truth
+    choice            1 if the set of option letters equals the right set (no partial credit)
+    format            1 if the completion is exactly a think block then an answer block and the answer
+                      parses as the form's type (rewards.score's format)
+    pass@k            with n samples of a row, c of them right (accuracy 1):  1 - C(n-c, k) / C(n, k),
+                      computed as 1 - prod_{i=n-c+1}^{n} (1 - k/i) (Chen et al. 2021); mean over rows.
+                      Samples: temperature 1, no top-k / top-p, prompt i of a split sampled with a
+                      torch.Generator seeded by seed * 1_000_003 + i (the same on 1 or W ranks).
+    *_se              one standard error of the mean over the cell's rows: sqrt((mean(x^2) - mean(x)^2) / n),
+                      which is sqrt(p (1 - p) / n) for a 0/1 metric (0 when every row agrees: then read n).
+                      A difference between two models under about 2 sqrt(se1^2 + se2^2) may be noise.
+The markdown table shows percentages, mean ± se, splits side by side; a note under it gives every n.
+
+Departures from the paper's release, and why (../shared/PAPER_NOTES.md):
+- The release's evaluation counts a superset of the true labels as right and, for counting, a number
+  appearing anywhere in the output (reasoning included) as right. Ours scores the answer block only, with
+  exact label sets (F1 beside it) and one parsed final number: the lenient rules pay for guessing.
+- Detection accuracy is IoU >= 0.5 (the usual detection convention; the release's reward uses > 0.5;
+  they differ only at exactly 0.5), reported with the mean IoU.
+- The release reports benchmark numbers (AI2D, MMVet, ...) from a GPT judge; those need outside services
+  and are not reproduced here. We report the three tasks in and out of domain, each with its standard error.
 """
+import argparse
+import json
+import math
+import os
+import sys
+import time
 from collections import defaultdict
 
 import torch
 
+import curriculum
 import data
 import rewards
 from rollout import generate
+
+IOU_THRESHOLD = 0.5
+TASK_METRICS = {("detection", "open"): ["acc@0.5", "iou_mean"], ("classify", "open"): ["exact", "f1"]}
+SHORT = {"detection": "det", "classify": "cls", "math": "math"}
 
 
 def samples_of(rows):
@@ -16,20 +82,424 @@ def samples_of(rows):
 
 
 @torch.no_grad()
+def answers(model, processor, rows, batch_size=64, max_new_tokens=64, samples=0, seed=0, index=None):
+    """Texts answering each row: [greedy answer] (samples=0) or `samples` answers sampled at temperature 1,
+    those of row j from a generator seeded by seed * 1_000_003 + index[j] (default j): batch- and
+    rank-independent. A batch holds at most batch_size sequences (batch_size // samples prompts)."""
+    G = max(1, samples)
+    step = max(1, batch_size // G)
+    index = range(len(rows)) if index is None else index
+    device = next(model.parameters()).device
+    out = []
+    for i in range(0, len(rows), step):
+        chunk = rows[i:i + step]
+        gens = None if not samples else [torch.Generator(device=device).manual_seed(seed * 1_000_003 + index[i + j])
+                                         for j in range(len(chunk))]
+        r = generate(model, processor, samples_of(chunk), group_size=G, max_new_tokens=max_new_tokens,
+                     greedy=not samples, temperature=1.0, generator=gens)
+        out += [r.texts[j * G:(j + 1) * G] for j in range(len(chunk))]   # row-major: G texts per row
+    return out
+
+
+@torch.no_grad()
 def evaluate(model, processor, rows, batch_size=64, max_new_tokens=64, reward_options=None):
-    """Greedy answers to rows, scored by rewards.score: {(task, stage): {"accuracy", "format", "n", ...}}."""
+    """The quick evaluation: greedy answers scored by rewards.score with the training reward's options,
+    {(task, stage): {"accuracy", "format", "n", "iou" (open detection)}}; one process, no standard errors."""
     was_training = model.training
     model.eval()
     sums = defaultdict(lambda: defaultdict(float))
-    for i in range(0, len(rows), batch_size):
-        chunk = rows[i:i + batch_size]
-        r = generate(model, processor, samples_of(chunk), max_new_tokens=max_new_tokens, greedy=True)
-        for row, text in zip(chunk, r.texts):
-            s = rewards.score(text, row["solution"], row["task"], row.get("stage", "open"), **(reward_options or {}))
-            cell = sums[(row["task"], row.get("stage", "open"))]
-            cell["n"] += 1
-            for k in ("accuracy", "format", "iou"):
-                if k in s:
-                    cell[k] += s[k]
+    for row, (text,) in zip(rows, answers(model, processor, rows, batch_size, max_new_tokens)):
+        s = rewards.score(text, row["solution"], row["task"], row.get("stage", "open"), **(reward_options or {}))
+        cell = sums[(row["task"], row.get("stage", "open"))]
+        cell["n"] += 1
+        for k in ("accuracy", "format", "iou"):
+            if k in s:
+                cell[k] += s[k]
     model.train(was_training)
     return {key: {k: (v if k == "n" else v / cell["n"]) for k, v in cell.items()} for key, cell in sums.items()}
+
+
+# -----------------------------------------------------------------------------
+# Scores of one row, pass@k, and the metrics of a cell
+
+def pass_at_k(n, c, k):
+    """Unbiased pass@k from n samples with c right: 1 - C(n-c, k) / C(n, k), as a stable product.
+
+    >>> round(pass_at_k(5, 2, 1), 12)
+    0.4
+    >>> pass_at_k(5, 2, 5), pass_at_k(5, 0, 3)
+    (1.0, 0.0)
+    """
+    if not 0 <= c <= n or not 1 <= k <= n:
+        raise ValueError(f"pass@k needs 0 <= c <= n and 1 <= k <= n, got n={n}, c={c}, k={k}")
+    if n - c < k:
+        return 1.0  # every draw of k samples holds a right one
+    return 1.0 - math.prod(1.0 - k / i for i in range(n - c + 1, n + 1))
+
+
+def metric_names(task, stage, ks=()):
+    """The metrics of a (task, stage) cell, in table order."""
+    return ["accuracy", "format"] + TASK_METRICS.get((task, stage), []) + [f"pass@{k}" for k in ks]
+
+
+def score_answer(text, row):
+    """{"task", "stage", "accuracy", "format", + acc@0.5, iou_mean (open detection) | exact, f1 (open classify)}
+    of one answer, each value the row's own (0/1, or in [0, 1] for IoU and F1); see the top docstring.
+
+    >>> row = {"solution": "<answer>red, blue</answer>", "task": "classify"}
+    >>> s = score_answer("<think>red blue green</think><answer>red, blue, green</answer>", row)
+    >>> s["exact"], s["f1"], s["format"]
+    (0.0, 0.8, 1.0)
+    """
+    task, stage, solution = row["task"], row.get("stage", "open"), row["solution"]
+    s = rewards.score(text, solution, task, stage)
+    out = {"task": task, "stage": stage, "accuracy": s["accuracy"], "format": s["format"]}
+    if (task, stage) == ("detection", "open"):
+        hit = float(s["iou"] >= IOU_THRESHOLD)
+        out.update({"accuracy": hit, "acc@0.5": hit, "iou_mean": s["iou"]})
+    elif (task, stage) == ("classify", "open"):
+        exact = rewards.score(text, solution, task, stage, label_mode="exact")["accuracy"]
+        f1 = rewards.score(text, solution, task, stage, label_mode="f1")["accuracy"]
+        out.update({"accuracy": exact, "exact": exact, "f1": f1})
+    return out
+
+
+def score_row(row, split, greedy_text, sampled_texts=None, ks=()):
+    """The record of one row: its split, the greedy answer's scores and pass@k over the sampled answers."""
+    record = {"split": split, **score_answer(greedy_text, row)}
+    if ks:
+        c = sum(score_answer(t, row)["accuracy"] == 1.0 for t in sampled_texts)
+        record.update({f"pass@{k}": pass_at_k(len(sampled_texts), c, k) for k in ks})
+    return record
+
+
+def cells_of(eval_sets):
+    """Every (split, task, stage) of the sets, in order: splits as given, then TASKS, then STAGES."""
+    order = {(t, s): i for i, (t, s) in enumerate((t, s) for s in rewards.STAGES for t in rewards.TASKS)}
+    cells = []
+    for split, rows in eval_sets.items():
+        present = {(r["task"], r.get("stage", "open")) for r in rows}
+        cells += [(split, t, s) for t, s in sorted(present, key=order.get)]
+    return cells
+
+
+def _no_reduce(x):
+    return x
+
+
+def metrics(records, cells=None, ks=(), reduce=_no_reduce):
+    """Per-row records (score_row) -> {split: {task: {stage: {"n", metric, metric + "_se", ...}}}}.
+
+    Each metric is the mean of the rows' values; se = sqrt((mean(x^2) - mean(x)^2) / n). The sums (n, sum x,
+    sum x^2 of every cell and metric) go through `reduce` as one tensor, so with train.all_reduce_sum every
+    rank gets the totals over all ranks; `cells` (default: those of the records) fixes the layout, and must
+    be the same on every rank."""
+    if cells is None:
+        cells = list(dict.fromkeys((r["split"], r["task"], r["stage"]) for r in records))
+    layout = {cell: metric_names(cell[1], cell[2], ks) for cell in cells}
+    offset, at = 0, {}
+    for cell, names in layout.items():           # per cell: n, then (sum x, sum x^2) per metric
+        at[cell] = offset
+        offset += 1 + 2 * len(names)
+    sums = torch.zeros(offset, dtype=torch.float64)
+    for r in records:
+        cell = (r["split"], r["task"], r["stage"])
+        i = at[cell]
+        sums[i] += 1
+        for j, name in enumerate(layout[cell]):
+            sums[i + 1 + 2 * j] += r[name]
+            sums[i + 2 + 2 * j] += r[name] ** 2
+    sums = reduce(sums).tolist()
+    out = {}
+    for (split, task, stage), names in layout.items():
+        i = at[(split, task, stage)]
+        n = int(round(sums[i]))
+        cell = {"n": n}
+        for j, name in enumerate(names):
+            mean = sums[i + 1 + 2 * j] / n if n else None
+            var = max(0.0, sums[i + 2 + 2 * j] / n - mean ** 2) if n else None
+            cell[name], cell[name + "_se"] = mean, (math.sqrt(var / n) if n else None)
+        out.setdefault(split, {}).setdefault(task, {})[stage] = cell
+    return out
+
+
+# -----------------------------------------------------------------------------
+# Evaluation sets
+
+def eval_sets_synthetic(n=300, seed=0, stages=("open",), size=112):
+    """{"test": rows, "ood": rows}: n synthetic open rows per split (n/3 per task), each asked in every stage
+    of `stages` (judge and choice rows derived by curriculum.stage_rows), so n * len(stages) rows a split."""
+    sets = {}
+    for split in ("test", "ood"):
+        base = data.make_split(split, n, seed=seed, size=size)
+        sets[split] = [r for stage in stages for r in curriculum.stage_rows(base, stage, seed=seed)]
+    return sets
+
+
+def parse_data_spec(text):
+    """'test=a.jsonl;ood=b.jsonl:first:200' -> [("test", "a.jsonl"), ("ood", "b.jsonl:first:200")]; a part
+    without a name is named after its first file ('ood.jsonl' -> 'ood')."""
+    out = []
+    for part in filter(None, (p.strip() for p in text.split(";"))):
+        name, sep, spec = part.partition("=")
+        if not sep:
+            name, spec = os.path.splitext(os.path.basename(part.split(",")[0].split(":")[0]))[0], part
+        if not name.strip() or not spec.strip():
+            raise ValueError(f"bad --data part {part!r}; expected name=mixture_spec")
+        out.append((name.strip(), spec.strip()))
+    if len({name for name, _ in out}) != len(out):
+        raise ValueError(f"--data names a split twice: {text!r}")
+    return out
+
+
+def load_eval_sets(spec="synthetic", n=300, seed=0, stages=("open",), image_root=None, default_task=None,
+                   size=112):
+    """Evaluation sets from `--data`: "synthetic" (or empty) or 'name=spec;name=spec' of Curr-ReFT files.
+    A missing or bad file raises data.DataError naming it and the split."""
+    if spec.strip() in ("", "synthetic"):
+        return eval_sets_synthetic(n, seed, stages, size)
+    sets = {}
+    for name, mixture in parse_data_spec(spec):
+        try:
+            rows = data.load_mixture(mixture, seed=seed, image_root=image_root, default_task=default_task)
+        except data.DataError as e:
+            raise data.DataError(f"--data {name}={mixture}: {e}") from e
+        out = []
+        for i, row in enumerate(rows):
+            stage = row.get("stage") or "open"
+            if stage not in rewards.STAGES:
+                raise data.DataError(f"--data {name}: row {i + 1} has unknown stage {stage!r}")
+            out += curriculum.prepare_stage_rows([row], stage)   # the instruction line when the problem lacks one
+        if not out:
+            raise data.DataError(f"--data {name}={mixture}: no rows")
+        sets[name] = out
+    return sets
+
+
+# -----------------------------------------------------------------------------
+# Evaluating models
+
+def check_checkpoint(path):
+    """Raise FileNotFoundError naming `path` unless it is a preset of model.load or a checkpoint folder."""
+    import model as M
+    if path in M.PRESETS:
+        return
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"model {path!r}: no such folder (and not a preset: {', '.join(M.PRESETS)})")
+    missing = [f for f in ("config.json", "tokenizer.json", "preprocessor_config.json")
+               if not os.path.isfile(os.path.join(path, f))]
+    if missing:
+        raise FileNotFoundError(f"model {path!r} is not a checkpoint folder: it has no {', '.join(missing)}")
+
+
+def _open_model(entry, device, dtype, max_pixels):
+    """(name, model, processor) from a path, a (name, path) pair or a (name, model, processor) triple."""
+    import model as M
+    if isinstance(entry, (str, os.PathLike)):
+        entry = (os.fspath(entry), os.fspath(entry))
+    if len(entry) == 3:
+        return entry
+    name, path = entry
+    check_checkpoint(path)
+    with torch.random.fork_rng(devices=[]):   # loading a preset seeds its init; leave the caller's RNG alone
+        model, processor = M.load(path, device=device or "cpu", dtype=dtype or torch.float32, max_pixels=max_pixels)
+    return name, model, processor
+
+
+def _rank_world():
+    import torch.distributed as dist
+    from train import world_size
+    return (dist.get_rank() if dist.is_initialized() else 0), world_size()
+
+
+def evaluate_models(models, eval_sets, batch_size=64, max_new_tokens=64, samples=0, pass_k=(), seed=0,
+                    device=None, dtype=None, max_pixels=None, verbose=False):
+    """{model name: metrics(...)} for every model on every eval set: {name: {split: {task: {stage: cell}}}}.
+
+    models: paths, (name, path) pairs or (name, model, processor) triples (paths are loaded one at a time,
+    on `device` in `dtype`). eval_sets: {split: rows}. samples > 0 adds pass@k for k in pass_k (default 1
+    and samples). Under torchrun rank r answers rows[r::W] of each split and the sums are all-reduced:
+    every rank returns the same totals. verbose: rank 0 prints one progress line per model and split."""
+    from train import all_reduce_sum
+    rank, W = _rank_world()
+    ks = tuple(sorted(set(pass_k or (1, samples)))) if samples else ()
+    if any(not 1 <= k <= samples for k in ks):
+        raise ValueError(f"pass@k needs 1 <= k <= samples={samples}, got k in {ks}")
+    cells = cells_of(eval_sets)
+    results = {}
+    for entry in models:
+        name, model, processor = _open_model(entry, device, dtype, max_pixels)
+        if name in results:
+            raise ValueError(f"two models are named {name!r}")
+        was_training = model.training
+        model.eval()
+        records = []
+        for split, rows in eval_sets.items():
+            t0 = time.time()
+            index = list(range(rank, len(rows), W))                        # this rank's rows: rows[rank::W]
+            mine = [rows[i] for i in index]
+            greedy = answers(model, processor, mine, batch_size, max_new_tokens)
+            sampled = (answers(model, processor, mine, batch_size, max_new_tokens, samples, seed, index)
+                       if samples else [None] * len(mine))
+            records += [score_row(row, split, g[0], s, ks) for row, g, s in zip(mine, greedy, sampled)]
+            if verbose and rank == 0:
+                print(f"eval {name}: {split} {len(rows)} rows ({len(mine)} on rank 0) in {time.time() - t0:.1f}s",
+                      file=sys.stderr, flush=True)
+        model.train(was_training)
+        results[name] = metrics(records, cells, ks, reduce=all_reduce_sum)
+        for split in results[name].values():
+            for task in split.values():
+                for cell in task.values():
+                    cell["samples"] = samples
+    return results
+
+
+# -----------------------------------------------------------------------------
+# The table
+
+def _columns(results):
+    """[(label, split, task, stage, metric)] of the main table: every (task, stage) form, its headline
+    metrics, then the splits side by side."""
+    splits, forms = {}, {}
+    for per_model in results.values():
+        for split, tasks in per_model.items():
+            splits[split] = True
+            for task, stages in tasks.items():
+                for stage in stages:
+                    forms[(task, stage)] = True
+    order = [(t, s) for s in ("open", "judge", "choice") for t in rewards.TASKS]
+    cols = []
+    for task, stage in [f for f in order if f in forms]:
+        if stage != "open":
+            metrics_, labels = ["accuracy"], [f"{SHORT[task]} {stage}"]
+        elif task == "detection":
+            metrics_, labels = ["acc@0.5", "iou_mean"], ["det acc@0.5", "det IoU"]
+        elif task == "classify":
+            metrics_, labels = ["exact", "f1"], ["cls exact", "cls F1"]
+        else:
+            metrics_, labels = ["accuracy"], [f"{SHORT[task]} acc"]
+        for metric, label in zip(metrics_, labels):
+            cols += [(f"{label} {split}", split, task, stage, metric) for split in splits]
+    return cols, list(splits)
+
+
+def _pct(mean, se):
+    return "–" if mean is None else f"{100 * mean:.1f} ± {100 * se:.1f}"
+
+
+def _table(header, rows):
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
+    return lines + ["| " + " | ".join(r) + " |" for r in rows]
+
+
+def markdown_table(results):
+    """One markdown table, one row per model: each form's headline metrics per split (splits side by side),
+    then the format rate of each split; a note with the n of every cell; a pass@k table when sampled."""
+    cols, splits = _columns(results)
+    header = ["model"] + [c[0] for c in cols] + [f"format {s}" for s in splits]
+    body = []
+    for name, per_model in results.items():
+        row = [name]
+        for _, split, task, stage, metric in cols:
+            cell = per_model.get(split, {}).get(task, {}).get(stage)
+            row.append(_pct(cell[metric], cell[metric + "_se"]) if cell and cell["n"] else "–")
+        for split in splits:  # format over every row of the split: a 0/1 rate, so se = sqrt(p(1-p)/N)
+            cells = [c for stages in per_model.get(split, {}).values() for c in stages.values() if c["n"]]
+            N = sum(c["n"] for c in cells)
+            p = sum(c["format"] * c["n"] for c in cells) / N if N else None
+            row.append(_pct(p, math.sqrt(p * (1 - p) / N)) if N else "–")
+        body.append(row)
+    lines = _table(header, body)
+    first = next(iter(results.values()), {})
+    notes = []
+    for split, tasks in first.items():
+        ns = {f"{SHORT[t]} {s}": c["n"] for t, stages in tasks.items() for s, c in stages.items()}
+        if len(set(ns.values())) == 1:
+            notes.append(f"{split} {next(iter(ns.values()))} per task and form")
+        else:
+            notes.append(f"{split} " + ", ".join(f"{k} {v}" for k, v in ns.items()))
+    lines += ["", "Percentages, mean ± one standard error (sqrt(p(1-p)/n) for a rate). "
+              "Rows per cell: " + "; ".join(notes) + "."]
+    ks = [m for m in next((c for t in first.values() for s in t.values() for c in s.values()), {})
+          if m.startswith("pass@") and not m.endswith("_se")]
+    if ks:
+        samples = next(c["samples"] for t in first.values() for s in t.values() for c in s.values())
+        pcols = [(f"{SHORT[t]}{'' if s == 'open' else ' ' + s} {k} {split}", split, t, s, k)
+                 for (t, s) in dict.fromkeys((c[2], c[3]) for c in cols) for k in ks for split in splits]
+        prow = [[name] + [_pct(per_model[sp][t][s][k], per_model[sp][t][s][k + "_se"])
+                          if per_model.get(sp, {}).get(t, {}).get(s, {}).get("n") else "–"
+                          for _, sp, t, s, k in pcols] for name, per_model in results.items()]
+        lines += ["", f"pass@k from {samples} samples per row at temperature 1 (unbiased estimator):", ""]
+        lines += _table(["model"] + [c[0] for c in pcols], prow)
+    return "\n".join(lines)
+
+
+# -----------------------------------------------------------------------------
+# Command line
+
+def build_parser():
+    p = argparse.ArgumentParser(description="Evaluate Curr-ReFT checkpoints in and out of domain.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", required=True, help="checkpoint folders (or 'tiny'), comma-separated; one table row each")
+    p.add_argument("--data", default="synthetic",
+                   help="'synthetic' (the test and ood splits) or 'name=mixture_spec;name=mixture_spec' of JSONL files")
+    p.add_argument("--task", default=None, choices=list(data.TASKS), help="task of file rows without a `task` field")
+    p.add_argument("--image-root", default=None, help="folder relative image paths start from (default: the file's)")
+    p.add_argument("--n", "--rows", dest="n", type=int, default=300,
+                   help="synthetic rows per split (n/3 per task); write --rows under torchrun, which takes --n")
+    p.add_argument("--stages", default="open", help="synthetic forms asked of each row: any of judge,choice,open")
+    p.add_argument("--seed", type=int, default=0, help="seed of the synthetic splits and of the sampling")
+    p.add_argument("--batch-size", type=int, default=64, help="sequences per generation batch on one rank")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="answer length limit (the paper samples 256)")
+    p.add_argument("--samples", type=int, default=0, help="answers sampled per row for pass@k (0: greedy only)")
+    p.add_argument("--pass-k", default="", help="k values of pass@k, comma-separated (default: 1 and --samples)")
+    p.add_argument("--out", default="", help="write the results as JSON here (rank 0)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="auto: bfloat16 on GPU, float32 on CPU")
+    p.add_argument("--max-pixels", type=int, default=None, help="resize images to at most this many pixels")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    return p
+
+
+def main(argv=None):
+    from train import barrier, setup_dist
+    args = build_parser().parse_args(argv)
+    try:  # bad input: one clear line naming it, before any model is loaded
+        paths = [m.strip() for m in args.model.split(",") if m.strip()]
+        if not paths:
+            raise ValueError("--model names no checkpoint")
+        for path in paths:
+            check_checkpoint(path)
+        stages = tuple(s.strip() for s in args.stages.split(",") if s.strip())
+        if not stages or any(s not in curriculum.STAGES for s in stages):
+            raise ValueError(f"--stages {args.stages!r}: expected some of {', '.join(curriculum.STAGES)}")
+        ks = tuple(int(k) for k in args.pass_k.split(",") if k.strip())
+        if args.samples < 0 or (ks and not args.samples) or any(not 1 <= k <= args.samples for k in ks):
+            raise ValueError(f"--pass-k {args.pass_k!r} needs --samples >= every k (got --samples {args.samples})")
+        sets = load_eval_sets(args.data, args.n, args.seed, stages, args.image_root, args.task)
+    except (ValueError, FileNotFoundError) as e:   # data.DataError is a ValueError
+        raise SystemExit(f"error: {e}")
+    rank, _, W, device = setup_dist(None if args.device == "auto" else args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dtype = getattr(torch, args.dtype) if args.dtype != "auto" else (
+        torch.bfloat16 if str(device).startswith("cuda") else torch.float32)
+    t0 = time.time()
+    results = evaluate_models(paths, sets, args.batch_size, args.max_new_tokens, args.samples, ks, args.seed,
+                              device=device, dtype=dtype, max_pixels=args.max_pixels, verbose=True)
+    if rank == 0:
+        table = markdown_table(results)
+        print(table, flush=True)
+        if args.out:
+            os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+            with open(args.out, "w") as f:
+                json.dump({"config": vars(args), "world_size": W, "seconds": round(time.time() - t0, 1),
+                           "results": results, "table": table}, f, indent=1)
+            print(f"wrote {args.out}", file=sys.stderr)
+    barrier()
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,211 @@
+"""reject_sample.py: phase 2 (rejection sampling -> SFT file -> SFT) on scripted answers and on the tiny random
+model, plus the SFT targets and the command line's errors."""
+import json
+import os
+from types import SimpleNamespace
+
+import pytest
+import torch
+from PIL import Image
+
+import data
+import model as M
+import reject_sample as R
+
+GOOD = "<think>three circles</think><answer>3</answer>"  # right and well formed: accuracy 1, format 1
+
+
+def scene(colour):
+    return Image.new("RGB", (56, 56), colour)
+
+
+def row(problem, solution, task="math", image=None, stage="open"):
+    return {"image": image, "problem": problem, "solution": f"<answer>{solution}</answer>", "task": task,
+            "stage": stage}
+
+
+def scripted(answers_of):
+    """A stand-in for rollout.generate that answers each problem with its listed answers, in order."""
+    def generate(model, processor, samples, group_size=1, **kw):
+        return SimpleNamespace(texts=[a for s in samples for a in answers_of[s["problem"]][:group_size]])
+    return generate
+
+
+def params(model):
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def changed(before, model):
+    return any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+POOL = [row("How many circles?", 3, image=scene("red")),
+        row("How many squares?", 5, image=scene("blue")),
+        row("Which colours?", "red, blue", task="classify")]           # text-only
+ANSWERS = {
+    "How many circles?": ["<answer>3</answer>",                          # right, no think block: total 1
+                          "<think>x</think><answer>4</answer>",          # wrong, well formed: total 1
+                          GOOD,                                          # total 2
+                          "junk"],                                       # total 0
+    "How many squares?": ["<think>a</think><answer>4</answer>", "<answer>5</answer>", "5", "<think></think>"],
+    "Which colours?": ["<think>a</think><answer>red, blue</answer>", "<think>b</think><answer>blue, red</answer>",
+                       "no", "no"],
+}
+LINEAR = torch.nn.Linear(1, 1)  # rejection_sample only asks the model for its device and mode
+
+
+def test_filter_keeps_only_the_best_passing_answer(monkeypatch, capsys):
+    monkeypatch.setattr(R, "generate", scripted(ANSWERS))
+    kept, report = R.rejection_sample(LINEAR, None, POOL, n_samples=4)
+    assert [k["answer"] for k in kept] == [GOOD, "<think>a</think><answer>red, blue</answer>"], \
+        "default bar (accuracy == 1 and format == 1): the total-2 answer of prompt 1, none of prompt 2, " \
+        "and the first of prompt 3's two equally good answers"
+    assert [k["index"] for k in kept] == [0, 2] and kept[0]["score"] == 2.0
+    assert report["per_task"] == {"classify": {"kept": 1, "total": 1}, "math": {"kept": 1, "total": 2}}
+    assert "math      kept     1 / 2" in capsys.readouterr().out, "kept / total per task is printed"
+
+    kept, _ = R.rejection_sample(LINEAR, None, POOL, n_samples=4, bar=1.0)
+    assert [k["answer"] for k in kept][:2] == [GOOD, "<think>a</think><answer>4</answer>"], \
+        "a lower bar keeps prompt 2's best (total 1), and prompt 1 still keeps its best, not its first"
+
+    kept, report = R.rejection_sample(LINEAR, None, POOL, n_samples=4,
+                                      scorer=lambda r, answers: [{"score": 0.0, "passed": False}] * len(answers))
+    assert kept == [] and report["kept"] == 0, "a scorer that passes nothing keeps nothing"
+
+
+def test_duplicates_are_dropped(monkeypatch):
+    answers = {"How many circles?": [GOOD, GOOD, "<think>c</think><answer>3</answer>", "junk"],
+               "Which colours?": ANSWERS["Which colours?"]}
+    monkeypatch.setattr(R, "generate", scripted(answers))
+    pool = [POOL[0], {**POOL[0], "image": scene("red")},            # same problem, same pixels: one prompt
+            {**POOL[0], "image": scene("green")},                   # same problem, another image: another prompt
+            POOL[2], dict(POOL[2])]                                  # a text-only prompt twice
+    kept, report = R.rejection_sample(LINEAR, None, pool, n_samples=4, per_prompt=2)
+    assert report["pool_duplicates"] == 2 and report["total"] == 3, "a prompt (image, problem) is sampled once"
+    answers_of = [(k["index"], k["answer"]) for k in kept]
+    assert len(set(answers_of)) == len(answers_of), "no prompt + answer pair is kept twice"
+    assert [a for i, a in answers_of if i == 0] == [GOOD, "<think>c</think><answer>3</answer>"], \
+        "per_prompt=2 keeps the two best DISTINCT answers; the repeated GOOD counts once"
+    assert report["duplicate_answers"] == 2, "one repeat of GOOD on each of the two circle prompts"
+
+
+def test_shards_cover_the_pool_once(monkeypatch):
+    monkeypatch.setattr(R, "generate", scripted(ANSWERS))
+    whole, _ = R.rejection_sample(LINEAR, None, POOL, n_samples=4, bar=1.0)
+    shards = [R.rejection_sample(LINEAR, None, POOL, n_samples=4, bar=1.0, rank=r, world=2)[0] for r in (0, 1)]
+    assert sorted(k["index"] for s in shards for k in s) == [k["index"] for k in whole], \
+        "rank r samples pool[r::W]: the shards together keep exactly what one process keeps"
+
+
+def test_sft_file_round_trips_through_load_rows(monkeypatch, tmp_path):
+    out = tmp_path / "out"
+    (tmp_path / "pool").mkdir()
+    (out / "own").mkdir(parents=True)
+    scene("yellow").save(tmp_path / "pool" / "a.png")   # an image outside the output folder
+    scene("purple").save(out / "own" / "b.png")         # an image inside it
+    pool = POOL + [row("Count them.", 3, image=str(tmp_path / "pool" / "a.png"), stage="judge"),
+                   row("Count again.", 3, image=str(out / "own" / "b.png"))]
+    answers = {**ANSWERS, "Count them.": [GOOD], "Count again.": ["<answer>3</answer>"]}
+    monkeypatch.setattr(R, "generate", scripted(answers))
+    kept, _ = R.rejection_sample(LINEAR, None, pool, n_samples=1, bar=0.0)
+    path = R.write_sft_file(kept, str(out / "sft.jsonl"))
+
+    lines = [json.loads(line) for line in open(path)]
+    assert [m["role"] for m in lines[0]["messages"]] == ["user", "assistant"]
+    assert lines[0]["image"].startswith("images/") and lines[0]["image"].endswith(".png"), \
+        "an in-memory image is saved as a PNG under images/, named relative to the file"
+    assert "image" not in lines[2], "a text-only row has no image"
+    assert lines[3]["image"] == str(tmp_path / "pool" / "a.png") and lines[4]["image"] == "own/b.png"
+    assert lines[3]["stage"] == "judge" and lines[2]["task"] == "classify"
+
+    back = data.load_rows(path)
+    assert len(back) == len(kept) == 5
+    for k, b in zip(kept, back):
+        assert (b["problem"], b["solution"], b["task"], b["stage"]) == (k["problem"], k["solution"], k["task"],
+                                                                         k["stage"]), "the file holds what was kept"
+        assert (b["image"] is None) == (k["image"] is None)
+        if k["image"] is not None:
+            assert data.open_image(b).tobytes() == data.open_image(k).tobytes(), "the same pixels"
+    assert R.target_text(back[3]) == kept[3]["answer"] == GOOD, "an answer with reasoning is trained as sampled"
+    assert R.target_text(back[4]) == "<think></think><answer>3</answer>", \
+        "one without a think block is trained in target_text's normal form"
+
+
+def test_sft_targets_end_with_im_end_and_mask_padding():
+    _, processor = M.load("tiny")
+    rows = [row("q", 3) | {"solution": GOOD}, row("q", "red, blue, green", task="classify")]
+    ids, mask = R.sft_targets(processor, rows)
+    for i, r in enumerate(rows):
+        text_ids = processor.tokenizer(R.target_text(r), add_special_tokens=False)["input_ids"]
+        n = int(mask[i].sum())
+        assert n == len(text_ids) + 1, "the mask covers the target's tokens and one <|im_end|>"
+        assert ids[i, :n].tolist() == text_ids + [processor.eos_token_id], "each target ends with <|im_end|>"
+        assert mask[i, n:].sum() == 0 and (ids[i, n:] == processor.pad_token_id).all(), "padding is masked out"
+    assert mask.shape == ids.shape and mask[:, 0].all()
+
+
+def test_phase2_with_bar_zero_trains_on_what_it_kept(tmp_path):
+    model, processor = M.load("tiny", seed=0)
+    pool = data.make_split("train", 6, seed=0)
+    pool[1]["image"] = None                               # a text-only prompt in the same batch
+    before = params(model)
+    report = R.phase2(model, processor, pool, str(tmp_path), n_samples=2, lr=1e-3, epochs=1, batch_size=4, bar=0.0,
+                      max_new_tokens=8, seed=0)
+    assert report["kept"] == 6 and report["sft"]["steps"] == 2, "bar 0 keeps every prompt's best; ceil(6 / 4) steps"
+    assert changed(before, model), "the SFT steps must change the weights"
+    back = data.load_rows(tmp_path / "sft.jsonl")
+    assert len(back) == 6 and back[1]["image"] is None and back[0]["image"] is not None
+    saved = json.load(open(tmp_path / "phase2_report.json"))
+    assert saved["sft"]["loss_first"] is not None and saved["per_task"]["math"] == {"kept": 2, "total": 2}
+
+
+def test_phase2_on_a_random_model_keeps_nothing_and_skips_sft(tmp_path, capsys):
+    model, processor = M.load("tiny", seed=0)
+    before = params(model)
+    report = R.phase2(model, processor, data.make_split("train", 3, seed=1), str(tmp_path), n_samples=2,
+                      max_new_tokens=8)
+    assert report["kept"] == 0 and report["sft"]["skipped"], "a random model writes no right, well-formed answer"
+    assert "SFT skipped" in capsys.readouterr().out, "the skip is said in one clear line"
+    assert not changed(before, model), "with nothing kept the model is unchanged"
+    assert open(tmp_path / "sft.jsonl").read() == ""
+
+
+def test_sampling_is_seeded():
+    model, processor = M.load("tiny", seed=0)
+    pool = data.make_split("train", 3, seed=0)
+    runs = [R.rejection_sample(model, processor, pool, n_samples=2, bar=0.0, max_new_tokens=6, seed=s)[0]
+            for s in (0, 0, 1)]
+    answers = [[k["answer"] for k in kept] for kept in runs]
+    assert answers[0] == answers[1], "the same seed gives the same answers"
+    assert answers[0] != answers[2], "another seed gives other answers"
+
+
+def test_judge_returns_a_grade_or_zero():
+    assert R.parse_judge_score("90") == 90.0 and R.parse_judge_score("Score: 85/100") == 85.0
+    assert R.parse_judge_score("no number") == 0.0 and R.parse_judge_score("150") == 0.0
+    assert R.parse_judge_score(None) == 0.0 and R.parse_judge_score("<think>7</think>") == 0.0
+    model, processor = M.load("tiny", seed=0)
+    judge = R.Judge(model, processor, max_new_tokens=6)
+    pool = data.make_split("train", 1, seed=0) + [row("How many circles?", 3)]
+    for r in pool:
+        verdicts = judge(r, [GOOD, "junk <|image_pad|>"])
+        assert len(verdicts) == 2
+        for v in verdicts:
+            assert 0.0 <= v["score"] <= 100.0 and v["passed"] == (v["score"] >= 85.0), \
+                "a number in [0, 100] (0 when the reply holds none), compared with the 85 threshold"
+
+
+def test_command_line_errors_and_run(tmp_path, capsys):
+    with pytest.raises(SystemExit, match="no such folder"):
+        R.main(["--model", str(tmp_path / "missing"), "--out", str(tmp_path / "o")])
+    with pytest.raises(SystemExit, match="data file not found"):
+        R.main(["--model", "tiny", "--data", str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "o")])
+    with pytest.raises(SystemExit, match="--out"):
+        R.main(["--model", "tiny"])
+    out = tmp_path / "run"
+    R.main(["--model", "tiny", "--data", "synthetic", "--pool-size", "3", "--bar", "0", "--n-samples", "2",
+            "--max-new-tokens", "6", "--epochs", "1", "--batch-size", "3", "--out", str(out)])
+    report = json.load(open(out / "phase2_report.json"))
+    assert report["kept"] == 3 and report["config"]["lr"] == 1e-4, "the report records the resolved config"
+    assert len(data.load_rows(out / "sft.jsonl")) == 3
+    M.load(str(out / "model"))  # the fine-tuned model is a loadable checkpoint
