@@ -60,6 +60,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
+from tqdm import tqdm
 
 # -----------------------------------------------------------------------------
 # Manual DDP: torchrun sets RANK, LOCAL_RANK, WORLD_SIZE; without them this is one process.
@@ -536,7 +537,11 @@ def run_rl(cfg, stages, groups, steps, out, rank, device, dtype, policy, process
         torch.set_rng_state(state["rng"][min(rank, len(state["rng"]) - 1)]["torch"])
         if rank == 0:
             print(f"resumed from {ckpt}: {cur}", flush=True)
-    bad_in_row, stage_dirs = 0, []
+    held_out = None
+    if cfg.run.eval_every:  # a small in-domain set for the periodic quick evaluation (rank 0)
+        import data
+        held_out = data.make_split("test", 48, seed=cfg.run.seed, size=cfg.data.image_size)
+    bad_in_row, stage_dirs, bar = 0, [], None
     while not cur.done:
         spec, k = cur.current_stage(), cur.stage_index
         start_dir = os.path.join(out, "stages", f"{k}_{spec.name}_start")
@@ -555,6 +560,8 @@ def run_rl(cfg, stages, groups, steps, out, rank, device, dtype, policy, process
             if resumed_opt is not None:
                 opt.load_state_dict(resumed_opt)
                 resumed_opt = None
+            bar = tqdm(total=spec.steps, initial=cur.step, desc=f"stage {k + 1}/{len(specs)} {spec.name}",
+                       disable=rank != 0, dynamic_ncols=True, mininterval=1 if sys.stderr.isatty() else 60)
         lr = rl.lr * lr_factor(cur.step, rl.warmup, spec.steps, rl.schedule, floor=0.0 if rl.schedule == "linear" else 0.1)
         for g in opt.param_groups:
             g["lr"] = lr
@@ -562,12 +569,21 @@ def run_rl(cfg, stages, groups, steps, out, rank, device, dtype, policy, process
         stats, samples = grpo_step(policy, ref, processor, rows, spec.name, spec.group_size, cfg, opt, rank,
                                    device, cur.global_step)
         bad_in_row = bad_in_row + 1 if stats["skipped"] else 0
+        if stats["skipped"] and rank == 0:
+            bar.write(f"step {cur.step + 1}: non-finite loss or gradient, update skipped ({bad_in_row} in a row)")
         if bad_in_row >= cfg.run.max_bad_steps:
             raise RuntimeError(f"{bad_in_row} steps in a row had a non-finite loss or gradient (stage {spec.name}, "
                                f"step {cur.step}): lower --lr, check --dtype, and look at samples.jsonl")
         step, global_step = cur.step + 1, cur.global_step + 1
+        if cfg.run.eval_every and step % cfg.run.eval_every == 0 and rank == 0:
+            from eval import evaluate
+            acc = evaluate(policy, processor, curriculum.stage_rows(held_out, spec.name, seed=cfg.run.seed),
+                           max_new_tokens=rl.max_new_tokens)
+            stats["eval"] = {f"{t}/{s}": round(v["accuracy"], 3) for (t, s), v in sorted(acc.items())}
+            bar.write(f"eval at {spec.name} step {step}: {stats['eval']}")
         if rank == 0:
-            print(tag + log_line(spec.name, step, spec.steps, stats, lr), flush=True)
+            bar.update(1)
+            bar.write(tag + log_line(spec.name, step, spec.steps, stats, lr))
             append_jsonl(os.path.join(out, "metrics.jsonl"),
                          [{"stage": spec.name, "step": step, "global_step": global_step, "lr": lr, **stats}])
             if cfg.run.sample_every and step % cfg.run.sample_every == 1:
@@ -577,6 +593,7 @@ def run_rl(cfg, stages, groups, steps, out, rank, device, dtype, policy, process
         state = {"curriculum": cur.state_dict(), "optimizer": opt.state_dict(), "config": as_dict(cfg)}
         if advanced:
             ref = None
+            bar.close()
             state["optimizer"] = None
         if advanced or global_step % cfg.run.ckpt_every == 0:
             save_checkpoint(out, global_step, policy, processor, state, cfg.run.keep, rank)
