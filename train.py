@@ -414,7 +414,7 @@ def grpo_step(policy, ref, processor, rows, stage, G, cfg, opt, rank, device, gl
                                       max_len=rl.max_new_tokens)
             (loss * W).backward()                                  # gradients are averaged over ranks below
             n_tok = float(mask.sum())
-            totals["loss"] += st["loss"]
+            totals["loss"] += st["loss"] / rl.mu
             for k in ("kl", "clip_low", "clip_high"):
                 totals[k] += st[k] * n_tok / num_tokens / rl.mu
         all_reduce_grads(policy)
