@@ -605,6 +605,19 @@ def run_rl(cfg, stages, groups, steps, out, rank, device, dtype, policy, process
     return stage_dirs + [final_dir]
 
 
+def stage_summary(metrics, k=10):
+    """Training accuracy and reward at the start and the end of each stage (means over k steps)."""
+    lines = ["training reward per stage (mean of the first and last 10 steps):"]
+    for stage in dict.fromkeys(m["stage"] for m in metrics):
+        ms = [m for m in metrics if m["stage"] == stage]
+        mean = lambda xs, key: sum(x[key] for x in xs) / len(xs)
+        a, b = ms[:k], ms[-k:]
+        lines.append(f"  {stage:6s} {len(ms):4d} steps | accuracy {mean(a, 'reward_accuracy'):.3f} -> "
+                     f"{mean(b, 'reward_accuracy'):.3f} | reward {mean(a, 'reward_total'):.3f} -> "
+                     f"{mean(b, 'reward_total'):.3f} | {sum(m['seconds'] for m in ms):.0f}s")
+    return "\n".join(lines)
+
+
 def phase2_prompts(cfg, pool):
     """Phase 2's prompts: the user's files, or the last rows of the synthetic pool asked in judge, choice and
     open form in turn (so the SFT keeps every answer form)."""
@@ -698,6 +711,7 @@ def main(argv=None):
     if rank == 0:
         metrics = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
         plot_rewards(metrics, os.path.join(out, "rewards.png"))
+        print(stage_summary(metrics), flush=True)
     if cfg.data.eval_n > 0:
         t0 = time.time()
         evaluate_stages(cfg, named, out, rank, device, dtype)

@@ -89,3 +89,13 @@ def test_kill_and_resume_equals_uninterrupted(tmp_path):
     a, b = weights(tmp_path / "full/stages/1_final"), weights(out / "stages/1_final")
     for k in a:
         assert torch.equal(a[k], b[k]), f"{k}: kill + resume must end with the uninterrupted run's weights"
+
+
+def test_reward_plot_and_stage_summary(tmp_path):
+    from PIL import Image
+    metrics = [{"stage": s, "reward_total": v, "reward_accuracy": v / 2, "seconds": 1.0}
+               for s, vals in (("judge", [0.5] * 10 + [1.5] * 10), ("open", [1.0] * 20)) for v in vals]
+    train.plot_rewards(metrics, tmp_path / "r.png")
+    assert Image.open(tmp_path / "r.png").size == (960, 360)
+    text = train.stage_summary(metrics)
+    assert "judge    20 steps | accuracy 0.250 -> 0.750 | reward 0.500 -> 1.500 | 20s" in text, text
