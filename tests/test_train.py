@@ -51,7 +51,7 @@ def test_presets_and_flags():
     assert cfg.rl.lr == 1e-5, "a flag overrides the preset"
     assert cfg.rl.group_size == "4,2,4" and cfg.rl.beta == 0.04 and cfg.rl.max_new_tokens == 256
     assert cfg.rl.prompts_per_step == 8 and cfg.model.dtype == "bfloat16"
-    assert train.make_config(["--no-phase2"]).run.phase2 is False, "boolean flags are real booleans"
+    assert train.make_config(["--no-phase2"]).phase2.phase2 is False, "boolean flags are real booleans"
     with pytest.raises(SystemExit):
         train.build_parser().parse_args(["--agg", "mean"])
 
