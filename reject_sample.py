@@ -70,6 +70,7 @@ import math
 import os
 import random
 import re
+import shutil
 import sys
 import time
 from collections import Counter
@@ -494,6 +495,10 @@ def build_base(out, seed=0, batch_size=32, lr=1e-3, eval_every=250, eval_n=48, m
                                  "accuracy": {f"{t}/{s}": round(v["accuracy"], 3) for (t, s), v in sorted(acc.items())}})
         if rank == 0:
             print(json.dumps(state["history"][-1]), flush=True)
+            snapshot = out + ".snapshot"  # nothing lost on a kill: the latest evaluated weights
+            M.save(model, processor, snapshot + ".tmp")
+            shutil.rmtree(snapshot, ignore_errors=True)
+            os.rename(snapshot + ".tmp", snapshot)
         if state["phase"] == "open" and passes(acc, BREAKOUT):
             state["phase"], state["steps_open"] = "all", step + 1
         elif state["phase"] == "all" and passes(acc, BASE_RULE):
