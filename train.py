@@ -138,7 +138,8 @@ class DataConfig:
     pool_size: int = arg(3000, "synthetic training pool: rows (scenes with one question each)")
     image_size: int = arg(112, "synthetic image side in pixels (a multiple of 28)")
     eval_data: str = arg("", "evaluation files 'test=a.jsonl;ood=b.jsonl'; empty: the synthetic test and ood splits")
-    eval_n: int = arg(150, "synthetic evaluation rows per split and stage (50 per task)")
+    eval_n: int = arg(300, "synthetic evaluation rows per split and form (100 per task; 0: no evaluation)")
+    eval_stages: str = arg("judge,choice,open", "answer forms evaluated (the synthetic sets)")
 
 
 @dataclass
@@ -269,7 +270,9 @@ def validate(cfg):
         raise ValueError(f"--stages {rl.stages!r}: use judge, choice and open, comma-separated")
     groups = per_stage(rl.group_size, len(stages), "group_size")
     steps = per_stage(rl.stage_steps, len(stages), "stage_steps")
+    bad_forms = [s for s in cfg.data.eval_stages.split(",") if s not in curriculum.STAGES]
     checks = [
+        (not bad_forms, f"--eval-stages: unknown forms {bad_forms}; use judge, choice and open"),
         (cfg.model.model != "", "--model: give the folder of a Qwen2.5-VL / Qwen2-VL checkpoint"),
         (all(g >= 2 for g in groups), "--group-size must be >= 2: a group of one has no relative advantage"),
         (all(s >= 1 for s in steps), "--stage-steps must be >= 1"),
@@ -634,10 +637,17 @@ def evaluate_stages(cfg, named_dirs, out, rank, device, dtype):
     """The table: every stage's model on the held-out in-domain and out-of-domain sets."""
     import eval as E
     sets = E.load_eval_sets(cfg.data.eval_data or "synthetic", n=cfg.data.eval_n, seed=cfg.run.seed,
-                            image_root=cfg.data.image_root or None, size=cfg.data.image_size)
+                            image_root=cfg.data.image_root or None, size=cfg.data.image_size, stages=cfg.data.eval_stages.split(","))
     results = E.evaluate_models(named_dirs, sets, max_new_tokens=cfg.rl.max_new_tokens, device=device, dtype=dtype,
                                 max_pixels=cfg.model.max_pixels, verbose=rank == 0)
-    table = E.markdown_table(results)
+
+    def only(stages):  # the results of some answer forms, for one table each
+        return {name: {split: {task: {s: c for s, c in forms.items() if s in stages} for task, forms in tasks.items()}
+                       for split, tasks in per_model.items()} for name, per_model in results.items()}
+
+    table = "Open answers (the paper's evaluation):\n\n" + E.markdown_table(only({"open"}))
+    if any(s != "open" for s in cfg.data.eval_stages.split(",")):
+        table += "\n\nYes/no and multiple-choice forms:\n\n" + E.markdown_table(only({"judge", "choice"}))
     if rank == 0:
         print("\n" + table, flush=True)
         with open(os.path.join(out, "eval.json"), "w") as f:
