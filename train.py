@@ -138,7 +138,7 @@ class DataConfig:
     pool_size: int = arg(3000, "synthetic training pool: rows (scenes with one question each)")
     image_size: int = arg(112, "synthetic image side in pixels (a multiple of 28)")
     eval_data: str = arg("", "evaluation files 'test=a.jsonl;ood=b.jsonl'; empty: the synthetic test and ood splits")
-    eval_n: int = arg(300, "synthetic evaluation rows per split and form (100 per task; 0: no evaluation)")
+    eval_n: int = arg(600, "synthetic evaluation rows per split and form (200 per task; 0: no evaluation)")
     eval_stages: str = arg("judge,choice,open", "answer forms evaluated (the synthetic sets)")
 
 
@@ -146,11 +146,11 @@ class DataConfig:
 class RLConfig:
     stages: str = arg("judge,choice,open", "the curriculum, in order ('open' alone = RL without curriculum)")
     group_size: str = arg("8", "G answers per prompt: one value, or one per stage ('4,2,4')")
-    stage_steps: str = arg("60", "optimizer steps per stage: one value or one per stage")
+    stage_steps: str = arg("100", "optimizer steps per stage: one value or one per stage")
     advance_accuracy: float = arg(0.0, "leave a stage early when the mean training accuracy of the last "
                                        "advance_window steps reaches this (0: off)")
     advance_window: int = arg(20, "steps the advance rule averages over")
-    prompts_per_step: int = arg(16, "prompts per optimizer step, over all ranks")
+    prompts_per_step: int = arg(32, "prompts per optimizer step, over all ranks")
     micro_batch: int = arg(16, "prompts per forward/backward pass on one rank (memory only)")
     max_new_tokens: int = arg(48, "answer length limit")
     temperature: float = arg(1.0, "sampling temperature")
@@ -168,6 +168,9 @@ class RLConfig:
     agg: str = arg("seq", "loss aggregation: seq (paper) | token (DAPO) | dr_grpo")
     adv_scale: str = arg("group", "advantage scale: group (paper) | batch | none (Dr. GRPO)")
     ref: str = arg("stage", "reference model: stage (each stage's starting weights, the release) | base")
+    choice_partial: float = arg(0.2, "choice reward of a non-empty proper subset of the right letters (the "
+                                     "paper mentions 0.2; the release pays the exact set only: 0)")
+    box_reward: str = arg("hard", "open detection reward: hard (1 if IoU > 0.5, the paper) | iou | giou")
 
 
 @dataclass
@@ -211,14 +214,15 @@ PRESETS = {
     "qwen2.5-vl-3b": {
         "model": {"model": "", "dtype": "bfloat16"},
         "rl": {"group_size": "4,2,4", "stage_steps": "600,500,2300", "prompts_per_step": 8, "micro_batch": 1,
-               "max_new_tokens": 256, "lr": 1e-6, "schedule": "linear", "warmup": 0, "beta": 0.04, "mu": 1},
+               "max_new_tokens": 256, "lr": 1e-6, "schedule": "linear", "warmup": 0, "beta": 0.04, "mu": 1,
+               "choice_partial": 0.0, "box_reward": "hard"},
         "phase2": {"phase2_lr": 2e-7, "phase2_samples": 4, "phase2_epochs": 1, "phase2_batch": 8},
         "run": {"out": "runs/qwen2.5-vl-3b", "ckpt_every": 100, "eval_every": 0, "sample_every": 20},
     },
 }
 CHOICES = {"device": None, "dtype": ("auto", "float32", "bfloat16", "float16"),
            "schedule": ("constant", "linear", "cosine"), "agg": ("seq", "token", "dr_grpo"),
-           "adv_scale": ("group", "batch", "none"), "ref": ("stage", "base")}
+           "adv_scale": ("group", "batch", "none"), "ref": ("stage", "base"), "box_reward": ("hard", "iou", "giou")}
 
 
 def build_parser():
@@ -382,7 +386,8 @@ def grpo_step(policy, ref, processor, rows, stage, G, cfg, opt, rank, device, gl
     ro = generate(policy, processor, samples_of(local), group_size=G, max_new_tokens=rl.max_new_tokens,
                   temperature=rl.temperature, top_p=rl.top_p, top_k=rl.top_k, generator=gens)
     t_gen = time.time() - t0
-    scores = [rewards.score(text, local[n // G]["solution"], local[n // G]["task"], stage)
+    scores = [rewards.score(text, local[n // G]["solution"], local[n // G]["task"], stage,
+                            choice_partial=rl.choice_partial, box_mode=rl.box_reward)
               for n, text in enumerate(ro.texts)]
     r = torch.tensor([s["total"] for s in scores], dtype=torch.float32)
     adv = grpo.group_advantages(r, G, scale=rl.adv_scale).to(device)          # (N,)
@@ -610,7 +615,7 @@ def run_rl(cfg, stages, groups, steps, out, rank, device, dtype, policy, process
 
 def stage_summary(metrics, k=10):
     """Training accuracy and reward at the start and the end of each stage (means over k steps)."""
-    lines = ["training reward per stage (mean of the first and last 10 steps):"]
+    lines = [f"training reward per stage (mean of the first and last {k} steps):"]
     for stage in dict.fromkeys(m["stage"] for m in metrics):
         ms = [m for m in metrics if m["stage"] == stage]
         mean = lambda xs, key: sum(x[key] for x in xs) / len(xs)
