@@ -68,8 +68,10 @@ measurements in ../shared/TINY_WORLD.md):
                sum_shapes  "How many circles plus squares are there?"    3
   The task of row i is TASKS[i % 3], the kind is drawn at random within it.
 - `reference_completion(row)` is the answer a model should write, for warm-start SFT and the tokenizer:
-  `<think>red circle, blue square</think><answer>...</answer>`, the think block listing the scene in
-  reading order (a short perception step the answer can lean on; about 10 tokens).
+  `<think>red circle, blue square; so 2</think><answer>...</answer>`, the think block listing the scene in
+  reading order, then the answer to the open question. A yes/no claim or options A-D are then judged by
+  comparing with that stated answer; without it the judge and choice forms stayed at chance for thousands
+  of warm-start steps (here and in ../shared/TINY_WORLD.md).
 - Token lengths with the tiny model's 512-token BPE trained on `tokenizer_corpus()` (digits are single
   tokens under Qwen's pre-tokenizer): prompts 25-45 tokens, except choice-stage detection (~100: four
   boxes of ~15 tokens each); completions 15-35 tokens (a box answer alone is ~16). Add the 16 image tokens.

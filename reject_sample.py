@@ -510,7 +510,7 @@ def build_base(out, seed=0, batch_size=32, lr=1e-3, eval_every=250, eval_n=48, m
     if rank == 0:
         M.save(model, processor, out)
         card = {"recipe": dict(preset=preset, seed=seed, batch_size=batch_size, lr=lr, warmup=20, clip=1.0,
-                               optimizer="AdamW(0.9, 0.95)", eval_every=eval_every, eval_n_per_cell=eval_n,
+                               optimizer="AdamW(0.9, 0.95)", eval_every=eval_every, eval_rows_per_cell=eval_n // len(data.TASKS),
                                breakout_rule={f"{t}/{s}": v for (t, s), v in BREAKOUT.items()},
                                stop_rule={f"{t}/{s}": v for (t, s), v in BASE_RULE.items()}),
                 "steps": steps, "steps_open_phase": state["steps_open"],
