@@ -17,8 +17,9 @@ import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BASE = os.path.join(ROOT, "assets", "tiny-base")
-# One short open-stage run from the shipped base: 4 prompts x G=4 per step, small pool, no phase 2 or eval.
-QUICK = ["--model", BASE, "--stages", "open", "--group-size", "4", "--prompts-per-step", "4", "--micro-batch", "2",
+# One short choice-stage run from the shipped base (the form with the most reward variance, so a step moves
+# the weights): 8 prompts x G=4 per step, small pool, no phase 2 or eval.
+QUICK = ["--model", BASE, "--stages", "choice", "--group-size", "4", "--prompts-per-step", "8", "--micro-batch", "4",
          "--pool-size", "40", "--max-new-tokens", "24", "--no-phase2", "--eval-n", "0", "--threads", "1"]
 
 
@@ -63,7 +64,7 @@ def test_two_processes_equal_one(tmp_path):
     two = run(QUICK + ["--stage-steps", "1"], tmp_path / "two", torchrun=2)
     assert two.returncode == 0, two.stderr[-3000:]
     a, b = weights(tmp_path / "one/stages/1_final"), weights(tmp_path / "two/stages/1_final")
-    start = weights(tmp_path / "one/stages/0_open_start")
+    start = weights(tmp_path / "one/stages/0_choice_start")
     assert any(not torch.equal(a[k], start[k]) for k in a), "the step must change the weights"
     for k in a:
         assert torch.allclose(a[k], b[k], atol=1e-6, rtol=1e-4), f"{k}: 2 processes must match 1 process"
