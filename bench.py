@@ -20,6 +20,7 @@ prompt run once per group instead of G times).
 Models are randomly initialised (the weights do not change the cost); images are random noise.
 """
 import argparse
+import math
 import time
 
 import numpy as np
@@ -114,8 +115,9 @@ def main():
         for size in args.sizes:
             r = bench_rollout(model, processor, size, args.batch, args.group, args.max_new_tokens,
                               args.uncached_tokens, args.device)
+            mem = "-" if math.isnan(r["mem"]) else f"{r['mem']:.2f}"
             print(f"| {preset} | {M.num_parameters(model) / 1e6:.2f} M | {size} | {r['prompt_len']} | {r['a']:.0f} | "
-                  f"{r['b']:.0f} | {r['c']:.0f} | {r['ab']:.2f} | {r['ac']:.1f} | {r['ta']:.1f} | {r['mem']:.2f} |",
+                  f"{r['b']:.0f} | {r['c']:.0f} | {r['ab']:.2f} | {r['ac']:.1f} | {r['ta']:.1f} | {mem} |",
                   flush=True)
 
 
