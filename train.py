@@ -398,15 +398,17 @@ def grpo_step(policy, ref, processor, rows, stage, G, cfg, opt, rank, device, gl
     r = torch.tensor([s["total"] for s in scores], dtype=torch.float32)
     adv = grpo.group_advantages(r, G, scale=rl.adv_scale).to(device)          # (N,)
 
-    # Micro-batches of whole groups; prompts re-encoded per micro-batch (the image features are computed once
-    # per prompt inside completion_logprobs, for the policy with gradient and for the reference without).
+    # Micro-batches of whole groups; with several, each one's prompts are encoded on their own (the image
+    # features are computed once per prompt inside completion_logprobs, for the policy with gradient and for
+    # the reference without).
     mb = min(rl.micro_batch, P)
     chunks = []
     for i in range(0, P, mb):
         sl = slice(i * G, (i + mb) * G)
         mask = ro.mask[sl]
         T = int(mask.sum(1).max())
-        batch = {k: v.to(device) for k, v in M.encode(processor, samples_of(local[i:i + mb])).items()}
+        batch = ro.batch if mb == P else \
+            {k: v.to(device) for k, v in M.encode(processor, samples_of(local[i:i + mb])).items()}
         ids, mask = ro.completion_ids[sl, :T], mask[:, :T]
         with torch.no_grad():
             ref_logp = M.completion_logprobs(ref, batch, ids, mask) if rl.beta > 0 else None
