@@ -109,12 +109,11 @@ def sft_targets(processor, rows):
     return out, mask
 
 
-def sft_loss(model, processor, rows, num_tokens, device):
-    """Summed negative log-likelihood of the rows' targets (assistant tokens only) / num_tokens."""
+def sft_loss(model, processor, rows, targets, num_tokens, device):
+    """Summed negative log-likelihood of the rows' targets (sft_targets: assistant tokens only) / num_tokens."""
     from eval import samples_of
     batch = {k: v.to(device) for k, v in M.encode(processor, samples_of(rows)).items()}
-    ids, mask = sft_targets(processor, rows)
-    ids, mask = ids.to(device), mask.to(device)
+    ids, mask = (t.to(device) for t in targets)
     logp = M.completion_logprobs(model, batch, ids, mask)          # (n, T)
     return -(torch.where(mask.bool(), logp, 0.0)).sum() / num_tokens
 
@@ -145,12 +144,12 @@ def sft(model, processor, next_rows, steps, lr=1e-3, warmup=20, schedule="consta
             g["lr"] = lr * lr_factor(step, warmup, steps, schedule)
         rows = next_rows(step)
         local = rows[rank::W]  # may be empty when a batch has fewer rows than ranks
-        count = sft_targets(processor, local)[1].sum().item() if local else 0.0
-        num_tokens = all_reduce_sum(count)  # global count
         mb = micro_batch or max(1, len(local))
+        chunks = [(local[i:i + mb], sft_targets(processor, local[i:i + mb])) for i in range(0, len(local), mb)]
+        num_tokens = all_reduce_sum(sum(mask.sum().item() for _, (_, mask) in chunks))  # global count
         loss_sum = 0.0
-        for i in range(0, len(local), mb):
-            loss = sft_loss(model, processor, local[i:i + mb], num_tokens, device) * W  # grads are averaged
+        for chunk, targets in chunks:
+            loss = sft_loss(model, processor, chunk, targets, num_tokens, device) * W  # grads are averaged
             loss.backward()
             loss_sum += loss.item() / W
         all_reduce_grads(model)
