@@ -263,14 +263,14 @@ def save(model, processor, path):
 # Prompts
 
 def _image(sample, i):
-    """The sample's image as RGB PIL, or None; a path is opened here with an error that names it."""
+    """The sample's image as RGB PIL (data.open_image opens a path), or None; errors name the sample."""
+    import data
     image = sample.get("image")
-    if image is None or isinstance(image, Image.Image):
-        return None if image is None else image.convert("RGB")
+    if image is None:
+        return None
     try:
-        with Image.open(image) as im:
-            return im.convert("RGB")
-    except (OSError, ValueError) as e:
+        return data.open_image(image)
+    except data.DataError as e:
         raise ValueError(f"sample {i}: cannot open image {image!r}: {e}") from e
 
 
