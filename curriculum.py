@@ -63,7 +63,7 @@ import random
 from dataclasses import dataclass
 
 import data
-from data import COLOURS, SHAPES, format_value
+from data import COLOURS, GEOMETRY, SHAPES, format_value
 
 STAGES = ("judge", "choice", "open")
 LETTERS = "ABCD"
@@ -144,6 +144,19 @@ def wrong_labels(meta, rng):
     return [x for x in palette if x in wrong]
 
 
+def near_numbers(meta, reach):
+    """Wrong numbers within `reach` steps of the true one: steps of 1 for counts, of one grid cell for the
+    pixel answers of geometry questions (a width is never 0 px nor wider than the image)."""
+    truth = meta["answer"]
+    if meta.get("kind") in GEOMETRY:
+        step, low, high = meta["cell"], (meta["cell"] if meta["kind"] == "width" else 0), meta["size"]
+        high -= step if meta["kind"] == "left" else 0  # a shape's left edge is at most one cell from the right
+    else:
+        step, low, high = 1, 0, None
+    values = [truth + k * step for k in range(-reach, reach + 1) if k]
+    return [v for v in values if v >= low and (high is None or v <= high)]
+
+
 def near_miss(meta, task, rng):
     """A false answer value close to the truth (for a judge claim)."""
     truth = meta["answer"]
@@ -153,7 +166,7 @@ def near_miss(meta, task, rng):
     if task == "classify":
         return wrong_labels(meta, rng)
     if task == "math":
-        return rng.choice([v for v in (truth - 2, truth - 1, truth + 1, truth + 2) if v >= 0])
+        return rng.choice(near_numbers(meta, 2))
     raise ValueError(f"unknown task {task!r}")
 
 
@@ -165,8 +178,7 @@ def choice_options(meta, task, rng):
         k = rng.randint(0, min(3, len(others)))
         options, right = [truth] + others[:k] + moved[:3 - k], [truth]
     elif task == "math":
-        near = [v for v in range(truth - 3, truth + 4) if v >= 0 and v != truth]
-        options, right = [truth] + rng.sample(near, 3), [truth]
+        options, right = [truth] + rng.sample(near_numbers(meta, 3), 3), [truth]
     elif task == "classify" and meta["kind"] == "shape_of":
         right = [truth]
         options = right + [[s] for s in rng.sample([s for s in SHAPES if s != truth[0]], 3)]
@@ -288,6 +300,23 @@ def parse_stage_data(text):
     return mapping
 
 
+def balanced_order(pool, rng):
+    """A shuffled order of the pool's indices that interleaves the tasks (each task's rows shuffled, then taken
+    in turn), so every batch holds the tasks in near-equal shares: the per-step training reward then moves
+    with learning, not with the batch's task mix."""
+    by_task = {}
+    for i, row in enumerate(pool):
+        by_task.setdefault(row.get("task"), []).append(i)
+    queues = [by_task[t] for t in sorted(by_task, key=str)]
+    for q in queues:
+        rng.shuffle(q)
+    order, k = [], 0
+    while len(order) < len(pool):
+        order += [q[k] for q in queues if k < len(q)]
+        k += 1
+    return order
+
+
 class Curriculum:
     """Which stage runs, which rows it trains on next, and when it moves on; resumable via state_dict()."""
 
@@ -328,8 +357,7 @@ class Curriculum:
         spec, pool = self.stages[self.stage_index], self.pools[self.stage_index]
         epoch, k = divmod(position, len(pool))
         if self._perm[0] != (self.stage_index, epoch):
-            perm = list(range(len(pool)))
-            random.Random(f"curriculum:{self.seed}:{self.stage_index}:{epoch}").shuffle(perm)
+            perm = balanced_order(pool, random.Random(f"curriculum:{self.seed}:{self.stage_index}:{epoch}"))
             self._perm = ((self.stage_index, epoch), perm)
         row = pool[self._perm[1][k]]
         if spec.data is not None:

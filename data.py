@@ -98,7 +98,7 @@ import logging
 import os
 import random
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from PIL import Image, ImageDraw
 
@@ -397,7 +397,11 @@ COLOURS = {"red": (220, 40, 40), "green": (40, 160, 60), "blue": (40, 80, 220), 
 BACKGROUNDS = {"light_grey": (224, 224, 224), "light_blue": (185, 215, 245)}
 KINDS = {"detection": ("locate",),
          "classify": ("colours", "shapes", "shape_of"),
-         "math": ("count_all", "count_shape", "sum_shapes")}
+         "math": ("count_all", "count_shape", "sum_shapes", "width", "left")}
+BASE_KINDS = {"detection": ("locate",),  # the kinds of the base's first warm-start phases (reject_sample.py)
+              "classify": ("colours", "shapes", "shape_of"),
+              "math": ("count_all", "count_shape", "sum_shapes")}
+GEOMETRY = ("width", "left")  # math kinds answered in pixels, on the cell grid
 HELD_OUT_BUCKETS = 10  # layouts hashing to bucket 0 (1 in 10) are held out of train
 
 
@@ -409,11 +413,12 @@ class SplitStyle:
 
 
 SPLITS = {
-    "train": SplitStyle("light_grey", (2, 3), held_out=False),
-    "test": SplitStyle("light_grey", (2, 3), held_out=True),
-    "ood": SplitStyle("light_blue", (2, 3), held_out=True),        # the documented shift: the background
-    "ood_small": SplitStyle("light_grey", (1,), held_out=True),    # optional: one-cell (16 px) shapes
+    "train": SplitStyle("light_grey", (1, 2, 3), held_out=False),
+    "test": SplitStyle("light_grey", (1, 2, 3), held_out=True),
+    "ood": SplitStyle("light_blue", (1, 2, 3), held_out=True),     # the documented shift: the background
+    "ood_small": SplitStyle("light_grey", (1,), held_out=True),    # optional: every shape one cell (16 px)
 }
+BASE_CELLS = (2, 3)  # the object sizes of the base's first warm-start phases (reject_sample.py)
 
 
 def _layout_bucket(objects):
@@ -445,11 +450,12 @@ def _place(rng, style, size):
     return sorted(objects, key=lambda o: (o["box"][1], o["box"][0]))
 
 
-def random_scene(rng, split="train", size=112):
-    """The objects of one scene of `split`: a list of {"shape", "colour", "box"} in reading order."""
+def random_scene(rng, split="train", size=112, style=None):
+    """The objects of one scene of `split` (drawn with `style`, default the split's): a list of {"shape",
+    "colour", "box"} in reading order."""
     if size % 28:
         raise ValueError(f"size must be a multiple of 28 (the Qwen-VL patch-merge unit), got {size}")
-    style = SPLITS[split]
+    style = style or SPLITS[split]
     while True:
         objects = _place(rng, style, size)
         if objects is None:
@@ -488,9 +494,10 @@ def draw_scene(objects, size=112, background="light_grey"):
     return image
 
 
-def ask(rng, task, objects):
-    """A random question of `task` about the scene: (kind, question text, target, answer value)."""
-    kind = rng.choice(KINDS[task])
+def ask(rng, task, objects, kinds=None):
+    """A random question of `task` about the scene: (kind, question text, target, answer value). The kind is
+    drawn from `kinds[task]` (default KINDS)."""
+    kind = rng.choice((kinds or KINDS)[task])
     present_shapes = [s for s in SHAPES if any(o["shape"] == s for o in objects)]
     count = {s: sum(o["shape"] == s for o in objects) for s in SHAPES}
     if kind == "locate":
@@ -515,24 +522,32 @@ def ask(rng, task, objects):
         a, b = rng.sample([a, b], 2)
         question = f"How many {PLURALS[a]} plus {PLURALS[b]} are there?"
         return kind, question, {"shapes": [a, b]}, count[a] + count[b]
+    if kind in ("width", "left"):
+        o = rng.choice(objects)
+        target = {"colour": o["colour"], "shape": o["shape"]}
+        if kind == "width":
+            return kind, f"How wide is the {o['colour']} {o['shape']} in pixels?", target, o["box"][2] - o["box"][0]
+        return kind, f"How far is the {o['colour']} {o['shape']} from the left edge in pixels?", target, o["box"][0]
     raise ValueError(f"unknown question kind {kind!r}")
 
 
-def make_rows(split, n, seed=0, size=112, tasks=TASKS, draw=True):
+def make_rows(split, n, seed=0, size=112, tasks=TASKS, draw=True, cells=None, kinds=None):
     """n open-form rows of a synthetic split; row i asks a `tasks[i % len(tasks)]` question.
 
     draw=False leaves `image` None (the scene stays in `meta`): for tokenizer corpora, fast tests.
+    cells / kinds override the split's object sizes and the question kinds (the base's first warm-start
+    phases use BASE_CELLS and BASE_KINDS); the scenes are seeded by the split's name either way.
     """
     from curriculum import build_problem  # curriculum imports data; the instruction strings live there
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
-    style = SPLITS[split]
+    style = SPLITS[split] if cells is None else replace(SPLITS[split], cells=tuple(cells))
     rows = []
     for i in range(n):
         rng = random.Random(f"{split}:{seed}:{i}")
         task = tasks[i % len(tasks)]
-        objects = random_scene(rng, split, size)
-        kind, question, target, answer = ask(rng, task, objects)
+        objects = random_scene(rng, split, size, style)
+        kind, question, target, answer = ask(rng, task, objects, kinds)
         meta = {"split": split, "seed": seed, "index": i, "size": size, "cell": size // GRID,
                 "background": style.background, "objects": objects,
                 "kind": kind, "question": question, "target": target, "answer": answer}

@@ -158,7 +158,7 @@ class RLConfig:
     advance_window: int = arg(20, "steps the advance rule averages over")
     prompts_per_step: int = arg(32, "prompts per optimizer step, over all ranks")
     micro_batch: int = arg(16, "prompts per forward/backward pass on one rank (memory only)")
-    max_new_tokens: int = arg(48, "answer length limit")
+    max_new_tokens: int = arg(64, "answer length limit")
     temperature: float = arg(1.0, "sampling temperature")
     top_p: float = arg(1.0, "nucleus sampling")
     top_k: int = arg(0, "top-k sampling (0: off)")
@@ -621,16 +621,28 @@ def run_rl(cfg, stages, groups, steps, out, rank, device, dtype, policy, process
     return stage_dirs + [final_dir]
 
 
-def stage_summary(metrics, k=10):
-    """Training accuracy and reward at the start and the end of each stage (means over k steps)."""
-    lines = [f"training reward per stage (mean of the first and last {k} steps):"]
+def stage_summary(metrics):
+    """Training accuracy of each stage: the means of its first and last quarter of steps, and the change over the
+    stage by a least-squares line through every step's accuracy, with the standard error of that change (a rise
+    is a change above about twice its standard error)."""
+    lines = ["training accuracy per stage (mean of the first and last quarter of its steps; change over the "
+             "stage by a least-squares line, +- one standard error):"]
     for stage in dict.fromkeys(m["stage"] for m in metrics):
         ms = [m for m in metrics if m["stage"] == stage]
-        mean = lambda xs, key: sum(x[key] for x in xs) / len(xs)
-        a, b = ms[:k], ms[-k:]
-        lines.append(f"  {stage:6s} {len(ms):4d} steps | accuracy {mean(a, 'reward_accuracy'):.3f} -> "
-                     f"{mean(b, 'reward_accuracy'):.3f} | reward {mean(a, 'reward_total'):.3f} -> "
-                     f"{mean(b, 'reward_total'):.3f} | {sum(m['seconds'] for m in ms):.0f}s")
+        n, q = len(ms), max(1, len(ms) // 4)
+        ys = [m["reward_accuracy"] for m in ms]
+        mean = lambda xs: sum(xs) / len(xs)
+        change = se = 0.0
+        if n >= 3:
+            xm, ym = (n - 1) / 2, mean(ys)
+            sxx = sum((x - xm) ** 2 for x in range(n))
+            slope = sum((x - xm) * (y - ym) for x, y in enumerate(ys)) / sxx
+            resid = sum((y - ym - slope * (x - xm)) ** 2 for x, y in enumerate(ys)) / (n - 2)
+            change, se = slope * (n - 1), (resid / sxx) ** 0.5 * (n - 1)
+        rewards = [m["reward_total"] for m in ms]
+        lines.append(f"  {stage:6s} {n:4d} steps | accuracy {mean(ys[:q]):.3f} -> {mean(ys[-q:]):.3f} | "
+                     f"change {change:+.3f} +- {se:.3f} | reward {mean(rewards[:q]):.3f} -> {mean(rewards[-q:]):.3f}"
+                     f" | {sum(m['seconds'] for m in ms):.0f}s")
     return "\n".join(lines)
 
 

@@ -27,7 +27,8 @@ def test_judge_is_balanced_and_false_claims_are_near_misses():
         if m["judge"]["truth"]:
             assert claim == m["answer"]
         elif r["task"] == "math":
-            assert 1 <= abs(claim - m["answer"]) <= 2 and claim >= 0, "a count off by one or two"
+            step = m["cell"] if m["kind"] in data.GEOMETRY else 1  # pixels move by grid cells
+            assert abs(claim - m["answer"]) in (step, 2 * step) and claim >= 0, "off by one or two (cells)"
         elif r["task"] == "detection":
             assert curriculum.iou(claim, m["answer"]) < 0.5 and min(claim) >= 0 and max(claim) <= m["size"]
         else:
@@ -182,3 +183,29 @@ def test_derived_stage_needs_meta():
     with pytest.raises(ValueError, match="meta"):
         Curriculum([StageSpec("judge", steps=1)], pool=real)
     assert Curriculum([StageSpec("open", steps=1)], pool=real).next_batch(1)[0]["problem"] == "q"
+
+
+def test_geometry_numbers_step_by_one_cell():
+    rows = [r for r in data.make_rows("train", 900, draw=False) if r["meta"]["kind"] in data.GEOMETRY]
+    assert rows
+    rng = random.Random(0)
+    for row in rows:
+        m = row["meta"]
+        options, letters = curriculum.choice_options(m, "math", rng)
+        assert len(set(options)) == 4 and [options[curriculum.LETTERS.index(x)] for x in letters] == [m["answer"]]
+        assert all(v % 16 == 0 and 0 <= v <= 112 for v in options), options
+        if m["kind"] == "width":
+            assert min(options) >= 16, "no shape is 0 px wide"
+        else:
+            assert max(options) <= 96, "a left edge leaves room for a one-cell shape"
+        claim = curriculum.near_miss(m, "math", rng)
+        assert claim != m["answer"] and abs(claim - m["answer"]) <= 32 and claim % 16 == 0
+
+
+def test_batches_interleave_the_tasks():
+    rows = data.make_rows("train", 300, draw=False)
+    order = curriculum.balanced_order(rows, random.Random(1))
+    assert sorted(order) == list(range(300))
+    for i in range(0, 300, 3):
+        assert {rows[j]["task"] for j in order[i:i + 3]} == set(data.TASKS), "every 3 rows hold the 3 tasks"
+    assert order != curriculum.balanced_order(rows, random.Random(2))

@@ -165,7 +165,7 @@ def test_scenes_follow_the_rules():
             for i, o in enumerate(objects):
                 assert all(v % cell == 0 and 0 <= v <= 112 for v in o["box"]), "boxes on the 16 px grid, inside"
                 side = o["box"][2] - o["box"][0]
-                assert side == o["box"][3] - o["box"][1] and side in ((16,) if split == "ood_small" else (32, 48))
+                assert side == o["box"][3] - o["box"][1] and side in ((16,) if split == "ood_small" else (16, 32, 48))
                 for p in objects[i + 1:]:
                     assert curriculum.iou(o["box"], p["box"]) == 0, "objects never overlap"
 
@@ -194,7 +194,7 @@ def test_ood_shifts_only_the_background():
             assert np.all(pixels[~covered] == data.BACKGROUNDS[background]), f"{split} background is {background}"
     sizes = lambda split: {o["box"][2] - o["box"][0]
                            for r in data.make_rows(split, 60, draw=False) for o in r["meta"]["objects"]}
-    assert sizes("ood") == sizes("test") == {32, 48}, "ood keeps the object sizes: only the background moves"
+    assert sizes("ood") == sizes("test") == {16, 32, 48}, "ood keeps the object sizes: only the background moves"
 
 
 def test_answers_match_the_scene():
@@ -209,9 +209,20 @@ def test_answers_match_the_scene():
             "count_all": lambda: len(objects),
             "count_shape": lambda: count(m["target"]["shape"]),
             "sum_shapes": lambda: sum(count(s) for s in m["target"]["shapes"]),
+            "width": lambda: next(o["box"][2] - o["box"][0] for o in objects if o["colour"] == m["target"]["colour"]),
+            "left": lambda: next(o["box"][0] for o in objects if o["colour"] == m["target"]["colour"]),
         }[m["kind"]]()
         assert m["answer"] == expected, f"{m['question']} -> {m['answer']}, the scene says {expected}"
         assert row["problem"].startswith(m["question"] + "\n") and "<answer></answer>" in row["problem"]
+
+
+def test_every_kind_is_asked_and_the_base_world_override():
+    rows = data.make_rows("train", 600, draw=False)
+    assert {r["meta"]["kind"] for r in rows} == {k for kinds in data.KINDS.values() for k in kinds}
+    base = data.make_rows("train", 300, draw=False, cells=data.BASE_CELLS, kinds=data.BASE_KINDS)
+    assert {r["meta"]["kind"] for r in base} == {k for kinds in data.BASE_KINDS.values() for k in kinds}
+    assert {o["box"][2] - o["box"][0] for r in base for o in r["meta"]["objects"]} == {32, 48}
+    assert all(r["meta"]["split"] == "train" and not data._layout_bucket(r["meta"]["objects"]) == 0 for r in base)
 
 
 def test_size_must_be_a_multiple_of_28():
