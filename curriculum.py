@@ -23,12 +23,12 @@ Use it:
 Deriving a stage's rows from an open synthetic row (`make_stage_row(row, stage, rng)`), using its `meta`:
 - judge: the claim is the true answer half of the time. `Curriculum` and `stage_rows` make it exact: the
   row at data position p claims the truth when p is even. A false claim is a near miss: a count off by one
-  or two (never negative); a label set with one label swapped for, or joined by, a palette label absent from
+  or two (never negative; a pixel answer off by one or two grid cells); a label set with one label swapped for, or joined by, a palette label absent from
   the scene, or with one label dropped; another shape for "what shape"; for a box, another object's box or
   the true box moved along the grid until IoU < 0.5.
 - choice: four options A-D in shuffled order. Detection and math have exactly one right option (boxes of
-  other objects or moved boxes with IoU < 0.5; numbers within 3 of the truth, never negative); "what shape"
-  too. "Which colours / shapes" is multi-select: 1-3 present labels and the rest absent ones, so there is
+  other objects or moved boxes with IoU < 0.5; numbers within 3 of the truth, never negative, in steps of one
+  grid cell for the pixel answers of geometry questions); "what shape" too. "Which colours / shapes" is multi-select: 1-3 present labels and the rest absent ones, so there is
   always at least one right option and one distractor. The solution lists the right letters in order:
   `<answer>A, C</answer>`.
 - open: the row unchanged.
@@ -45,7 +45,9 @@ instructions, which are left alone), and `stage` is set when missing. `assign_st
 The schedule: a list of StageSpec, run in order. A stage ends at the first of: `steps` optimizer steps;
 `epochs` passes over its pool (counted in rows drawn); the advance rule (the mean training accuracy of the
 last `advance_window` steps reaches `advance_accuracy`); `max_steps`. Within a stage, rows are drawn in a
-fresh permutation of the pool each epoch, seeded by (seed, stage, epoch); a derived row is seeded by (seed,
+fresh permutation of the pool each epoch, seeded by (seed, stage, epoch), that interleaves the tasks
+(`balanced_order`: every batch holds them in near-equal shares, so the logged training reward is not moved
+by the batch's task mix); a derived row is seeded by (seed,
 stage, data position). So the state is a few integers and the recent accuracies (`state_dict()`), and a
 resumed run draws exactly the batches the interrupted run would have drawn.
 

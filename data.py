@@ -52,9 +52,17 @@ measurements in ../shared/TINY_WORLD.md):
   yellow, purple). Colours are unique within a scene, so "the red circle" names one object and "the red
   one" is unambiguous. 5 labels of each kind, with at most 4 objects, leave an absent shape and an absent
   colour in every scene, so a false yes/no claim and a multi-select distractor always exist.
-- Every shape fills a square box of 2 or 3 cells (32 or 48 px at 112): large objects, on cell boundaries,
-  never overlapping (they may touch). So every box answer is a multiple of 16 px (0, 16, ..., 112 at
-  112 px): a coarse grid with 8 values per coordinate. Boxes never learned at 56 px nor on a fine grid.
+- Every shape fills a square box of 1, 2 or 3 cells (16, 32 or 48 px at 112; the size drawn uniformly per
+  object), on cell boundaries, never overlapping (they may touch). So every box answer is a multiple of
+  16 px (0, 16, ..., 112 at 112 px): a coarse grid with 8 values per coordinate. Boxes never learned at 56 px
+  nor on a fine grid.
+- The base's world (BASE_CELLS, BASE_KINDS): the tiny base's first warm-start phases see only 2- and 3-cell
+  shapes and the first six question kinds (no geometry); it meets one-cell shapes and geometry in a short
+  last phase (reject_sample.py). Why: a world the base has fully learned leaves RL nothing to gain. In the
+  first version of this world (2-3-cell shapes, no geometry) the shipped base reached 98% on classification
+  and sat at a capacity limit on counting, and 300 GRPO steps moved neither (training accuracy flat,
+  sampling entropy collapsing). One-cell shapes and geometry are skills the base has only begun to learn,
+  like an instruct model meeting a new domain; `make_rows(..., cells=, kinds=)` draws the base's world.
 - Boxes are [x1, y1, x2, y2] in pixels of the image the model sees; x2, y2 are the right and bottom edges
   (the shape's last pixel column is x2 - 1), so width = x2 - x1. The box tightly contains the drawn pixels.
 - Flat colours, no anti-aliasing, a light-grey background: clean, cheap to draw (about 0.1 ms an image).
@@ -66,6 +74,8 @@ measurements in ../shared/TINY_WORLD.md):
     math       count_all   "How many shapes are there?"                  3
                count_shape "How many circles are there?"                 2 (0 when absent)
                sum_shapes  "How many circles plus squares are there?"    3
+               width       "How wide is the red circle in pixels?"       32   (geometry: 16, 32 or 48)
+               left        "How far is the red circle from the left edge in pixels?"   64   (geometry: x1)
   The task of row i is TASKS[i % 3], the kind is drawn at random within it.
 - `reference_completion(row)` is the answer a model should write, for warm-start SFT and the tokenizer:
   `<think>red circle, blue square; so 2</think><answer>...</answer>`, the think block listing the scene in
@@ -81,7 +91,7 @@ measurements in ../shared/TINY_WORLD.md):
   ood = the test distribution on a light-blue background instead of light grey. Every question stays
   answerable (no colour of the palette is close to the new background). TINY_WORLD.md measured this shift
   as a meaningful middle range for a tiny model, where a dark noisy background gave 0-30% (too strong).
-  `ood_small` (an extra, optional split) shrinks every shape to one cell (16 px), the other mild shift
+  `ood_small` (an extra, optional split) makes every shape one cell (16 px), the other mild shift
   measured there.
 
 Departures from the paper, and why:

@@ -45,6 +45,10 @@ Metrics of one (split, task, stage) cell over its n rows. A row's answer is the 
     *_se              one standard error of the mean over the cell's rows: sqrt((mean(x^2) - mean(x)^2) / n),
                       which is sqrt(p (1 - p) / n) for a 0/1 metric (0 when every row agrees: then read n).
                       A difference between two models under about 2 sqrt(se1^2 + se2^2) may be noise.
+    change            with several checkpoints, each one's change from the first on the same rows
+                      (paired_differences): the mean per-row difference ± sd(difference) / sqrt(n). Models
+                      trained from one base agree on most rows, so this paired se is much smaller than the
+                      unpaired bound above; a change beyond about 2 paired se is outside the noise.
 The markdown table shows percentages, mean ± se, splits side by side; a note under it gives every n.
 
 Departures from the paper's release, and why (../shared/PAPER_NOTES.md):
@@ -313,13 +317,15 @@ def _rank_world():
 
 
 def evaluate_models(models, eval_sets, batch_size=64, max_new_tokens=64, samples=0, pass_k=(), seed=0,
-                    device=None, dtype=None, max_pixels=None, verbose=False):
+                    device=None, dtype=None, max_pixels=None, verbose=False, records_out=None):
     """{model name: metrics(...)} for every model on every eval set: {name: {split: {task: {stage: cell}}}}.
 
     models: paths, (name, path) pairs or (name, model, processor) triples (paths are loaded one at a time,
     on `device` in `dtype`). eval_sets: {split: rows}. samples > 0 adds pass@k for k in pass_k (default 1
     and samples). Under torchrun rank r answers rows[r::W] of each split and the sums are all-reduced:
-    every rank returns the same totals. verbose: rank 0 prints one progress line per model and split."""
+    every rank returns the same totals. verbose: rank 0 prints one progress line per model and split.
+    records_out: a dict that receives {name: this rank's per-row records} (rows in the same order for every
+    model), for `paired_differences`."""
     from train import all_reduce_sum
     rank, W = _rank_world()
     ks = tuple(sorted(set(pass_k or (1, samples)))) if samples else ()
@@ -346,12 +352,31 @@ def evaluate_models(models, eval_sets, batch_size=64, max_new_tokens=64, samples
                 print(f"eval {name}: {split} {len(rows)} rows ({len(mine)} on rank 0) in {time.time() - t0:.1f}s",
                       file=sys.stderr, flush=True)
         model.train(was_training)
+        if records_out is not None:
+            records_out[name] = records
         results[name] = metrics(records, cells, ks, reduce=all_reduce_sum)
         for split in results[name].values():
             for task in split.values():
                 for cell in task.values():
                     cell["samples"] = samples
     return results
+
+
+def paired_differences(records_a, records_b, cells, reduce=_no_reduce):
+    """metrics() of the per-row differences b - a of two models' records over the same rows (records from
+    evaluate_models(records_out=...)): each cell's mean change and its paired standard error,
+    sd(b - a) / sqrt(n). Two models trained from one base agree on most rows, so this se is far smaller
+    than the two unpaired ones combined: the right test of "did training change this cell"."""
+    if len(records_a) != len(records_b):
+        raise ValueError(f"paired differences need the same rows: {len(records_a)} vs {len(records_b)} records")
+    diffs = []
+    for a, b in zip(records_a, records_b):
+        if (a["split"], a["task"], a["stage"]) != (b["split"], b["task"], b["stage"]):
+            raise ValueError("paired differences need the records of the same rows, in the same order")
+        names = metric_names(a["task"], a["stage"])
+        diffs.append({"split": a["split"], "task": a["task"], "stage": a["stage"],
+                      **{m: b[m] - a[m] for m in names}})
+    return metrics(diffs, cells, reduce=reduce)
 
 
 # -----------------------------------------------------------------------------
@@ -383,8 +408,8 @@ def _columns(results):
     return cols, list(splits)
 
 
-def _pct(mean, se):
-    return "–" if mean is None else f"{100 * mean:.1f} ± {100 * se:.1f}"
+def _pct(mean, se, signed=False):
+    return "–" if mean is None else f"{100 * mean:{'+' if signed else ''}.1f} ± {100 * se:.1f}"
 
 
 def _table(header, rows):
@@ -392,18 +417,20 @@ def _table(header, rows):
     return lines + ["| " + " | ".join(r) + " |" for r in rows]
 
 
-def markdown_table(results):
+def markdown_table(results, differences=False):
     """One markdown table, one row per model: each form's headline metrics per split (splits side by side),
-    then the format rate of each split; a note with the n of every cell; a pass@k table when sampled."""
+    then the format rate of each split; a note with the n of every cell; a pass@k table when sampled.
+    differences=True: `results` are paired_differences (signed changes with their paired se; no format
+    columns)."""
     cols, splits = _columns(results)
-    header = ["model"] + [c[0] for c in cols] + [f"format {s}" for s in splits]
+    header = ["model"] + [c[0] for c in cols] + ([] if differences else [f"format {s}" for s in splits])
     body = []
     for name, per_model in results.items():
         row = [name]
         for _, split, task, stage, metric in cols:
             cell = per_model.get(split, {}).get(task, {}).get(stage)
-            row.append(_pct(cell[metric], cell[metric + "_se"]) if cell and cell["n"] else "–")
-        for split in splits:  # format over every row of the split: a 0/1 rate, so se = sqrt(p(1-p)/N)
+            row.append(_pct(cell[metric], cell[metric + "_se"], differences) if cell and cell["n"] else "–")
+        for split in [] if differences else splits:  # format over the split's rows: a 0/1 rate, se = sqrt(p(1-p)/N)
             cells = [c for stages in per_model.get(split, {}).values() for c in stages.values() if c["n"]]
             N = sum(c["n"] for c in cells)
             p = sum(c["format"] * c["n"] for c in cells) / N if N else None
@@ -418,8 +445,10 @@ def markdown_table(results):
             notes.append(f"{split} {next(iter(ns.values()))} per task and form")
         else:
             notes.append(f"{split} " + ", ".join(f"{k} {v}" for k, v in ns.items()))
-    lines += ["", "Percentages, mean ± one standard error (sqrt(p(1-p)/n) for a rate). "
-              "Rows per cell: " + "; ".join(notes) + "."]
+    lines += ["", ("Percentage points, the change on the same rows ± its paired standard error (sd of the "
+                   "per-row change / sqrt(n)). " if differences else
+                   "Percentages, mean ± one standard error (sqrt(p(1-p)/n) for a rate). ")
+              + "Rows per cell: " + "; ".join(notes) + "."]
     ks = [m for m in next((c for t in first.values() for s in t.values() for c in s.values()), {})
           if m.startswith("pass@") and not m.endswith("_se")]
     if ks:
@@ -486,16 +515,24 @@ def main(argv=None):
     dtype = getattr(torch, args.dtype) if args.dtype != "auto" else (
         torch.bfloat16 if str(device).startswith("cuda") else torch.float32)
     t0 = time.time()
+    records = {}
     results = evaluate_models(paths, sets, args.batch_size, args.max_new_tokens, args.samples, ks, args.seed,
-                              device=device, dtype=dtype, max_pixels=args.max_pixels, verbose=True)
+                              device=device, dtype=dtype, max_pixels=args.max_pixels, verbose=True,
+                              records_out=records)
+    from train import all_reduce_sum
+    first = next(iter(records))  # several checkpoints: each one's change from the first, paired over the rows
+    changes = {f"{name} − {first}": paired_differences(records[first], recs, cells_of(sets), reduce=all_reduce_sum)
+               for name, recs in records.items() if name != first}
     if rank == 0:
         table = markdown_table(results)
+        if changes:
+            table += f"\n\nChange from {first}, paired over the same rows:\n\n" + markdown_table(changes, True)
         print(table, flush=True)
         if args.out:
             os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
             with open(args.out, "w") as f:
                 json.dump({"config": vars(args), "world_size": W, "seconds": round(time.time() - t0, 1),
-                           "results": results, "table": table}, f, indent=1)
+                           "results": results, "changes": changes, "table": table}, f, indent=1)
             print(f"wrote {args.out}", file=sys.stderr)
     barrier()
     return results

@@ -42,9 +42,16 @@ Outputs in --out: sft.jsonl (+ images/), phase2_report.json (kept / total per ta
 config), model/ (the fine-tuned model, model.save; not written when nothing was kept).
 
 The warm-start (`build_base`, --warm-start): a randomly initialised tiny Qwen2.5-VL plays the part of the
-instruct model. It is trained with `sft` on fresh synthetic scenes every step: first open classification
-and counting only until BREAKOUT holds (the tiny model first has to start using the image), then every task
-in every form until every BASE_RULE cell of a quick held-out evaluation passes (or --max-minutes).
+instruct model. It is trained with `sft` on fresh synthetic scenes every step, in three phases, each ended
+by a rule over a quick held-out evaluation (or --max-minutes over all):
+1. "open": open classification and counting only until BREAKOUT holds (the tiny model first has to start
+   using the image), on the base's world (2-3-cell shapes, the first six question kinds: data.BASE_*);
+2. "all": every task in every form, equal weight, on the base's world, until every BASE_RULE cell passes
+   (16 rows per cell, every 250 steps);
+3. "full": every task in every form on the full world (one-cell shapes and geometry questions added) until
+   every FULL_RULE cell passes (32 rows per cell, every 125 steps), which leaves those skills half-learned:
+   the headroom the RL stages need (data.py says why). `--init DIR` runs phase 3 alone from a base built by
+   phases 1-2 (its base_card.json history is kept).
 
 Departures from the paper, and why:
 - Default scorer: the rule rewards of the RL stages with the bar accuracy == 1 and format == 1, not a judge

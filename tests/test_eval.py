@@ -157,3 +157,19 @@ def test_bad_input_names_it(tmp_path):
         E.main(["--model", str(tmp_path / "no_such_model")])
     with pytest.raises(SystemExit, match="missing.jsonl"):
         E.main(["--model", "tiny", "--data", f"test={tmp_path / 'missing.jsonl'}"])
+
+
+def test_paired_differences_are_per_row_changes_with_a_paired_se():
+    rows_a = [{"split": "test", "task": "math", "stage": "open", "accuracy": a, "format": 1.0} for a in (1, 0, 0, 1, 0)]
+    rows_b = [{**r, "accuracy": b} for r, b in zip(rows_a, (1, 1, 0, 1, 1))]
+    d = E.paired_differences(rows_a, rows_b, [("test", "math", "open")])["test"]["math"]["open"]
+    changes = [0, 1, 0, 0, 1]
+    mean = sum(changes) / 5
+    assert d["n"] == 5 and abs(d["accuracy"] - mean) < 1e-12 and d["format"] == 0.0
+    assert abs(d["accuracy_se"] - math.sqrt((sum(c * c for c in changes) / 5 - mean ** 2) / 5)) < 1e-12
+    same = E.paired_differences(rows_a, rows_a, [("test", "math", "open")])["test"]["math"]["open"]
+    assert same["accuracy"] == 0.0 and same["accuracy_se"] == 0.0, "a model against itself changes nothing"
+    with pytest.raises(ValueError, match="same rows"):
+        E.paired_differences(rows_a, rows_b[:4], [("test", "math", "open")])
+    table = E.markdown_table({"b − a": E.paired_differences(rows_a, rows_b, [("test", "math", "open")])}, True)
+    assert "+40.0 ± " in table and "format" not in table.split("\n")[0]

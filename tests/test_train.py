@@ -99,4 +99,10 @@ def test_reward_plot_and_stage_summary(tmp_path):
     train.plot_rewards(metrics, tmp_path / "r.png")
     assert Image.open(tmp_path / "r.png").size == (960, 360)
     text = train.stage_summary(metrics)
-    assert "judge    20 steps | accuracy 0.250 -> 0.750 | reward 0.500 -> 1.500 | 20s" in text, text
+    import numpy as np
+    ys = np.array([0.25] * 10 + [0.75] * 10)
+    (slope, _), (res,), *_ = np.polyfit(np.arange(20), ys, 1, full=True)
+    se = np.sqrt(res / 18 / ((np.arange(20) - 9.5) ** 2).sum()) * 19  # the fitted change's standard error
+    assert (f"judge    20 steps | accuracy 0.250 -> 0.750 | change {slope * 19:+.3f} +- {se:.3f} | "
+            f"reward 0.500 -> 1.500 | 20s") in text, text
+    assert "open     20 steps | accuracy 0.500 -> 0.500 | change +0.000 +- 0.000 |" in text, "flat: no change"
