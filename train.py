@@ -154,7 +154,7 @@ class DataConfig:
 class RLConfig:
     stages: str = arg("judge,choice,open", "the curriculum, in order ('open' alone = RL without curriculum)")
     group_size: str = arg("8", "G answers per prompt: one value, or one per stage ('4,2,4')")
-    stage_steps: str = arg("100", "optimizer steps per stage: one value or one per stage")
+    stage_steps: str = arg("100,100,150", "optimizer steps per stage: one value or one per stage")
     advance_accuracy: float = arg(0.0, "leave a stage early when the mean training accuracy of the last "
                                        "advance_window steps reaches this (0: off)")
     advance_window: int = arg(20, "steps the advance rule averages over")
@@ -263,13 +263,17 @@ def make_config(argv=None):
     return cfg
 
 
-def per_stage(text, n, name, cast=int):
-    """'4' -> [4] * n; '4,2,4' -> [4, 2, 4] (one value per stage)."""
+def per_stage(text, stages, name, cast=int):
+    """'4' -> [4] * len(stages); '4,2,4' -> one value per stage. Three values name the judge, choice and open
+    stages, so a run of some of them (--stages open) takes theirs: '100,100,150' -> [150] for 'open'."""
     values = [cast(v) for v in str(text).split(",") if v.strip()]
+    order = ("judge", "choice", "open")
     if len(values) == 1:
-        values = values * n
-    if len(values) != n:
-        raise ValueError(f"--{name.replace('_', '-')} {text!r}: give one value or one per stage ({n})")
+        values = values * len(stages)
+    elif len(values) == len(order) != len(stages) and all(s in order for s in stages):
+        values = [values[order.index(s)] for s in stages]
+    if len(values) != len(stages):
+        raise ValueError(f"--{name.replace('_', '-')} {text!r}: give one value or one per stage ({len(stages)})")
     return values
 
 
@@ -280,8 +284,8 @@ def validate(cfg):
     bad = [s for s in stages if s not in curriculum.STAGES]
     if not stages or bad:
         raise ValueError(f"--stages {rl.stages!r}: use judge, choice and open, comma-separated")
-    groups = per_stage(rl.group_size, len(stages), "group_size")
-    steps = per_stage(rl.stage_steps, len(stages), "stage_steps")
+    groups = per_stage(rl.group_size, stages, "group_size")
+    steps = per_stage(rl.stage_steps, stages, "stage_steps")
     bad_forms = [s for s in cfg.data.eval_stages.split(",") if s not in curriculum.STAGES]
     checks = [
         (not bad_forms, f"--eval-stages: unknown forms {bad_forms}; use judge, choice and open"),

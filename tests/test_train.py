@@ -106,3 +106,12 @@ def test_reward_plot_and_stage_summary(tmp_path):
     assert (f"judge    20 steps | accuracy 0.250 -> 0.750 | change {slope * 19:+.3f} +- {se:.3f} | "
             f"reward 0.500 -> 1.500 | 20s") in text, text
     assert "open     20 steps | accuracy 0.500 -> 0.500 | change +0.000 +- 0.000 |" in text, "flat: no change"
+
+
+def test_per_stage_values_map_by_stage_name():
+    assert train.per_stage("100,100,150", ["judge", "choice", "open"], "stage_steps") == [100, 100, 150]
+    assert train.per_stage("100,100,150", ["open"], "stage_steps") == [150], "three values name the three stages"
+    assert train.per_stage("4,2,4", ["choice", "open"], "group_size") == [2, 4]
+    assert train.per_stage("7", ["open", "judge"], "stage_steps") == [7, 7]
+    with pytest.raises(ValueError, match="one value or one per stage"):
+        train.per_stage("1,2", ["open"], "stage_steps")
