@@ -50,8 +50,9 @@ by a rule over a quick held-out evaluation (or --max-minutes over all):
    (16 rows per cell, every 250 steps);
 3. "full": every task in every form on the full world (one-cell shapes and geometry questions added) until
    every FULL_RULE cell passes (32 rows per cell, every 125 steps), which leaves those skills half-learned:
-   the headroom the RL stages need (data.py says why). `--init DIR` runs phase 3 alone from a base built by
-   phases 1-2 (its base_card.json history is kept).
+   the headroom the RL stages need (data.py says why). Phase 3 is a second `sft` run (a fresh optimizer), so
+   `--init DIR`, which runs it alone from a base built by phases 1-2 (its base_card.json history is kept),
+   does what a build from scratch does.
 
 Departures from the paper, and why:
 - Default scorer: the rule rewards of the RL stages with the bar accuracy == 1 and format == 1, not a judge
@@ -475,7 +476,6 @@ BREAKOUT = {("classify", "open"): 0.7, ("math", "open"): 0.7}  # the image is in
 # of 4, exact set; 0.16 for a one-letter guess) is left out: it stayed near chance in every base built here (the
 # first base's 0.5 on 16 rows was luck: 21% on 200 rows), and waiting for it only erases the full world's headroom.
 FULL_RULE = {**{k: v for k, v in BASE_RULE.items() if k != ("classify", "choice")}, ("detection", "open"): 0.25}
-PHASES = ("open", "all", "full")
 
 
 def build_base(out, seed=0, batch_size=32, lr=1e-3, eval_every=250, eval_n=48, max_minutes=60.0,
@@ -510,11 +510,11 @@ def build_base(out, seed=0, batch_size=32, lr=1e-3, eval_every=250, eval_n=48, m
         return [r for stage in curriculum.STAGES for r in curriculum.stage_rows(test, stage, seed=seed)]
 
     state = {"phase": "full" if init else "open", "t0": time.time(), "history": history, "steps_open": steps_open,
-             "steps_all": steps_before if init else None}
+             "steps_all": steps_before if init else None, "offset": steps_before}  # offset: steps of earlier sft runs
     state["eval_rows"] = eval_rows(state["phase"])
 
     def next_rows(step):
-        return base_rows(steps_before + step, batch_size, state["phase"], seed)
+        return base_rows(state["offset"] + step, batch_size, state["phase"], seed)
 
     def passes(acc, rule):
         return all(acc.get(cell, {}).get("accuracy", 0.0) >= need for cell, need in rule.items())
@@ -526,7 +526,7 @@ def build_base(out, seed=0, batch_size=32, lr=1e-3, eval_every=250, eval_n=48, m
             return False
         acc = evaluate(model, processor, state["eval_rows"],
                        max_new_tokens=full_max_new_tokens if state["phase"] == "full" else max_new_tokens)
-        state["history"].append({"step": steps_before + step + 1, "minutes": round(minutes, 2),
+        state["history"].append({"step": state["offset"] + step + 1, "minutes": round(minutes, 2),
                                  "phase": state["phase"], "loss": round(loss, 4),
                                  "accuracy": {f"{t}/{s}": round(v["accuracy"], 3) for (t, s), v in sorted(acc.items())}})
         if rank == 0:
@@ -538,16 +538,22 @@ def build_base(out, seed=0, batch_size=32, lr=1e-3, eval_every=250, eval_n=48, m
         if minutes >= max_minutes:
             return True
         if state["phase"] == "open" and passes(acc, BREAKOUT):
-            state["phase"], state["steps_open"] = "all", steps_before + step + 1
+            state["phase"], state["steps_open"] = "all", state["offset"] + step + 1
         elif state["phase"] == "all" and passes(acc, BASE_RULE):
-            state["phase"], state["steps_all"] = "full", steps_before + step + 1
-            state["eval_rows"] = eval_rows("full")
+            state["steps_all"] = state["offset"] + step + 1
+            return True  # phase "full" starts a fresh optimizer, as a run from --init does
         elif state["phase"] == "full" and passes(acc, FULL_RULE):
             return True
         return False
 
-    steps = steps_before + sft(model, processor, next_rows, steps=10**9, lr=lr, warmup=20, rank=rank,
+    if not init:  # phases "open" and "all": one sft run (the optimizer state carries across the break-out)
+        state["offset"] += sft(model, processor, next_rows, steps=10**9, lr=lr, warmup=20, rank=rank,
                                device=device, callback=callback, desc="warm-start")
+        state["phase"], state["eval_rows"] = "full", eval_rows("full")
+    if state["steps_all"] is not None:  # phase "full" (skipped when the time ran out before it)
+        state["offset"] += sft(model, processor, next_rows, steps=10**9, lr=lr, warmup=20, rank=rank,
+                               device=device, callback=callback, desc="warm-start (full world)")
+    steps = state["offset"]
     if rank == 0:
         M.save(model, processor, out)
         card = {"recipe": dict(preset=preset, seed=seed, batch_size=batch_size, lr=lr, warmup=20, clip=1.0,

@@ -222,3 +222,17 @@ def test_warm_start_phases_draw_their_worlds():
     assert {r["stage"] for r in full} == {"judge", "choice", "open"}
     assert R.base_rows(3, 32, "all", seed=0) == R.base_rows(3, 32, "all", seed=0), "batches are seeded by step"
     assert ("classify", "choice") not in R.FULL_RULE and R.FULL_RULE[("detection", "open")] > 0.05
+
+
+def test_warm_start_init_continues_a_base_with_the_full_phase(tmp_path):
+    base = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets", "tiny-base")
+    with open(os.path.join(base, "base_card.json")) as f:
+        before = json.load(f)
+    out = str(tmp_path / "base")
+    R.build_base(out, init=base, max_minutes=0)  # out of time at once: one step, one evaluation, then the card
+    with open(os.path.join(out, "base_card.json")) as f:
+        card = json.load(f)
+    assert card["steps"] == before["steps"] + 1 and card["history"][:-1] == before["history"]
+    assert card["history"][-1]["phase"] == "full" and card["history"][-1]["step"] == card["steps"]
+    assert card["recipe"]["init"] == base and os.path.isdir(out + ".snapshot")
+    M.load(out)  # a loadable checkpoint
