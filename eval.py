@@ -379,6 +379,14 @@ def paired_differences(records_a, records_b, cells, reduce=_no_reduce):
     return metrics(diffs, cells, reduce=reduce)
 
 
+def changes_from_first(records, eval_sets, reduce=_no_reduce):
+    """{"<name> − <first>": paired_differences(first, name)} for every model after the first one of
+    `records` (evaluate_models(records_out=...)): each checkpoint's paired change from the first."""
+    first, cells = next(iter(records)), cells_of(eval_sets)
+    return {f"{name} − {first}": paired_differences(records[first], recs, cells, reduce=reduce)
+            for name, recs in records.items() if name != first}
+
+
 # -----------------------------------------------------------------------------
 # The table
 
@@ -520,13 +528,12 @@ def main(argv=None):
                               device=device, dtype=dtype, max_pixels=args.max_pixels, verbose=True,
                               records_out=records)
     from train import all_reduce_sum
-    first = next(iter(records))  # several checkpoints: each one's change from the first, paired over the rows
-    changes = {f"{name} − {first}": paired_differences(records[first], recs, cells_of(sets), reduce=all_reduce_sum)
-               for name, recs in records.items() if name != first}
+    changes = changes_from_first(records, sets, reduce=all_reduce_sum)  # several checkpoints: paired changes
     if rank == 0:
         table = markdown_table(results)
         if changes:
-            table += f"\n\nChange from {first}, paired over the same rows:\n\n" + markdown_table(changes, True)
+            table += (f"\n\nChange from {next(iter(records))}, paired over the same rows:\n\n"
+                      + markdown_table(changes, True))
         print(table, flush=True)
         if args.out:
             os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)

@@ -266,8 +266,8 @@ def make_config(argv=None):
 def per_stage(text, stages, name, cast=int):
     """'4' -> [4] * len(stages); '4,2,4' -> one value per stage. Three values name the judge, choice and open
     stages, so a run of some of them (--stages open) takes theirs: '100,100,150' -> [150] for 'open'."""
+    from curriculum import STAGES as order  # judge, choice, open
     values = [cast(v) for v in str(text).split(",") if v.strip()]
-    order = ("judge", "choice", "open")
     if len(values) == 1:
         values = values * len(stages)
     elif len(values) == len(order) != len(stages) and all(s in order for s in stages):
@@ -673,8 +673,7 @@ def evaluate_stages(cfg, named_dirs, out, rank, device, dtype):
     results = E.evaluate_models(named_dirs, sets, max_new_tokens=cfg.rl.max_new_tokens, device=device, dtype=dtype,
                                 max_pixels=cfg.model.max_pixels, verbose=rank == 0, records_out=records)
     base = next(iter(records))  # the first model: the base
-    changes = {f"{name} − {base}": E.paired_differences(records[base], recs, E.cells_of(sets), reduce=all_reduce_sum)
-               for name, recs in records.items() if name != base}
+    changes = E.changes_from_first(records, sets, reduce=all_reduce_sum)
 
     def only(results, stages):  # the results of some answer forms, for one table each
         return {name: {split: {task: {s: c for s, c in forms.items() if s in stages} for task, forms in tasks.items()}
@@ -688,7 +687,7 @@ def evaluate_stages(cfg, named_dirs, out, rank, device, dtype):
         table += (f"\n\nChange from the {base} model, paired over the same rows (open answers):\n\n"
                   + E.markdown_table(only(changes, {"open"}), differences=True))
         if forms:
-            table += ("\n\nChange from the base model, paired (yes/no and multiple-choice forms):\n\n"
+            table += (f"\n\nChange from the {base} model, paired (yes/no and multiple-choice forms):\n\n"
                       + E.markdown_table(only(changes, {"judge", "choice"}), differences=True))
     if rank == 0:
         print("\n" + table, flush=True)
