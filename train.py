@@ -53,8 +53,9 @@ Departures from the paper's release, and why:
   32 prompts per step (the tasks interleaved, curriculum.balanced_order), 100 / 100 / 150 steps for judge /
   choice / open (with 75 judge and choice steps the choice stage stopped rising; the open stage is where the
   open answers gain), lr 3e-4 with linear decay and 5 warm-up steps, 64 new tokens, since a 0.4 M-parameter
-  model on a 2-core CPU must learn in minutes. The evaluation holds 400 rows per task and form in each split, and prints each model's change
-  from the base paired over the same rows (eval.paired_differences), the measure of "outside the noise".
+  model on a 2-core CPU must learn in minutes. The evaluation holds 400 rows per task and form in each
+  split, and prints each model's change from the base paired over the same rows (eval.paired_differences),
+  the measure of "outside the noise".
 """
 import argparse
 import copy
