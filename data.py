@@ -592,10 +592,13 @@ def reference_completion(row):
 
 
 def tokenizer_corpus(n=1000, seed=0, size=112):
-    """n texts 'problem\\ncompletion' covering every task, kind and stage of the world (no images drawn)."""
+    """n texts 'problem\\ncompletion' covering every task and stage of the base's world (BASE_CELLS,
+    BASE_KINDS; no images drawn), the corpus the tiny model's BPE is trained on. The base's world, not the
+    full one, so that the tokenizer (and with it the tiny model and the base built from it) stays the one
+    the shipped base was built with; geometry questions are encoded with the same merges."""
     import curriculum  # lazy: curriculum imports data
     texts = []
-    for i, row in enumerate(make_rows("train", n, seed, size, draw=False)):
+    for i, row in enumerate(make_rows("train", n, seed, size, draw=False, cells=BASE_CELLS, kinds=BASE_KINDS)):
         stage = curriculum.STAGES[(i // len(TASKS)) % len(curriculum.STAGES)]  # every task meets every stage
         staged = curriculum.make_stage_row(row, stage, random.Random(f"corpus:{seed}:{i}"), truth=i % 2 == 0)
         texts.append(staged["problem"] + "\n" + reference_completion(staged))
