@@ -23,12 +23,14 @@ Use it:
 Deriving a stage's rows from an open synthetic row (`make_stage_row(row, stage, rng)`), using its `meta`:
 - judge: the claim is the true answer half of the time. `Curriculum` and `stage_rows` make it exact: the
   row at data position p claims the truth when p is even. A false claim is a near miss: a count off by one
-  or two (never negative; a pixel answer off by one or two grid cells); a label set with one label swapped for, or joined by, a palette label absent from
+  or two (never negative; a pixel answer off by one or two grid cells); a label set with one label swapped
+  for, or joined by, a palette label absent from
   the scene, or with one label dropped; another shape for "what shape"; for a box, another object's box or
   the true box moved along the grid until IoU < 0.5.
 - choice: four options A-D in shuffled order. Detection and math have exactly one right option (boxes of
   other objects or moved boxes with IoU < 0.5; numbers within 3 of the truth, never negative, in steps of one
-  grid cell for the pixel answers of geometry questions); "what shape" too. "Which colours / shapes" is multi-select: 1-3 present labels and the rest absent ones, so there is
+  grid cell for the pixel answers of geometry questions); "what shape" too. "Which colours / shapes" is
+  multi-select: 1-3 present labels and the rest absent ones, so there is
   always at least one right option and one distractor. The solution lists the right letters in order:
   `<answer>A, C</answer>`.
 - open: the row unchanged.

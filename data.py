@@ -532,7 +532,7 @@ def ask(rng, task, objects, kinds=None):
         a, b = rng.sample([a, b], 2)
         question = f"How many {PLURALS[a]} plus {PLURALS[b]} are there?"
         return kind, question, {"shapes": [a, b]}, count[a] + count[b]
-    if kind in ("width", "left"):
+    if kind in GEOMETRY:
         o = rng.choice(objects)
         target = {"colour": o["colour"], "shape": o["shape"]}
         if kind == "width":

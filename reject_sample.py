@@ -449,6 +449,12 @@ def phase2(model, processor, pool_rows, out_dir, n_samples=4, lr=1e-4, epochs=3,
 # -----------------------------------------------------------------------------
 # The tiny base: a supervised warm-start on the synthetic world, playing the part of the instruct model
 
+def base_world(phase):
+    """make_rows overrides of a warm-start phase: the base's world (data.BASE_CELLS, data.BASE_KINDS) for
+    "open" and "all", none (the full world) for "full"."""
+    return {} if phase == "full" else dict(cells=data.BASE_CELLS, kinds=data.BASE_KINDS)
+
+
 def base_rows(step, batch_size, phase, seed):
     """The warm-start's global batch at `step`: fresh synthetic scenes every step (the world is unlimited).
     phase "open": open classification and counting only (how the tiny model first learns to use the image;
@@ -456,8 +462,7 @@ def base_rows(step, batch_size, phase, seed):
     equal weight. Both on the base's world: large shapes (data.BASE_CELLS) and the first question kinds
     (data.BASE_KINDS). phase "full": every task in every form on the full world (small shapes, geometry)."""
     tasks = ("classify", "math") if phase == "open" else data.TASKS
-    world = {} if phase == "full" else dict(cells=data.BASE_CELLS, kinds=data.BASE_KINDS)
-    rows = data.make_rows("train", batch_size, seed=1_000_003 * seed + step, tasks=tasks, **world)
+    rows = data.make_rows("train", batch_size, seed=1_000_003 * seed + step, tasks=tasks, **base_world(phase))
     rng = random.Random(f"base:{seed}:{step}")
     out = []
     for i, row in enumerate(rows):
@@ -504,9 +509,8 @@ def build_base(out, seed=0, batch_size=32, lr=1e-3, eval_every=250, eval_n=48, m
     from eval import evaluate
 
     def eval_rows(phase):
-        world = {} if phase == "full" else dict(cells=data.BASE_CELLS, kinds=data.BASE_KINDS)
         n = full_eval_n if phase == "full" else eval_n
-        test = data.make_rows("test", n, seed=seed, **world)
+        test = data.make_rows("test", n, seed=seed, **base_world(phase))
         return [r for stage in curriculum.STAGES for r in curriculum.stage_rows(test, stage, seed=seed)]
 
     state = {"phase": "full" if init else "open", "t0": time.time(), "history": history, "steps_open": steps_open,
