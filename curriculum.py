@@ -50,13 +50,20 @@ last `advance_window` steps reaches `advance_accuracy`); `max_steps`. Within a s
 fresh permutation of the pool each epoch, seeded by (seed, stage, epoch), that interleaves the tasks
 (`balanced_order`: every batch holds them in near-equal shares, so the logged training reward is not moved
 by the batch's task mix); a derived row is seeded by (seed,
-stage, data position). So the state is a few integers and the recent accuracies (`state_dict()`), and a
+stage, data position). A stage's `replay` share (0 in the paper) asks that share of each batch as open
+questions from the schedule's open stage (`is_replay`: evenly spread, the stage's own rows unchanged),
+scored by open rules: a rehearsal of the final form while the earlier forms train. So the state is a few integers and the recent accuracies (`state_dict()`), and a
 resumed run draws exactly the batches the interrupted run would have drawn.
 
 Departures from the paper, and why:
 - Judge and choice rows are derived from one open pool of the synthetic world, as the paper's stages share
   their images and questions (its release stores each stage's questions in its own files; those load too).
 - The judge is exactly balanced (positions alternate) rather than balanced by chance.
+- `replay` is not in the paper and is off by default. On the tiny base, the judge and choice rewards check
+  only yes/no or the letters, so the label set the reasoning states drifts: classification's open answers
+  lost 1.2 and 2.8 points over those stages. With replay 0.25 they gained 0.8 and 2.2 instead, but the
+  choice stage's own training accuracy no longer rose beyond its noise (+0.026 +- 0.023 over 100 steps), so
+  the tiny preset lengthens the open stage instead (README, "Results").
 - The paper preset (`paper_stages`): G = 4 / 2 / 4 and 1 / 1 / 2 epochs as the release trains the 3B model;
   `max_steps` 600 / 500 / 2300 stop where the release handed each stage's checkpoint on. `tiny_stages`
   adds an advance rule, since a tiny base either learns a form quickly or not at all (../shared/TINY_WORLD.md).
@@ -259,6 +266,7 @@ class StageSpec:
     advance_accuracy: float | None = None   # move on once the mean accuracy of the last K steps reaches this
     advance_window: int = 20                # K
     max_steps: int | None = None            # a hard cap on the stage's steps
+    replay: float = 0.0                     # share of each batch asked as open questions (rehearsal)
 
     def __post_init__(self):
         if self.name not in STAGES:
@@ -267,6 +275,14 @@ class StageSpec:
             raise ValueError(f"stage {self.name!r} needs steps, epochs or max_steps, or it never ends")
         if self.group_size < 1 or self.advance_window < 1:
             raise ValueError(f"stage {self.name!r}: group_size and advance_window must be >= 1")
+        if not 0.0 <= self.replay < 1.0:
+            raise ValueError(f"stage {self.name!r}: replay is a share of the batch, in [0, 1); got {self.replay}")
+
+
+def is_replay(position, share):
+    """Whether data position `position` of a stage with replay `share` holds a replayed open question, and
+    which replay row it is: exactly floor(n * share) of the first n positions do, spread evenly."""
+    return int((position + 1) * share) > int(position * share), int(position * share)
 
 
 def paper_stages():
@@ -344,9 +360,15 @@ class Curriculum:
             if not rows:
                 raise ValueError(f"stage {spec.name!r} has no rows")
             self.pools.append(rows)
+        # Replay draws open questions from the schedule's open stage (its files or the synthetic pool).
+        opens = [i for i, s in enumerate(self.stages) if s.name == "open"]
+        self.replay_pool = self.pools[opens[-1]] if opens else None
+        if self.replay_pool is None and any(s.replay > 0 for s in self.stages):
+            raise ValueError("replay asks open questions in earlier stages; the schedule needs an open stage")
         self.stage_index, self.step, self.position, self.global_step = 0, 0, 0, 0
         self.recent = []           # accuracies of the stage's last advance_window steps
         self._perm = (None, None)  # ((stage index, epoch), permutation) of the epoch being drawn
+        self._replay_perm = (None, None)
 
     @property
     def done(self):
@@ -359,6 +381,10 @@ class Curriculum:
     def _row_at(self, position):
         """The row at data position `position` of the current stage (a pure function of the state)."""
         spec, pool = self.stages[self.stage_index], self.pools[self.stage_index]
+        replayed, j = is_replay(position, spec.replay)
+        if replayed:
+            return self._replay_row(j)
+        position -= j  # the stage's own rows are numbered without the replayed ones
         epoch, k = divmod(position, len(pool))
         if self._perm[0] != (self.stage_index, epoch):
             perm = balanced_order(pool, random.Random(f"curriculum:{self.seed}:{self.stage_index}:{epoch}"))
@@ -368,6 +394,16 @@ class Curriculum:
             return dict(row)
         rng = random.Random(f"curriculum:{self.seed}:{self.stage_index}:row:{position}")
         return make_stage_row(row, spec.name, rng, truth=position % 2 == 0)
+
+    def _replay_row(self, j):
+        """Replayed open question number j of the current stage: its own task-interleaved order of the open pool."""
+        pool = self.replay_pool
+        epoch, k = divmod(j, len(pool))
+        if self._replay_perm[0] != (self.stage_index, epoch):
+            perm = balanced_order(pool, random.Random(f"curriculum:{self.seed}:{self.stage_index}:replay:{epoch}"))
+            self._replay_perm = ((self.stage_index, epoch), perm)
+        row = pool[self._replay_perm[1][k]]
+        return {**row, "stage": "open", "replay": True}
 
     def next_batch(self, n):
         """The next n rows of the current stage (a global batch: ranks slice it). Advances the data position."""
@@ -383,7 +419,8 @@ class Curriculum:
             return True
         if spec.max_steps is not None and self.step >= spec.max_steps:
             return True
-        if spec.epochs is not None and self.position >= spec.epochs * len(self.pools[self.stage_index]):
+        own = self.position - int(self.position * spec.replay)  # rows of the stage's own form drawn so far
+        if spec.epochs is not None and own >= spec.epochs * len(self.pools[self.stage_index]):
             return True
         return (spec.advance_accuracy is not None and len(self.recent) >= spec.advance_window
                 and sum(self.recent) / len(self.recent) >= spec.advance_accuracy)

@@ -179,6 +179,8 @@ class RLConfig:
     agg: str = arg("seq", "loss aggregation: seq (paper) | token (DAPO) | dr_grpo")
     adv_scale: str = arg("group", "advantage scale: group (paper) | batch | none (Dr. GRPO)")
     ref: str = arg("stage", "reference model: stage (each stage's starting weights, the release) | base")
+    replay: str = arg("0", "share of each judge/choice batch asked as open questions (rehearsal, not in the paper: "
+                           "0); one value for the stages before open, or one per stage")
     choice_partial: float = arg(0.2, "choice reward of a non-empty proper subset of the right letters (the "
                                      "paper mentions 0.2; the release pays the exact set only: 0)")
     box_reward: str = arg("hard", "open detection reward: hard (1 if IoU > 0.5, the paper) | iou | giou")
@@ -280,6 +282,18 @@ def per_stage(text, stages, name, cast=int):
     return values
 
 
+def replay_shares(rl, stages):
+    """Per-stage replay shares: one value applies to every stage but open (which asks open questions anyway)."""
+    shares = per_stage(rl.replay, stages, "replay", cast=float)
+    if len(str(rl.replay).split(",")) == 1:
+        shares = [0.0 if name == "open" else v for name, v in zip(stages, shares)]
+    if not all(0 <= v < 1 for v in shares):
+        raise ValueError(f"--replay {rl.replay!r}: a share of the batch, in [0, 1)")
+    if any(v > 0 for v in shares) and "open" not in stages:
+        raise ValueError("--replay asks open questions in earlier stages; --stages must include open")
+    return shares
+
+
 def validate(cfg):
     import curriculum
     rl, run = cfg.rl, cfg.run
@@ -289,6 +303,7 @@ def validate(cfg):
         raise ValueError(f"--stages {rl.stages!r}: use judge, choice and open, comma-separated")
     groups = per_stage(rl.group_size, stages, "group_size")
     steps = per_stage(rl.stage_steps, stages, "stage_steps")
+    replay_shares(rl, stages)
     bad_forms = [s for s in cfg.data.eval_stages.split(",") if s not in curriculum.STAGES]
     checks = [
         (not bad_forms, f"--eval-stages: unknown forms {bad_forms}; use judge, choice and open"),
@@ -401,9 +416,12 @@ def grpo_step(policy, ref, processor, rows, stage, G, cfg, opt, rank, device, gl
     ro = generate(policy, processor, samples_of(local), group_size=G, max_new_tokens=rl.max_new_tokens,
                   temperature=rl.temperature, top_p=rl.top_p, top_k=rl.top_k, generator=gens)
     t_gen = time.time() - t0
-    scores = [rewards.score(text, local[n // G]["solution"], local[n // G]["task"], stage,
+    # Each row is scored in its own form: a replayed open question (curriculum.StageSpec.replay) by open rules.
+    scores = [rewards.score(text, local[n // G]["solution"], local[n // G]["task"],
+                            "open" if local[n // G].get("replay") else stage,
                             choice_partial=rl.choice_partial, box_mode=rl.box_reward)
               for n, text in enumerate(ro.texts)]
+    replayed = [bool(local[n // G].get("replay")) for n in range(len(ro.texts))]
     r = torch.tensor([s["total"] for s in scores], dtype=torch.float32)
     adv = grpo.group_advantages(r, G, scale=rl.adv_scale).to(device)          # (N,)
 
@@ -450,16 +468,22 @@ def grpo_step(policy, ref, processor, rows, stage, G, cfg, opt, rank, device, gl
             skipped += 1
         opt.zero_grad(set_to_none=True)
         totals["grad_norm"] += float(norm) / rl.mu
-    # Global means of what the log and the schedule need (every rank gets the same numbers).
+    # Global means of what the log and the schedule need (every rank gets the same numbers). The rewards are
+    # those of the stage's own form; replayed open questions are reported apart (replay_accuracy).
     keys = ("total", "accuracy", "format")
-    sums = all_reduce_sum(torch.tensor([sum(s[k] for s in scores) for k in keys] + [float(ro.mask.sum())]
+    own = [s for s, rep in zip(scores, replayed) if not rep]
+    sums = all_reduce_sum(torch.tensor([sum(s[k] for s in own) for k in keys] + [float(ro.mask.sum())]
                                        + [totals[k] for k in ("loss", "kl", "clip_low", "clip_high")]
-                                       + [grpo.zero_variance_fraction(r, G) * P, float(skipped)]))
-    stats = {f"reward_{k}": sums[i].item() / num_seqs for i, k in enumerate(keys)}
+                                       + [grpo.zero_variance_fraction(r, G) * P, float(skipped), float(len(own)),
+                                          sum(s["accuracy"] for s, rep in zip(scores, replayed) if rep)]))
+    n_own, n_replay = sums[10].item(), num_seqs - sums[10].item()
+    stats = {f"reward_{k}": sums[i].item() / max(n_own, 1) for i, k in enumerate(keys)}
     stats.update(length=sums[3].item() / num_seqs, loss=sums[4].item(), kl=sums[5].item(),
                  clip_low=sums[6].item(), clip_high=sums[7].item(), zero_var=sums[8].item() / (P * W),
                  skipped=int(sums[9].item()), grad_norm=totals["grad_norm"], t_gen=t_gen, t_ref=t_ref,
                  seconds=time.time() - t0)
+    if n_replay:
+        stats["replay_accuracy"] = sums[11].item() / n_replay
     samples = [{"problem": local[n // G]["problem"], "solution": local[n // G]["solution"], "answer": ro.texts[n],
                 "total": scores[n]["total"]} for n in range(min(len(ro.texts), 2 * G))]
     return stats, samples
@@ -507,7 +531,8 @@ def plot_rewards(metrics, path, keys=("reward_total", "reward_accuracy"), width=
 def log_line(stage, step, steps, s, lr):
     return (f"{stage:6s} {step:4d}/{steps} | reward {s['reward_total']:.3f} acc {s['reward_accuracy']:.3f} "
             f"fmt {s['reward_format']:.3f} | kl {s['kl']:.4f} | clip {s['clip_low'] + s['clip_high']:.3f} | "
-            f"zero-var {s['zero_var']:.2f} | len {s['length']:.1f} | lr {lr:.2e} | {s['seconds']:.2f}s")
+            f"zero-var {s['zero_var']:.2f} | len {s['length']:.1f} | lr {lr:.2e} | {s['seconds']:.2f}s"
+            + (f" | replay acc {s['replay_accuracy']:.3f}" if "replay_accuracy" in s else ""))
 
 
 def append_jsonl(path, records):
@@ -546,8 +571,8 @@ def run_rl(cfg, stages, groups, steps, out, rank, device, dtype, policy, process
     from reject_sample import lr_factor
     rl = cfg.rl
     specs = [curriculum.StageSpec(name, group_size=g, steps=n, advance_window=rl.advance_window,
-                                  advance_accuracy=rl.advance_accuracy or None)
-             for name, g, n in zip(stages, groups, steps)]
+                                  advance_accuracy=rl.advance_accuracy or None, replay=r)
+             for name, g, n, r in zip(stages, groups, steps, replay_shares(rl, stages))]
     stage_data = curriculum.parse_stage_data(cfg.data.stage_data) if cfg.data.stage_data else {}
     specs = curriculum.assign_stage_data(specs, {k: v for k, v in stage_data.items() if k in stages})
     cur = curriculum.Curriculum(specs, pool=pool, seed=cfg.run.seed, image_root=cfg.data.image_root or None)
@@ -652,6 +677,10 @@ def stage_summary(metrics):
         lines.append(f"  {stage:6s} {n:4d} steps | accuracy {mean(ys[:q]):.3f} -> {mean(ys[-q:]):.3f} | "
                      f"change {change:+.3f} +- {se:.3f} | reward {mean(rewards[:q]):.3f} -> {mean(rewards[-q:]):.3f}"
                      f" | {sum(m['seconds'] for m in ms):.0f}s")
+        replay = [m["replay_accuracy"] for m in ms if "replay_accuracy" in m]
+        if replay:
+            r = max(1, len(replay) // 4)
+            lines.append(f"  {'':6s} replayed open questions | accuracy {mean(replay[:r]):.3f} -> {mean(replay[-r:]):.3f}")
     return "\n".join(lines)
 
 

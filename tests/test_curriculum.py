@@ -209,3 +209,30 @@ def test_batches_interleave_the_tasks():
     for i in range(0, 300, 3):
         assert {rows[j]["task"] for j in order[i:i + 3]} == set(data.TASKS), "every 3 rows hold the 3 tasks"
     assert order != curriculum.balanced_order(rows, random.Random(2))
+
+
+def test_replay_mixes_open_questions_and_leaves_the_stage_rows_alone():
+    plain = Curriculum([StageSpec("judge", steps=5), StageSpec("open", steps=1)], pool=POOL, seed=3)
+    mixed = Curriculum([StageSpec("judge", steps=5, replay=0.25), StageSpec("open", steps=1)], pool=POOL, seed=3)
+    a, b = plain.next_batch(24), mixed.next_batch(32)
+    replayed = [r for r in b if r.get("replay")]
+    assert len(replayed) == 8 and [i for i, r in enumerate(b) if r.get("replay")] == list(range(3, 32, 4))
+    assert all(r["stage"] == "open" and {k: v for k, v in r.items() if k != "replay"} in POOL
+               for r in replayed), "a replayed row is the open row itself"
+    assert [r["problem"] for r in b if not r.get("replay")] == [r["problem"] for r in a], \
+        "the stage's own rows (and so the judge's balance) are those of a run without replay"
+    assert {r["task"] for r in replayed[:3]} == set(data.TASKS), "replayed rows interleave the tasks too"
+    with pytest.raises(ValueError, match="needs an open stage"):
+        Curriculum([StageSpec("judge", steps=1, replay=0.5)], pool=POOL)
+    with pytest.raises(ValueError, match="replay"):
+        StageSpec("judge", steps=1, replay=1.0)
+
+
+def test_replay_epochs_count_the_stage_rows_only():
+    cur = Curriculum([StageSpec("judge", epochs=1, replay=0.5), StageSpec("open", steps=1)], pool=POOL[:12], seed=0)
+    steps = 0
+    while cur.current_stage().name == "judge":
+        cur.next_batch(8)
+        cur.record(0.5)
+        steps += 1
+    assert steps == 3, "12 judge rows at 4 per batch of 8 (the other 4 are replayed open questions)"

@@ -105,6 +105,9 @@ def test_reward_plot_and_stage_summary(tmp_path):
     se = np.sqrt(res / 18 / ((np.arange(20) - 9.5) ** 2).sum()) * 19  # the fitted change's standard error
     assert (f"judge    20 steps | accuracy 0.250 -> 0.750 | change {slope * 19:+.3f} +- {se:.3f} | "
             f"reward 0.500 -> 1.500 | 20s") in text, text
+    assert "replayed" not in text
+    metrics[0]["replay_accuracy"], metrics[19]["replay_accuracy"] = 0.25, 0.75
+    assert "replayed open questions | accuracy 0.250 -> 0.750" in train.stage_summary(metrics)
     assert "open     20 steps | accuracy 0.500 -> 0.500 | change +0.000 +- 0.000 |" in text, "flat: no change"
 
 
@@ -115,3 +118,14 @@ def test_per_stage_values_map_by_stage_name():
     assert train.per_stage("7", ["open", "judge"], "stage_steps") == [7, 7]
     with pytest.raises(ValueError, match="one value or one per stage"):
         train.per_stage("1,2", ["open"], "stage_steps")
+
+
+def test_replay_shares():
+    rl = lambda text: train.Config().rl.__class__(replay=text)
+    assert train.replay_shares(rl("0.25"), ["judge", "choice", "open"]) == [0.25, 0.25, 0.0], "open asks open anyway"
+    assert train.replay_shares(rl("0.1,0.2,0"), ["judge", "choice", "open"]) == [0.1, 0.2, 0.0]
+    assert train.replay_shares(rl("0.3"), ["open"]) == [0.0]
+    with pytest.raises(ValueError, match="include open"):
+        train.replay_shares(rl("0.3"), ["judge"])
+    with pytest.raises(ValueError, match="in \\[0, 1\\)"):
+        train.replay_shares(rl("1.5"), ["judge", "open"])
