@@ -50,9 +50,11 @@ last `advance_window` steps reaches `advance_accuracy`); `max_steps`. Within a s
 fresh permutation of the pool each epoch, seeded by (seed, stage, epoch), that interleaves the tasks
 (`balanced_order`: every batch holds them in near-equal shares, so the logged training reward is not moved
 by the batch's task mix); a derived row is seeded by (seed,
-stage, data position). A stage's `replay` share (0 in the paper) asks that share of each batch as open
-questions from the schedule's open stage (`is_replay`: evenly spread, the stage's own rows unchanged),
-scored by open rules: a rehearsal of the final form while the earlier forms train. So the state is a few integers and the recent accuracies (`state_dict()`), and a
+stage, data position). A stage's `replay` ratio (0 in the paper) adds that many open questions per stage
+row to its batches (`replay_count`; 0.25: 8 more to a batch of 32, spread among them), drawn from the
+schedule's open stage and scored by open rules: a rehearsal of the final form while the earlier forms
+train. The stage's own rows stay exactly those of a run without replay.
+So the state is a few integers and the recent accuracies (`state_dict()`), and a
 resumed run draws exactly the batches the interrupted run would have drawn.
 
 Departures from the paper, and why:
@@ -70,8 +72,10 @@ Departures from the paper, and why:
   train.py builds its own schedule from its flags (--stages, --group-size, --stage-steps, --advance-accuracy).
 """
 import dataclasses
+import math
 import random
 from dataclasses import dataclass
+from fractions import Fraction
 
 import data
 from data import COLOURS, GEOMETRY, SHAPES, format_value
@@ -266,7 +270,7 @@ class StageSpec:
     advance_accuracy: float | None = None   # move on once the mean accuracy of the last K steps reaches this
     advance_window: int = 20                # K
     max_steps: int | None = None            # a hard cap on the stage's steps
-    replay: float = 0.0                     # share of each batch asked as open questions (rehearsal)
+    replay: float = 0.0                     # open questions rehearsed per row of the stage (added to a batch)
 
     def __post_init__(self):
         if self.name not in STAGES:
@@ -275,14 +279,14 @@ class StageSpec:
             raise ValueError(f"stage {self.name!r} needs steps, epochs or max_steps, or it never ends")
         if self.group_size < 1 or self.advance_window < 1:
             raise ValueError(f"stage {self.name!r}: group_size and advance_window must be >= 1")
-        if not 0.0 <= self.replay < 1.0:
-            raise ValueError(f"stage {self.name!r}: replay is a share of the batch, in [0, 1); got {self.replay}")
+        if not 0.0 <= self.replay <= 4.0:
+            raise ValueError(f"stage {self.name!r}: replay is open questions per stage row, in [0, 4]; got {self.replay}")
 
 
-def is_replay(position, share):
-    """Whether data position `position` of a stage with replay `share` holds a replayed open question, and
-    which replay row it is: exactly floor(n * share) of the first n positions do, spread evenly."""
-    return int((position + 1) * share) > int(position * share), int(position * share)
+def replay_count(n, ratio):
+    """Open questions replayed along the first n rows of a stage with replay `ratio`: floor(n * ratio), exact
+    for ratios like 0.25 or 1/3 (as a fraction), so a resumed run replays the same rows."""
+    return math.floor(n * Fraction(ratio).limit_denominator(1000))
 
 
 def paper_stages():
@@ -381,10 +385,6 @@ class Curriculum:
     def _row_at(self, position):
         """The row at data position `position` of the current stage (a pure function of the state)."""
         spec, pool = self.stages[self.stage_index], self.pools[self.stage_index]
-        replayed, j = is_replay(position, spec.replay)
-        if replayed:
-            return self._replay_row(j)
-        position -= j  # the stage's own rows are numbered without the replayed ones
         epoch, k = divmod(position, len(pool))
         if self._perm[0] != (self.stage_index, epoch):
             perm = balanced_order(pool, random.Random(f"curriculum:{self.seed}:{self.stage_index}:{epoch}"))
@@ -406,10 +406,15 @@ class Curriculum:
         return {**row, "stage": "open", "replay": True}
 
     def next_batch(self, n):
-        """The next n rows of the current stage (a global batch: ranks slice it). Advances the data position."""
+        """The next n rows of the current stage (a global batch: ranks slice it), plus the open questions its
+        replay adds, spread evenly among them. Advances the data position (which counts the stage's rows)."""
         if self.done:
             raise RuntimeError("the curriculum has finished; no stage is left to draw from")
         rows = [self._row_at(self.position + i) for i in range(n)]
+        ratio, p = self.stages[self.stage_index].replay, self.position
+        replayed = [self._replay_row(j) for j in range(replay_count(p, ratio), replay_count(p + n, ratio))]
+        for i, row in enumerate(replayed):  # evenly: the i-th after (i + 1) / k of the stage's rows
+            rows.insert((i + 1) * n // len(replayed) + i, row)
         self.position += n
         return rows
 
@@ -419,8 +424,7 @@ class Curriculum:
             return True
         if spec.max_steps is not None and self.step >= spec.max_steps:
             return True
-        own = self.position - int(self.position * spec.replay)  # rows of the stage's own form drawn so far
-        if spec.epochs is not None and own >= spec.epochs * len(self.pools[self.stage_index]):
+        if spec.epochs is not None and self.position >= spec.epochs * len(self.pools[self.stage_index]):
             return True
         return (spec.advance_accuracy is not None and len(self.recent) >= spec.advance_window
                 and sum(self.recent) / len(self.recent) >= spec.advance_accuracy)

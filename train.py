@@ -179,8 +179,8 @@ class RLConfig:
     agg: str = arg("seq", "loss aggregation: seq (paper) | token (DAPO) | dr_grpo")
     adv_scale: str = arg("group", "advantage scale: group (paper) | batch | none (Dr. GRPO)")
     ref: str = arg("stage", "reference model: stage (each stage's starting weights, the release) | base")
-    replay: str = arg("0", "share of each judge/choice batch asked as open questions (rehearsal, not in the paper: "
-                           "0); one value for the stages before open, or one per stage")
+    replay: str = arg("0", "open questions rehearsed per judge/choice prompt, added to its batches (not in the "
+                           "paper: 0); one value for the stages before open, or one per stage")
     choice_partial: float = arg(0.2, "choice reward of a non-empty proper subset of the right letters (the "
                                      "paper mentions 0.2; the release pays the exact set only: 0)")
     box_reward: str = arg("hard", "open detection reward: hard (1 if IoU > 0.5, the paper) | iou | giou")
@@ -283,14 +283,23 @@ def per_stage(text, stages, name, cast=int):
 
 
 def replay_shares(rl, stages):
-    """Per-stage replay shares: one value applies to every stage but open (which asks open questions anyway)."""
+    """Per-stage replay ratios (curriculum.StageSpec.replay): one value applies to every stage but open (which
+    asks open questions anyway). A step's batch is prompts_per_step + that many open questions, so the ratio
+    times prompts_per_step must be whole and the sum split evenly over the processes."""
+    from fractions import Fraction
     shares = per_stage(rl.replay, stages, "replay", cast=float)
     if len(str(rl.replay).split(",")) == 1:
         shares = [0.0 if name == "open" else v for name, v in zip(stages, shares)]
-    if not all(0 <= v < 1 for v in shares):
-        raise ValueError(f"--replay {rl.replay!r}: a share of the batch, in [0, 1)")
+    if not all(0 <= v <= 4 for v in shares):
+        raise ValueError(f"--replay {rl.replay!r}: open questions per stage prompt, in [0, 4]")
     if any(v > 0 for v in shares) and "open" not in stages:
         raise ValueError("--replay asks open questions in earlier stages; --stages must include open")
+    W = int(os.environ.get("WORLD_SIZE", 1))
+    for v in shares:
+        extra = Fraction(v).limit_denominator(1000) * rl.prompts_per_step
+        if extra.denominator != 1 or (rl.prompts_per_step + extra) % W:
+            raise ValueError(f"--replay {v} adds {float(extra):g} open questions to {rl.prompts_per_step} prompts: "
+                             f"make it a whole number and the sum a multiple of the {W} processes")
     return shares
 
 

@@ -211,28 +211,31 @@ def test_batches_interleave_the_tasks():
     assert order != curriculum.balanced_order(rows, random.Random(2))
 
 
-def test_replay_mixes_open_questions_and_leaves_the_stage_rows_alone():
+def test_replay_adds_open_questions_and_leaves_the_stage_rows_alone():
     plain = Curriculum([StageSpec("judge", steps=5), StageSpec("open", steps=1)], pool=POOL, seed=3)
     mixed = Curriculum([StageSpec("judge", steps=5, replay=0.25), StageSpec("open", steps=1)], pool=POOL, seed=3)
-    a, b = plain.next_batch(24), mixed.next_batch(32)
+    a, b = plain.next_batch(32), mixed.next_batch(32)
+    assert len(b) == 40 and [i for i, r in enumerate(b) if r.get("replay")] == list(range(4, 40, 5)), \
+        "8 open questions spread among the 32 judge rows"
     replayed = [r for r in b if r.get("replay")]
-    assert len(replayed) == 8 and [i for i, r in enumerate(b) if r.get("replay")] == list(range(3, 32, 4))
-    assert all(r["stage"] == "open" and {k: v for k, v in r.items() if k != "replay"} in POOL
-               for r in replayed), "a replayed row is the open row itself"
+    assert all(r["stage"] == "open" and {k: v for k, v in r.items() if k != "replay"} in POOL for r in replayed), \
+        "a replayed row is the open row itself"
     assert [r["problem"] for r in b if not r.get("replay")] == [r["problem"] for r in a], \
         "the stage's own rows (and so the judge's balance) are those of a run without replay"
     assert {r["task"] for r in replayed[:3]} == set(data.TASKS), "replayed rows interleave the tasks too"
+    assert [len(mixed.next_batch(6)) for _ in range(4)] == [7, 8, 7, 8], "1.5 per batch of 6: exact over time"
+    assert curriculum.replay_count(3, 1 / 3) == 1 and curriculum.replay_count(300, 0.1) == 30
     with pytest.raises(ValueError, match="needs an open stage"):
         Curriculum([StageSpec("judge", steps=1, replay=0.5)], pool=POOL)
     with pytest.raises(ValueError, match="replay"):
-        StageSpec("judge", steps=1, replay=1.0)
+        StageSpec("judge", steps=1, replay=-1.0)
 
 
-def test_replay_epochs_count_the_stage_rows_only():
-    cur = Curriculum([StageSpec("judge", epochs=1, replay=0.5), StageSpec("open", steps=1)], pool=POOL[:12], seed=0)
-    steps = 0
-    while cur.current_stage().name == "judge":
-        cur.next_batch(8)
-        cur.record(0.5)
-        steps += 1
-    assert steps == 3, "12 judge rows at 4 per batch of 8 (the other 4 are replayed open questions)"
+def test_replay_resumes_exactly():
+    stages = [StageSpec("judge", steps=2, replay=1 / 3), StageSpec("open", steps=1)]
+    a = Curriculum(stages, pool=POOL, seed=0)
+    a.next_batch(7)
+    a.record(0.5)
+    b = Curriculum(stages, pool=POOL, seed=0)
+    b.load_state_dict(a.state_dict())
+    assert [r["problem"] for r in a.next_batch(7)] == [r["problem"] for r in b.next_batch(7)]
