@@ -157,7 +157,7 @@ class DataConfig:
 class RLConfig:
     stages: str = arg("judge,choice,open", "the curriculum, in order ('open' alone = RL without curriculum)")
     group_size: str = arg("8", "G answers per prompt: one value, or one per stage ('4,2,4')")
-    stage_steps: str = arg("100,100,150", "optimizer steps per stage: one value or one per stage")
+    stage_steps: str = arg("100,100,200", "optimizer steps per stage: one value or one per stage")
     advance_accuracy: float = arg(0.0, "leave a stage early when the mean training accuracy of the last "
                                        "advance_window steps reaches this (0: off)")
     advance_window: int = arg(20, "steps the advance rule averages over")
@@ -180,7 +180,7 @@ class RLConfig:
     adv_scale: str = arg("group", "advantage scale: group (paper) | batch | none (Dr. GRPO)")
     ref: str = arg("stage", "reference model: stage (each stage's starting weights, the release) | base")
     replay: str = arg("0", "open questions rehearsed per judge/choice prompt, added to its batches (not in the "
-                           "paper: 0); one value for the stages before open, or one per stage")
+                              "paper: 0); one value for the stages of a schedule with an open stage, or one per stage")
     choice_partial: float = arg(0.2, "choice reward of a non-empty proper subset of the right letters (the "
                                      "paper mentions 0.2; the release pays the exact set only: 0)")
     box_reward: str = arg("hard", "open detection reward: hard (1 if IoU > 0.5, the paper) | iou | giou")
@@ -288,8 +288,8 @@ def replay_shares(rl, stages):
     times prompts_per_step must be whole and the sum split evenly over the processes."""
     from fractions import Fraction
     shares = per_stage(rl.replay, stages, "replay", cast=float)
-    if len(str(rl.replay).split(",")) == 1:
-        shares = [0.0 if name == "open" else v for name, v in zip(stages, shares)]
+    if len(str(rl.replay).split(",")) == 1:  # the stages before an open stage; without one, nothing to rehearse
+        shares = [0.0 if name == "open" or "open" not in stages else v for name, v in zip(stages, shares)]
     if not all(0 <= v <= 4 for v in shares):
         raise ValueError(f"--replay {rl.replay!r}: open questions per stage prompt, in [0, 4]")
     if any(v > 0 for v in shares) and "open" not in stages:

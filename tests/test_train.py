@@ -57,6 +57,15 @@ def test_presets_and_flags():
         train.build_parser().parse_args(["--agg", "mean"])
 
 
+def test_a_run_with_replay_reports_the_replayed_accuracy(tmp_path):
+    r = run(QUICK[:2] + ["--stages", "choice,open", "--stage-steps", "1", "--replay", "0.5"] + QUICK[4:], tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    import json
+    first = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])
+    assert first["stage"] == "choice" and "replay_accuracy" in first
+    assert "replayed open questions" in r.stdout
+
+
 @pytest.mark.slow
 def test_two_processes_equal_one(tmp_path):
     one = run(QUICK + ["--stage-steps", "1"], tmp_path / "one")
@@ -125,8 +134,9 @@ def test_replay_shares(monkeypatch):
     assert train.replay_shares(rl("0.25"), ["judge", "choice", "open"]) == [0.25, 0.25, 0.0], "open asks open anyway"
     assert train.replay_shares(rl("0.125,0.5,0"), ["judge", "choice", "open"]) == [0.125, 0.5, 0.0]
     assert train.replay_shares(rl("0.3"), ["open"]) == [0.0]
+    assert train.replay_shares(rl("0.25"), ["judge"]) == [0.0], "one value: nothing to rehearse without open"
     with pytest.raises(ValueError, match="include open"):
-        train.replay_shares(rl("0.25"), ["judge"])
+        train.replay_shares(rl("0.25,0"), ["judge", "choice"])
     with pytest.raises(ValueError, match="in \\[0, 4\\]"):
         train.replay_shares(rl("5"), ["judge", "open"])
     with pytest.raises(ValueError, match="whole number"):
