@@ -49,23 +49,23 @@ The schedule: a list of StageSpec, run in order. A stage ends at the first of: `
 last `advance_window` steps reaches `advance_accuracy`); `max_steps`. Within a stage, rows are drawn in a
 fresh permutation of the pool each epoch, seeded by (seed, stage, epoch), that interleaves the tasks
 (`balanced_order`: every batch holds them in near-equal shares, so the logged training reward is not moved
-by the batch's task mix); a derived row is seeded by (seed,
-stage, data position). A stage's `replay` ratio (0 in the paper) adds that many open questions per stage
-row to its batches (`replay_count`; 0.25: 8 more to a batch of 32, spread among them), drawn from the
-schedule's open stage and scored by open rules: a rehearsal of the final form while the earlier forms
-train. The stage's own rows stay exactly those of a run without replay.
-So the state is a few integers and the recent accuracies (`state_dict()`), and a
-resumed run draws exactly the batches the interrupted run would have drawn.
+by the batch's task mix); a derived row is seeded by (seed, stage, data position). A stage's `replay` ratio
+(0 in the paper) adds that many open questions per stage row to its batches (`replay_count`; 0.25: 8 more
+to a batch of 32, spread among them), drawn from the schedule's open stage and scored by open rules: a
+rehearsal of the final form while the earlier forms train. The stage's own rows stay exactly those of a run
+without replay. So the state is a few integers and the recent accuracies (`state_dict()`), and a resumed
+run draws exactly the batches the interrupted run would have drawn.
 
 Departures from the paper, and why:
 - Judge and choice rows are derived from one open pool of the synthetic world, as the paper's stages share
   their images and questions (its release stores each stage's questions in its own files; those load too).
 - The judge is exactly balanced (positions alternate) rather than balanced by chance.
-- `replay` is not in the paper and is off by default. On the tiny base, the judge and choice rewards check
+- `replay` is not in the paper and is off by default. On the tiny base the judge and choice rewards check
   only yes/no or the letters, so the label set the reasoning states drifts: classification's open answers
-  lost 1.2 and 2.8 points over those stages. With replay 0.25 they gained 0.8 and 2.2 instead, but the
-  choice stage's own training accuracy no longer rose beyond its noise (+0.026 +- 0.023 over 100 steps), so
-  the tiny preset lengthens the open stage instead (README, "Results").
+  lost 1.2 and 2.8 points over those stages. With replay 0.25 they gained 1.8 and 1.0 instead (seed 0), yet
+  the final model was no better than with a longer open stage (classification +2.0 +- 1.3 against
+  +1.8 +- 1.2; seed 1: +0.0 against -0.5), and it costs about 90 s more, so the tiny preset lengthens the
+  open stage instead (README, "Results").
 - The paper preset (`paper_stages`): G = 4 / 2 / 4 and 1 / 1 / 2 epochs as the release trains the 3B model;
   `max_steps` 600 / 500 / 2300 stop where the release handed each stage's checkpoint on. `tiny_stages`
   adds an advance rule, since a tiny base either learns a form quickly or not at all (../shared/TINY_WORLD.md).

@@ -129,18 +129,18 @@ def test_per_stage_values_map_by_stage_name():
         train.per_stage("1,2", ["open"], "stage_steps")
 
 
-def test_replay_shares(monkeypatch):
+def test_replay_ratios(monkeypatch):
     rl = lambda text, **kw: train.RLConfig(replay=text, **kw)
-    assert train.replay_shares(rl("0.25"), ["judge", "choice", "open"]) == [0.25, 0.25, 0.0], "open asks open anyway"
-    assert train.replay_shares(rl("0.125,0.5,0"), ["judge", "choice", "open"]) == [0.125, 0.5, 0.0]
-    assert train.replay_shares(rl("0.3"), ["open"]) == [0.0]
-    assert train.replay_shares(rl("0.25"), ["judge"]) == [0.0], "one value: nothing to rehearse without open"
+    assert train.replay_ratios(rl("0.25"), ["judge", "choice", "open"]) == [0.25, 0.25, 0.0], "open asks open anyway"
+    assert train.replay_ratios(rl("0.125,0.5,0"), ["judge", "choice", "open"]) == [0.125, 0.5, 0.0]
+    assert train.replay_ratios(rl("0.3"), ["open"]) == [0.0]
+    assert train.replay_ratios(rl("0.25"), ["judge"]) == [0.0], "one value: nothing to rehearse without open"
     with pytest.raises(ValueError, match="include open"):
-        train.replay_shares(rl("0.25,0"), ["judge", "choice"])
+        train.replay_ratios(rl("0.25,0"), ["judge", "choice"])
     with pytest.raises(ValueError, match="in \\[0, 4\\]"):
-        train.replay_shares(rl("5"), ["judge", "open"])
+        train.replay_ratios(rl("5"), ["judge", "open"])
     with pytest.raises(ValueError, match="whole number"):
-        train.replay_shares(rl("0.1"), ["judge", "open"])  # 3.2 more prompts
+        train.replay_ratios(rl("0.1"), ["judge", "open"])  # 3.2 more prompts
     monkeypatch.setenv("WORLD_SIZE", "16")
     with pytest.raises(ValueError, match="multiple of the 16 processes"):
-        train.replay_shares(rl("0.25"), ["judge", "open"])  # 40 prompts
+        train.replay_ratios(rl("0.25"), ["judge", "open"])  # 40 prompts
