@@ -280,7 +280,8 @@ class StageSpec:
         if self.group_size < 1 or self.advance_window < 1:
             raise ValueError(f"stage {self.name!r}: group_size and advance_window must be >= 1")
         if not 0.0 <= self.replay <= 4.0:
-            raise ValueError(f"stage {self.name!r}: replay is open questions per stage row, in [0, 4]; got {self.replay}")
+            raise ValueError(f"stage {self.name!r}: replay is open questions per stage row, in [0, 4]; "
+                             f"got {self.replay}")
 
 
 def replay_count(n, ratio):
@@ -371,8 +372,7 @@ class Curriculum:
             raise ValueError("replay asks open questions in earlier stages; the schedule needs an open stage")
         self.stage_index, self.step, self.position, self.global_step = 0, 0, 0, 0
         self.recent = []           # accuracies of the stage's last advance_window steps
-        self._perm = (None, None)  # ((stage index, epoch), permutation) of the epoch being drawn
-        self._replay_perm = (None, None)
+        self._perms = {}           # tag -> ((stage index, epoch), permutation) of the epoch being drawn
 
     @property
     def done(self):
@@ -382,14 +382,20 @@ class Curriculum:
         """The running StageSpec, or None once every stage has finished."""
         return None if self.done else self.stages[self.stage_index]
 
+    def _pick(self, pool, index, tag):
+        """pool[the index-th row of the epoch's task-interleaved permutation], seeded by (seed, stage, tag, epoch);
+        the permutation of the epoch being drawn is cached per tag."""
+        epoch, k = divmod(index, len(pool))
+        key = (self.stage_index, epoch)
+        if self._perms.get(tag, (None,))[0] != key:
+            rng = random.Random(f"curriculum:{self.seed}:{self.stage_index}:{tag}{epoch}")
+            self._perms[tag] = (key, balanced_order(pool, rng))
+        return pool[self._perms[tag][1][k]]
+
     def _row_at(self, position):
         """The row at data position `position` of the current stage (a pure function of the state)."""
-        spec, pool = self.stages[self.stage_index], self.pools[self.stage_index]
-        epoch, k = divmod(position, len(pool))
-        if self._perm[0] != (self.stage_index, epoch):
-            perm = balanced_order(pool, random.Random(f"curriculum:{self.seed}:{self.stage_index}:{epoch}"))
-            self._perm = ((self.stage_index, epoch), perm)
-        row = pool[self._perm[1][k]]
+        spec = self.stages[self.stage_index]
+        row = self._pick(self.pools[self.stage_index], position, "")
         if spec.data is not None:
             return dict(row)
         rng = random.Random(f"curriculum:{self.seed}:{self.stage_index}:row:{position}")
@@ -397,13 +403,7 @@ class Curriculum:
 
     def _replay_row(self, j):
         """Replayed open question number j of the current stage: its own task-interleaved order of the open pool."""
-        pool = self.replay_pool
-        epoch, k = divmod(j, len(pool))
-        if self._replay_perm[0] != (self.stage_index, epoch):
-            perm = balanced_order(pool, random.Random(f"curriculum:{self.seed}:{self.stage_index}:replay:{epoch}"))
-            self._replay_perm = ((self.stage_index, epoch), perm)
-        row = pool[self._replay_perm[1][k]]
-        return {**row, "stage": "open", "replay": True}
+        return {**self._pick(self.replay_pool, j, "replay:"), "stage": "open", "replay": True}
 
     def next_batch(self, n):
         """The next n rows of the current stage (a global batch: ranks slice it), plus the open questions its

@@ -431,11 +431,10 @@ def grpo_step(policy, ref, processor, rows, stage, G, cfg, opt, rank, device, gl
                   temperature=rl.temperature, top_p=rl.top_p, top_k=rl.top_k, generator=gens)
     t_gen = time.time() - t0
     # Each row is scored in its own form: a replayed open question (curriculum.StageSpec.replay) by open rules.
-    scores = [rewards.score(text, local[n // G]["solution"], local[n // G]["task"],
-                            "open" if local[n // G].get("replay") else stage,
+    replayed = [bool(local[n // G].get("replay")) for n in range(len(ro.texts))]
+    scores = [rewards.score(text, local[n // G]["solution"], local[n // G]["task"], "open" if replayed[n] else stage,
                             choice_partial=rl.choice_partial, box_mode=rl.box_reward)
               for n, text in enumerate(ro.texts)]
-    replayed = [bool(local[n // G].get("replay")) for n in range(len(ro.texts))]
     r = torch.tensor([s["total"] for s in scores], dtype=torch.float32)
     adv = grpo.group_advantages(r, G, scale=rl.adv_scale).to(device)          # (N,)
 
