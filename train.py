@@ -548,6 +548,16 @@ def log_line(stage, step, steps, s, lr):
             + (f" | replay acc {s['replay_accuracy']:.3f}" if "replay_accuracy" in s else ""))
 
 
+def trim_log(path, global_step):
+    """Drop the lines of a metrics log past `global_step`: a run killed after logging a step but before its
+    checkpoint redoes that step on resume, and must not log it twice."""
+    if not os.path.isfile(path):
+        return
+    with open(path) as f:
+        lines = [line for line in f if json.loads(line)["global_step"] <= global_step]
+    write_atomic(path, "".join(lines))
+
+
 def append_jsonl(path, records):
     with open(path, "a") as f:
         for r in records:
@@ -599,15 +609,18 @@ def run_rl(cfg, stages, groups, steps, out, rank, device, dtype, policy, process
         resumed_opt = state["optimizer"]
         torch.set_rng_state(state["rng"][min(rank, len(state["rng"]) - 1)]["torch"])
         if rank == 0:
+            trim_log(os.path.join(out, "metrics.jsonl"), cur.global_step)  # steps logged after the checkpoint
             print(f"resumed from {ckpt}: {cur}", flush=True)
     held_out = None
     if cfg.run.eval_every:  # a small in-domain set for the periodic quick evaluation (rank 0)
         import data
         held_out = data.make_split("test", 48, seed=cfg.run.seed, size=cfg.data.image_size)
-    bad_in_row, stage_dirs, bar = 0, [], None
+    # Every stage's starting model, whichever stages this process runs (a resumed run starts past some).
+    stage_dirs = [os.path.join(out, "stages", f"{k}_{s.name}_start") for k, s in enumerate(specs)]
+    bad_in_row, bar = 0, None
     while not cur.done:
         spec, k = cur.current_stage(), cur.stage_index
-        start_dir = os.path.join(out, "stages", f"{k}_{spec.name}_start")
+        start_dir = stage_dirs[k]
         if ref is None:  # stage start (or resume): the reference is the stage's starting weights, or the base
             if cur.step == 0 and rank == 0 and not os.path.isdir(start_dir):
                 M.save(policy, processor, start_dir + ".tmp")
@@ -618,7 +631,6 @@ def run_rl(cfg, stages, groups, steps, out, rank, device, dtype, policy, process
             else:
                 ref, _ = M.load(start_dir, device=device, dtype=dtype)
             ref.eval().requires_grad_(False)
-            stage_dirs.append(start_dir)
             opt = torch.optim.AdamW(policy.parameters(), lr=rl.lr, weight_decay=rl.weight_decay, betas=(0.9, 0.99))
             if resumed_opt is not None:
                 opt.load_state_dict(resumed_opt)
@@ -698,15 +710,19 @@ def stage_summary(metrics):
 
 
 def phase2_prompts(cfg, pool):
-    """Phase 2's prompts: the user's files, or the last rows of the synthetic pool asked in judge, choice and
-    open form in turn (so the SFT keeps every answer form)."""
+    """Phase 2's prompts: the user's files, or the last rows of the synthetic pool, each task's rows asked in
+    judge, choice and open form in turn: every (task, form) cell in near-equal shares, so the SFT keeps every
+    answer form of every task."""
     import curriculum
     import data
     if cfg.phase2.phase2_data:
         return data.load_mixture(cfg.phase2.phase2_data, seed=cfg.run.seed, image_root=cfg.data.image_root or None)
-    rows = pool[-cfg.phase2.phase2_prompts:]
-    return [curriculum.make_stage_row(r, curriculum.STAGES[i % 3], random.Random(f"phase2:{cfg.run.seed}:{i}"),
-                                      truth=(i // 3) % 2 == 0) for i, r in enumerate(rows)]
+    out, seen = [], {}  # rows of each task so far: each task is asked in every form in turn
+    for i, row in enumerate(pool[-cfg.phase2.phase2_prompts:]):
+        k = seen[row["task"]] = seen.get(row["task"], -1) + 1
+        rng = random.Random(f"phase2:{cfg.run.seed}:{i}")
+        out.append(curriculum.make_stage_row(row, curriculum.STAGES[k % 3], rng, truth=(k // 3) % 2 == 0))
+    return out
 
 
 def evaluate_stages(cfg, named_dirs, out, rank, device, dtype):
@@ -737,7 +753,8 @@ def evaluate_stages(cfg, named_dirs, out, rank, device, dtype):
     if rank == 0:
         print("\n" + table, flush=True)
         with open(os.path.join(out, "eval.json"), "w") as f:
-            json.dump({"results": results, "changes": changes, "table": table}, f, indent=1)
+            json.dump({"models": dict(named_dirs), "results": results, "changes": changes, "table": table}, f,
+                      indent=1)
     return results, table
 
 

@@ -144,3 +144,122 @@ def test_replay_ratios(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "16")
     with pytest.raises(ValueError, match="multiple of the 16 processes"):
         train.replay_ratios(rl("0.25"), ["judge", "open"])  # 40 prompts
+
+
+# -----------------------------------------------------------------------------
+# Whole runs in this process: a resume past the first stage, phase 2, the baseline
+
+class Killed(Exception):
+    """A stand-in for SIGKILL: raised from inside the run, after the step it names was logged."""
+
+
+def kill_before_checkpoint(monkeypatch, at_step):
+    """Make the run die just before it writes the checkpoint of global step `at_step` (that step is logged)."""
+    save = train.save_checkpoint
+
+    def dying(out, step, *args, **kwargs):
+        if step == at_step:
+            raise Killed(f"killed before the checkpoint of step {at_step}")
+        return save(out, step, *args, **kwargs)
+    monkeypatch.setattr(train, "save_checkpoint", dying)
+
+
+# Three stages (2 + 2 + 1 steps), a checkpoint every step, no phase 2, and 1 row per task and split evaluated.
+STAGED = QUICK[:2] + ["--stages", "judge,choice,open", "--stage-steps", "2,2,1", "--ckpt-every", "1", "--keep", "9",
+                      "--no-phase2", "--eval-n", "3", "--eval-stages", "open"] + QUICK[4:10] + ["--max-new-tokens", "16"]
+NAMES = {"base": "0_judge_start", "after judge": "1_choice_start", "after choice": "2_open_start",
+         "after open": "3_final"}
+
+
+def eval_json(out):
+    import json
+    with open(os.path.join(out, "eval.json")) as f:
+        return json.load(f)
+
+
+def global_steps(out):
+    import json
+    return [json.loads(line)["global_step"] for line in open(os.path.join(out, "metrics.jsonl"))]
+
+
+@pytest.fixture(scope="module")
+def staged_run(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("staged"))
+    train.main(STAGED + ["--out", out])
+    return out
+
+
+@pytest.mark.parametrize("killed_at, where", [(3, "at the judge -> choice boundary"), (4, "inside the choice stage")])
+def test_a_resumed_run_evaluates_every_stage_under_its_name(staged_run, tmp_path, monkeypatch, killed_at, where):
+    out = str(tmp_path / "resumed")
+    kill_before_checkpoint(monkeypatch, killed_at)
+    with pytest.raises(Killed):
+        train.main(STAGED + ["--out", out])
+    assert global_steps(out) == list(range(1, killed_at + 1)), "the killed run logged the step it died in"
+    monkeypatch.undo()
+    train.main(STAGED + ["--resume", "--out", out])
+
+    assert global_steps(out) == [1, 2, 3, 4, 5], "a step redone after the resume is logged once"
+    report = eval_json(out)
+    assert report["models"] == {name: os.path.join(out, "stages", d) for name, d in NAMES.items()}, \
+        f"resumed {where}: every stage's model, base first, under its own name"
+    base = weights(BASE)
+    assert all(torch.equal(t, weights(os.path.join(out, "stages", NAMES["base"]))[k]) for k, t in base.items()), \
+        "the model called base is the base"
+    for name, folder in NAMES.items():
+        a, b = weights(os.path.join(staged_run, "stages", folder)), weights(os.path.join(out, "stages", folder))
+        assert all(torch.equal(a[k], b[k]) for k in a), f"{name}: the resumed run's model is the uninterrupted one's"
+    assert any(not torch.equal(base[k], weights(os.path.join(out, "stages", "3_final"))[k]) for k in base), \
+        "training moved the weights (else the names could not be told apart)"
+    assert report["results"] == eval_json(staged_run)["results"], "the same table as the uninterrupted run"
+
+
+def test_phase2_prompts_cover_every_task_and_form():
+    import random
+    from collections import Counter
+    import data
+    cfg = train.make_config([])
+    pool = data.make_rows("train", 3000, draw=False)
+    for order in ("as drawn", "shuffled"):
+        if order == "shuffled":
+            random.Random(0).shuffle(pool)
+        prompts = train.phase2_prompts(cfg, pool)
+        assert len(prompts) == cfg.phase2.phase2_prompts == 300
+        cells = Counter((r["task"], r["stage"]) for r in prompts)
+        assert len(cells) == 9, f"pool {order}: all nine (task, form) cells, got {sorted(cells)}"
+        per_task = Counter(r["task"] for r in prompts)
+        for (task, form), n in cells.items():
+            assert abs(n - per_task[task] / 3) <= 1, f"pool {order}: {task} {form} has {n} of {per_task[task]}"
+        for task in data.TASKS:
+            truths = [r["meta"]["judge"]["truth"] for r in prompts if (r["task"], r["stage"]) == (task, "judge")]
+            assert abs(sum(truths) - len(truths) / 2) <= 1, f"{task}: judge claims half true, half false"
+
+
+def test_phase2_and_the_baseline_through_train_py(tmp_path):
+    import json
+    out = str(tmp_path / "run")
+    flags = QUICK[:2] + ["--stages", "judge,open", "--stage-steps", "1,2", "--baseline", "--phase2-prompts", "12",
+                         "--phase2-samples", "3", "--phase2-epochs", "2", "--phase2-batch", "4", "--phase2-lr", "5e-4",
+                         "--eval-n", "3", "--eval-stages", "open"] + QUICK[4:8] + ["--max-new-tokens", "24"]
+    train.main(flags + ["--out", out])
+    stages = os.path.join(out, "stages")
+    report = json.load(open(os.path.join(out, "phase2", "phase2_report.json")))
+    assert report["total"] == 12 and report["n_samples"] == 3 and "accuracy + format >= 2" in report["scorer"]
+    assert report["kept"] > 0, "the shipped base answers some phase-2 prompts right"
+    kept = report["kept"]
+    sft = report["sft"]
+    assert (sft["epochs"], sft["batch_size"], sft["lr"], sft["steps"]) == (2, 4, 5e-4, 2 * -(-kept // 4)), \
+        "phase 2 runs with the flags' settings: ceil(kept / batch) steps per epoch"
+    rl_final, p2 = weights(os.path.join(stages, "2_final")), weights(os.path.join(stages, "3_phase2"))
+    assert any(not torch.equal(rl_final[k], p2[k]) for k in p2), "phase 2 fine-tunes the RL model"
+    assert len(open(os.path.join(out, "phase2", "sft.jsonl")).read().splitlines()) == kept, "one line per kept answer"
+
+    b_metrics = [json.loads(line) for line in open(os.path.join(out, "baseline", "metrics.jsonl"))]
+    assert [(m["stage"], m["step"]) for m in b_metrics] == [("open", 1), ("open", 2), ("open", 3)], \
+        "the baseline takes as many RL steps as the curriculum, open questions only"
+    base, b_start = weights(BASE), weights(os.path.join(out, "baseline", "stages", "0_open_start"))
+    assert all(torch.equal(base[k], b_start[k]) for k in base), "the baseline starts from the base, not phase 2's model"
+    models = eval_json(out)["models"]
+    assert list(models) == ["base", "after judge", "after open", "final (+ phase 2)", "open only, 3 steps"]
+    assert models["final (+ phase 2)"] == os.path.join(stages, "3_phase2")
+    assert models["open only, 3 steps"] == os.path.join(out, "baseline", "stages", "1_final")
