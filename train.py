@@ -646,9 +646,6 @@ def run_rl(cfg, stages, groups, steps, out, rank, device, dtype, policy, process
         bad_in_row = bad_in_row + 1 if stats["skipped"] else 0
         if stats["skipped"] and rank == 0:
             bar.write(f"step {cur.step + 1}: non-finite loss or gradient, update skipped ({bad_in_row} in a row)")
-        if bad_in_row >= cfg.run.max_bad_steps:
-            raise RuntimeError(f"{bad_in_row} steps in a row had a non-finite loss or gradient (stage {spec.name}, "
-                               f"step {cur.step}): lower --lr, check --dtype, and look at samples.jsonl")
         step, global_step = cur.step + 1, cur.global_step + 1
         if cfg.run.eval_every and step % cfg.run.eval_every == 0 and rank == 0:
             from eval import evaluate
@@ -664,6 +661,9 @@ def run_rl(cfg, stages, groups, steps, out, rank, device, dtype, policy, process
             if cfg.run.sample_every and step % cfg.run.sample_every == 1:
                 append_jsonl(os.path.join(out, "samples.jsonl"),
                              [{"stage": spec.name, "step": step, **s} for s in samples])
+        if bad_in_row >= cfg.run.max_bad_steps:   # after the log, so the step that stops the run is in it
+            raise RuntimeError(f"{bad_in_row} steps in a row had a non-finite loss or gradient (stage {spec.name}, "
+                               f"step {step}): lower --lr, check --dtype, and look at samples.jsonl")
         advanced = cur.record(stats["reward_accuracy"])
         state = {"curriculum": cur.state_dict(), "optimizer": opt.state_dict(), "config": as_dict(cfg)}
         if advanced:

@@ -164,9 +164,9 @@ def kill_before_checkpoint(monkeypatch, at_step):
     monkeypatch.setattr(train, "save_checkpoint", dying)
 
 
-# Three stages (2 + 2 + 1 steps), a checkpoint every step, no phase 2, and 1 row per task and split evaluated.
-STAGED = QUICK[:2] + ["--stages", "judge,choice,open", "--stage-steps", "2,2,1", "--ckpt-every", "1", "--keep", "9",
-                      "--no-phase2", "--eval-n", "3", "--eval-stages", "open"] + QUICK[4:10] + ["--max-new-tokens", "16"]
+# Three stages of 2 steps, a checkpoint every step, no phase 2, and 1 row per task and split evaluated.
+STAGED = QUICK[:2] + ["--stages", "judge,choice,open", "--stage-steps", "2,2,2", "--ckpt-every", "1", "--keep", "9",
+                      "--no-phase2", "--eval-n", "3", "--eval-stages", "open"] + QUICK[4:10] + ["--max-new-tokens", "40"]
 NAMES = {"base": "0_judge_start", "after judge": "1_choice_start", "after choice": "2_open_start",
          "after open": "3_final"}
 
@@ -199,7 +199,7 @@ def test_a_resumed_run_evaluates_every_stage_under_its_name(staged_run, tmp_path
     monkeypatch.undo()
     train.main(STAGED + ["--resume", "--out", out])
 
-    assert global_steps(out) == [1, 2, 3, 4, 5], "a step redone after the resume is logged once"
+    assert global_steps(out) == [1, 2, 3, 4, 5, 6], "a step redone after the resume is logged once"
     report = eval_json(out)
     assert report["models"] == {name: os.path.join(out, "stages", d) for name, d in NAMES.items()}, \
         f"resumed {where}: every stage's model, base first, under its own name"
@@ -209,8 +209,9 @@ def test_a_resumed_run_evaluates_every_stage_under_its_name(staged_run, tmp_path
     for name, folder in NAMES.items():
         a, b = weights(os.path.join(staged_run, "stages", folder)), weights(os.path.join(out, "stages", folder))
         assert all(torch.equal(a[k], b[k]) for k in a), f"{name}: the resumed run's model is the uninterrupted one's"
-    assert any(not torch.equal(base[k], weights(os.path.join(out, "stages", "3_final"))[k]) for k in base), \
-        "training moved the weights (else the names could not be told apart)"
+    folders = [weights(os.path.join(out, "stages", d)) for d in NAMES.values()]
+    assert all(any(not torch.equal(a[k], b[k]) for k in a) for a, b in zip(folders, folders[1:])), \
+        "every stage moved the weights (else the names could not be told apart)"
     assert report["results"] == eval_json(staged_run)["results"], "the same table as the uninterrupted run"
 
 
@@ -263,3 +264,44 @@ def test_phase2_and_the_baseline_through_train_py(tmp_path):
     assert list(models) == ["base", "after judge", "after open", "final (+ phase 2)", "open only, 3 steps"]
     assert models["final (+ phase 2)"] == os.path.join(stages, "3_phase2")
     assert models["open only, 3 steps"] == os.path.join(out, "baseline", "stages", "1_final")
+
+
+def metrics_of(out):
+    import json
+    return [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+
+
+def test_each_stage_starts_at_kl_zero_to_its_reference_and_restarts_its_schedule(staged_run, tmp_path):
+    ms = metrics_of(staged_run)
+    assert [(m["stage"], m["step"]) for m in ms] == [(s, k) for s in ("judge", "choice", "open") for k in (1, 2)]
+    for m in ms:
+        if m["step"] == 1:
+            assert m["kl"] < 1e-9, f"{m['stage']}: the reference is the stage's start weights, so KL starts at 0"
+        assert m["lr"] == pytest.approx(3e-4 * m["step"] / 5), "warm-up over 5 steps, from the start of every stage"
+    assert ms[1]["kl"] > 1e-7, "after a step the policy has left its reference"
+
+    out = str(tmp_path / "ref_base")
+    train.main(STAGED + ["--ref", "base", "--warmup", "0", "--eval-n", "0", "--out", out])
+    ms = metrics_of(out)
+    assert ms[0]["kl"] < 1e-9 and all(m["kl"] > 1e-7 for m in ms[2:]), \
+        "--ref base: every later stage is measured against the base, which the policy has left"
+    assert [m["lr"] for m in ms] == pytest.approx([3e-4, 1.5e-4] * 3), "no warm-up: linear decay to 0 in each stage"
+
+
+def test_learning_rate_schedule_hand_values():
+    from reject_sample import lr_factor
+    assert [lr_factor(s, 4, 10) for s in range(4)] == [0.25, 0.5, 0.75, 1.0], "linear warm-up to 1"
+    assert lr_factor(9, 4, 10, "constant") == 1.0 and lr_factor(9, 0, None, "linear") == 1.0
+    assert lr_factor(7, 4, 10, "linear", floor=0.0) == pytest.approx(0.5), "half way through the decay"
+    assert lr_factor(10, 0, 10, "linear", floor=0.1) == pytest.approx(0.1) and lr_factor(99, 0, 10, "linear") == 0.1
+    assert lr_factor(5, 0, 10, "cosine", floor=0.1) == pytest.approx(0.1 + 0.9 * 0.5), "cosine at half way"
+    assert lr_factor(0, 0, 10, "cosine") == 1.0 and lr_factor(10, 0, 10, "cosine", floor=0.0) == pytest.approx(0.0)
+
+
+def test_too_many_non_finite_steps_stop_the_run(tmp_path, monkeypatch):
+    import grpo
+    loss_fn = grpo.grpo_loss
+    monkeypatch.setattr(grpo, "grpo_loss", lambda *a, **kw: (lambda loss, s: (loss * float("nan"), s))(*loss_fn(*a, **kw)))
+    with pytest.raises(RuntimeError, match="2 steps in a row had a non-finite loss"):
+        train.main(QUICK + ["--stage-steps", "5", "--max-bad-steps", "2", "--out", str(tmp_path)])
+    assert len(metrics_of(str(tmp_path))) == 2, "each skipped step is logged, then the run stops"

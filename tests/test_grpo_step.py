@@ -1,0 +1,241 @@
+"""train.grpo_step, the wiring of one GRPO step, on the shipped tiny base with a fixed rollout: its gradient equals
+grpo.grpo_loss built by hand on the whole batch for every micro-batch size, its statistics equal hand values, the
+reference model sees the image, one SGD step moves each answer's log-probability with its advantage's sign, and
+with mu > 1 the old log-probabilities are the policy's before the update, so the ratio moves and the clip acts."""
+import copy
+import dataclasses
+import os
+import random
+
+import pytest
+import torch
+
+import curriculum
+import data
+import grpo
+import model as M
+import rewards
+import rollout
+import train
+from eval import samples_of
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BASE = os.path.join(ROOT, "assets", "tiny-base")
+P, G, T_NEW = 4, 4, 24
+
+
+@pytest.fixture(scope="module")
+def base():
+    policy, processor = M.load(BASE)
+    return policy, processor
+
+
+def choice_rows():
+    """Three choice questions and one replayed open question (scored by the open rules)."""
+    rows = data.make_split("train", P, seed=3)
+    staged = [curriculum.make_stage_row(r, "choice", random.Random(i)) for i, r in enumerate(rows[:3])]
+    return staged + [{**rows[3], "stage": "open", "replay": True}]
+
+
+def fixed_rollout(policy, processor, rows):
+    """A real sampled rollout whose first answer per group is replaced by the reference answer, so that every
+    group holds a right answer and most groups have unequal rewards (non-zero advantages). The texts are what
+    the rewards read; the log-probabilities are of the sampled token ids."""
+    gens = [torch.Generator().manual_seed(100 + i) for i in range(len(rows))]
+    ro = rollout.generate(policy.eval(), processor, samples_of(rows), group_size=G, max_new_tokens=T_NEW,
+                          generator=gens)
+    for b, row in enumerate(rows):
+        ro.texts[b * G] = data.reference_completion(row)
+    return ro
+
+
+def config(**rl):
+    cfg = train.make_config(["--group-size", str(G), "--prompts-per-step", str(P), "--max-new-tokens", str(T_NEW)])
+    return dataclasses.replace(cfg, rl=dataclasses.replace(cfg.rl, **{"grad_clip": 1e9, **rl}))  # no clip: exact grads
+
+
+class GradientRecorder:
+    """An optimizer that does not step: it keeps a copy of the gradient it was asked to apply."""
+
+    def __init__(self, model):
+        self.model, self.grads, self.param_groups = model, [], [{"lr": 0.0}]
+
+    def step(self):
+        self.grads.append({n: p.grad.detach().clone() for n, p in self.model.named_parameters() if p.grad is not None})
+
+    def zero_grad(self, set_to_none=True):
+        self.model.zero_grad(set_to_none=set_to_none)
+
+
+def hand_rewards(rows, texts, cfg, stage="choice"):
+    return torch.tensor([rewards.score(t, rows[n // G]["solution"], rows[n // G]["task"],
+                                       "open" if rows[n // G].get("replay") else stage,
+                                       choice_partial=cfg.rl.choice_partial, box_mode=cfg.rl.box_reward)["total"]
+                         for n, t in enumerate(texts)])
+
+
+def hand_step(policy, ref, processor, rows, ro, cfg):
+    """grpo_loss on the whole batch, encoded afresh: (loss, stats, gradient by name, advantages)."""
+    batch = M.encode(processor, samples_of(rows))
+    T = int(ro.mask.sum(1).max())
+    ids, mask = ro.completion_ids[:, :T], ro.mask[:, :T]
+    adv = grpo.group_advantages(hand_rewards(rows, ro.texts, cfg), G)
+    policy.zero_grad(set_to_none=True)
+    logp = M.completion_logprobs(policy.train(), batch, ids, mask)
+    with torch.no_grad():
+        ref_logp = M.completion_logprobs(ref, batch, ids, mask)
+    loss, stats = grpo.grpo_loss(logp, logp.detach(), ref_logp, adv, mask, beta=cfg.rl.beta, agg=cfg.rl.agg,
+                                 max_len=cfg.rl.max_new_tokens)
+    loss.backward()
+    grads = {n: p.grad.detach().clone() for n, p in policy.named_parameters()}
+    policy.zero_grad(set_to_none=True)
+    return loss.item(), stats, grads, adv
+
+
+@pytest.fixture(scope="module")
+def setup(base):
+    policy, processor = base
+    ref = copy.deepcopy(policy).eval().requires_grad_(False)
+    with torch.no_grad():                      # a reference away from the policy, so the KL term has a gradient
+        for p in ref.parameters():
+            p.add_(0.02 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    rows = choice_rows()
+    return policy, ref, processor, rows, fixed_rollout(policy, processor, rows)
+
+
+def run_step(monkeypatch, policy, ref, processor, rows, ro, cfg, opt):
+    monkeypatch.setattr(rollout, "generate", lambda *a, **kw: ro)
+    return train.grpo_step(policy, ref, processor, rows, "choice", G, cfg, opt, 0, "cpu", 0)
+
+
+@pytest.mark.parametrize("agg", ["seq", "token", "dr_grpo"])
+def test_the_gradient_is_grpo_loss_on_the_whole_batch_for_every_micro_batch(setup, monkeypatch, agg):
+    policy, ref, processor, rows, ro = setup
+    cfg = config(agg=agg)
+    loss, hand, want, adv = hand_step(policy, ref, processor, rows, ro, cfg)
+    assert (adv > 0).any() and (adv < 0).any(), "the fixed rollout must have advantages of both signs"
+    for mb in (P, P // 2, 1):   # P reuses the rollout's encoding; fewer prompts re-encode their own
+        opt = GradientRecorder(policy)
+        stats, _ = run_step(monkeypatch, policy, ref, processor, rows, ro, config(agg=agg, micro_batch=mb), opt)
+        got = opt.grads[0]
+        assert set(got) == set(want)
+        for name in want:
+            assert torch.allclose(got[name], want[name], atol=1e-7, rtol=1e-4), \
+                f"{agg}, micro-batch {mb}: the gradient of {name} must equal grpo_loss's on the whole batch"
+        norm = torch.cat([g.flatten() for g in want.values()]).norm().item()
+        assert stats["grad_norm"] == pytest.approx(norm, rel=1e-4), "grad_norm is the norm of that gradient"
+        assert stats["loss"] == pytest.approx(loss, rel=1e-5, abs=1e-8) and stats["kl"] == pytest.approx(hand["kl"], rel=1e-5)
+
+
+def test_the_step_statistics_are_hand_values(setup, monkeypatch):
+    policy, ref, processor, rows, ro = setup
+    cfg = config()
+    stats, samples = run_step(monkeypatch, policy, ref, processor, rows, ro, cfg, GradientRecorder(policy))
+    parts = [rewards.score(t, rows[n // G]["solution"], rows[n // G]["task"],
+                           "open" if rows[n // G].get("replay") else "choice", choice_partial=cfg.rl.choice_partial)
+             for n, t in enumerate(ro.texts)]
+    own, replayed = parts[:3 * G], parts[3 * G:]          # rows 0-2 are choice questions, row 3 replayed
+    for key in ("total", "accuracy", "format"):
+        assert stats[f"reward_{key}"] == pytest.approx(sum(s[key] for s in own) / len(own)), \
+            f"reward_{key} is the mean over the stage's own answers, replayed ones apart"
+    assert stats["replay_accuracy"] == pytest.approx(sum(s["accuracy"] for s in replayed) / len(replayed))
+    assert replayed[0]["accuracy"] == 1.0, "the replayed reference answer is right by the open rules"
+    r = torch.tensor([s["total"] for s in parts]).view(P, G)
+    assert stats["zero_var"] == pytest.approx((r.max(1).values == r.min(1).values).float().mean().item())
+    assert stats["length"] == pytest.approx(ro.mask.sum().item() / (P * G)), "mean answer length in tokens"
+    assert stats["skipped"] == 0 and stats["clip_low"] == stats["clip_high"] == 0.0, "mu = 1: ratio 1, no clip"
+    assert [s["answer"] for s in samples] == ro.texts[:2 * G] and samples[0]["total"] == parts[0]["total"]
+
+
+def test_the_reference_sees_the_image_and_starts_equal(base, monkeypatch):
+    policy, processor = base
+    rows = choice_rows()
+    ro = fixed_rollout(policy, processor, rows)
+    calls = []
+    logprobs = M.completion_logprobs
+
+    def spy(model, batch, *args, **kwargs):
+        calls.append((model, batch))
+        return logprobs(model, batch, *args, **kwargs)
+    monkeypatch.setattr(M, "completion_logprobs", spy)
+    ref = copy.deepcopy(policy).eval().requires_grad_(False)    # the stage's start: reference == policy
+    stats, _ = run_step(monkeypatch, policy, ref, processor, rows, ro, config(), GradientRecorder(policy))
+    (ref_model, ref_batch), = [(m, b) for m, b in calls if m is ref]
+    policy_batch = next(b for m, b in calls if m is policy)
+    assert torch.equal(ref_batch["pixel_values"], policy_batch["pixel_values"]) and \
+        torch.equal(ref_batch["image_grid_thw"], policy_batch["image_grid_thw"]), "the reference is given the image"
+    assert stats["kl"] < 1e-7, f"a reference equal to the policy has KL 0 at the first step, got {stats['kl']}"
+
+
+def per_answer_logp(policy, processor, rows, ro):
+    with torch.no_grad():
+        batch = M.encode(processor, samples_of(rows))
+        logp = M.completion_logprobs(policy.eval(), batch, ro.completion_ids, ro.mask)
+    return (logp * ro.mask).sum(1)                                    # (N,) log pi(answer)
+
+
+def test_one_sgd_step_moves_each_answer_with_its_advantage(base, monkeypatch):
+    policy, processor = base
+    policy = copy.deepcopy(policy)
+    rows = choice_rows()
+    ro = fixed_rollout(policy, processor, rows)
+    cfg = config(beta=0.0)
+    adv = grpo.group_advantages(hand_rewards(rows, ro.texts, cfg), G)
+    before = per_answer_logp(policy, processor, rows, ro)
+    run_step(monkeypatch, policy, None, processor, rows, ro, cfg, torch.optim.SGD(policy.parameters(), lr=1e-3))
+    change = per_answer_logp(policy, processor, rows, ro) - before
+    # Answers share tokens, so one answer's update can move another's against its sign; on average and weighted
+    # by the advantage (the first-order change of the objective) the direction is fixed.
+    assert change[adv > 0].mean() > 0, f"answers better than their group become likelier: {change[adv > 0]}"
+    assert change[adv < 0].mean() < 0, f"answers worse than their group become less likely: {change[adv < 0]}"
+    assert (adv * change).sum() > 0, "the step raises the advantage-weighted log-likelihood (the GRPO objective)"
+
+
+def test_mu_above_one_uses_the_policy_before_the_update(base, monkeypatch):
+    policy, processor = base
+    policy = copy.deepcopy(policy)
+    rows = choice_rows()
+    ro = fixed_rollout(policy, processor, rows)
+    T = int(ro.mask.sum(1).max())
+    with torch.no_grad():
+        before = M.completion_logprobs(policy.eval(), M.encode(processor, samples_of(rows)),
+                                       ro.completion_ids[:, :T], ro.mask[:, :T])
+    calls = []
+    loss_fn = grpo.grpo_loss
+
+    def spy(logp, old_logp, *args, **kwargs):
+        loss, stats = loss_fn(logp, old_logp, *args, **kwargs)
+        calls.append((logp.detach().clone(), old_logp.clone(), stats))
+        return loss, stats
+    monkeypatch.setattr(grpo, "grpo_loss", spy)
+    ref = copy.deepcopy(policy).eval().requires_grad_(False)
+    stats, _ = run_step(monkeypatch, policy, ref, processor, rows, ro, config(mu=3, micro_batch=P // 2),
+                        torch.optim.SGD(policy.parameters(), lr=1.0))
+    assert len(calls) == 3 * 2, "mu = 3 passes over 2 micro-batches"
+    olds = torch.cat([old for _, old, _ in calls[:2]])
+    for k, (_, old, _) in enumerate(calls):
+        assert torch.allclose(old, olds[(k % 2) * (P // 2) * G:((k % 2) + 1) * (P // 2) * G]), \
+            "every pass keeps the same old log-probabilities"
+    assert torch.allclose(olds, before, atol=1e-5), "old log-probabilities are the policy's before the update"
+    mask = ro.mask[:, :T].bool()
+    first = torch.cat([logp for logp, _, _ in calls[:2]])
+    assert torch.allclose(first[mask], olds[mask], atol=1e-5), "the first pass starts at ratio 1"
+    last = torch.cat([logp for logp, _, _ in calls[4:]])
+    assert (last - olds)[mask].abs().max() > 0.2, "after two updates the ratio has moved"
+    assert sum(s["clip_low"] + s["clip_high"] for _, _, s in calls[2:]) > 0, "and the clip acts"
+    assert stats["clip_low"] + stats["clip_high"] > 0, "the step reports the clipped fraction"
+
+
+def test_a_non_finite_loss_skips_the_update(base, monkeypatch):
+    policy, processor = base
+    policy = copy.deepcopy(policy)
+    rows = choice_rows()
+    ro = fixed_rollout(policy, processor, rows)
+    loss_fn = grpo.grpo_loss
+    monkeypatch.setattr(grpo, "grpo_loss", lambda *a, **kw: (lambda loss, s: (loss * float("nan"), s))(*loss_fn(*a, **kw)))
+    before = [p.detach().clone() for p in policy.parameters()]
+    stats, _ = run_step(monkeypatch, policy, None, processor, rows, ro, config(beta=0.0),
+                        torch.optim.SGD(policy.parameters(), lr=0.1))
+    assert stats["skipped"] == 1, "a non-finite gradient is counted as a skipped update"
+    assert all(torch.equal(a, p) for a, p in zip(before, policy.parameters())), "and the weights are left alone"
+    assert all(p.grad is None for p in policy.parameters()), "and its gradient is dropped"
