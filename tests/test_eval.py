@@ -7,9 +7,14 @@ import os
 
 import pytest
 
+import torch
+
+import curriculum
 import data
 import eval as E
 import model as M
+import rewards
+from rollout import generate
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REAL = os.path.join(HERE, "fixtures", "real")
@@ -87,7 +92,23 @@ def test_sharded_sums_equal_the_whole():
 
 
 # -----------------------------------------------------------------------------
-# Models
+# Models: the shipped base, whose answers are right often enough that a mis-scored row shows
+
+ROOT = os.path.dirname(HERE)
+BASE = os.path.join(ROOT, "assets", "tiny-base")
+# Lower bounds on the base's in-domain accuracy over 16 rows per cell (chance: judge 0.5, choice <= 0.25, open
+# about 0.01 for a box and 0.2 for labels or a count); the base measured 0.81 / 0.62 / 0.31 (detection judge /
+# choice / open), 0.81 / 0.25 / 0.75 (classification) and 0.88 / 0.75 / 0.81 (math) on these rows.
+BOUNDS = {("detection", "judge"): 0.7, ("detection", "choice"): 0.45, ("detection", "open"): 0.2,
+          ("classify", "judge"): 0.7, ("classify", "open"): 0.55,
+          ("math", "judge"): 0.7, ("math", "choice"): 0.55, ("math", "open"): 0.6}
+
+
+@pytest.fixture(scope="module")
+def base():
+    model, processor = M.load(BASE)
+    return model.eval(), processor
+
 
 @pytest.fixture(scope="module")
 def tiny():
@@ -95,39 +116,72 @@ def tiny():
     return model.eval(), processor
 
 
-def test_evaluate_models_has_every_cell(tiny):
-    model, processor = tiny
-    sets = E.eval_sets_synthetic(n=3, seed=0, stages=("judge", "open"))   # 1 row per task and form, 6 a split
-    results = E.evaluate_models([("a", model, processor), ("b", model, processor)], sets, max_new_tokens=4,
-                                samples=2, pass_k=(1, 2))
-    assert list(results) == ["a", "b"]
-    for split, rows in sets.items():
-        for task in data.TASKS:
-            for stage in ("judge", "open"):
-                cell = results["a"][split][task][stage]
-                given = sum(r["task"] == task and r["stage"] == stage for r in rows)
-                assert cell["n"] == given == 1, f"{split}/{task}/{stage}: n is the number of rows given"
-                for name in E.metric_names(task, stage, (1, 2)):
-                    assert 0.0 <= cell[name] <= 1.0 and cell[name + "_se"] >= 0.0, f"{name} is a rate with its se"
-    assert results["a"] == results["b"], "the same model gives the same numbers (greedy, seeded samples)"
+@pytest.fixture(scope="module")
+def base_eval(base, tiny):
+    sets = E.eval_sets_synthetic(n=48, seed=0, stages=("judge", "choice", "open"))   # 16 rows per task and form
+    records = {}
+    results = E.evaluate_models([("base", *base)], sets, max_new_tokens=64, samples=2, pass_k=(1, 2), seed=5,
+                                records_out=records)
+    results |= E.evaluate_models([("random", *tiny)], sets, max_new_tokens=8, samples=2, pass_k=(1, 2))  # never stops
+    return sets, results, records
+
+
+def test_the_base_scores_above_chance_on_every_task(base_eval):
+    sets, results, _ = base_eval
+    for (task, stage), bound in BOUNDS.items():
+        cell = results["base"]["test"][task][stage]
+        assert cell["n"] == 16, f"{task}/{stage}: n is the number of rows given"
+        assert cell["accuracy"] >= bound, f"the base answers {task}/{stage} above chance: {cell['accuracy']} < {bound}"
+    assert all(c["accuracy"] == 0.0 for t in results["random"]["test"].values() for c in t.values()), \
+        "an untrained model answers nothing right"
     table = E.markdown_table(results).split("\n\n")[0].splitlines()
-    assert len(table) == 2 + 2, f"header, rule and one row per model:\n{table}"
-    assert table[2].startswith("| a |") and " ± " in table[2] and "det acc@0.5 test" in table[0]
+    det = results["base"]["test"]["detection"]["open"]
+    assert table[2].startswith("| base |") and table[3].startswith("| random |"), "one row per model, in order"
+    assert f"| {100 * det['acc@0.5']:.1f} ± {100 * det['acc@0.5_se']:.1f} |" in table[2], "the table shows the cell"
 
 
-def test_sampled_answers_do_not_depend_on_batching(tiny):
-    model, processor = tiny
+def test_each_answer_is_scored_against_its_own_row(base, base_eval):
+    """Every record is the score of the row's own answer, generated here one row at a time: greedy, and the two
+    samples from the row's own generator (seed * 1_000_003 + its index in the split)."""
+    model, processor = base
+    sets, _, records = base_eval
+    split, rows = "test", sets["test"]
+    mine = [r for r in records["base"] if r["split"] == split]
+    assert len(mine) == len(rows)
+    for i in range(0, len(rows), 7):      # every 7th row, so every task and form is met
+        row, record = rows[i], mine[i]
+        greedy = generate(model, processor, E.samples_of([row]), max_new_tokens=64, greedy=True).texts[0]
+        assert record == {**record, **E.score_answer(greedy, row)}, f"row {i} is scored on its own greedy answer"
+        sampled = generate(model, processor, E.samples_of([row]), group_size=2, max_new_tokens=64, temperature=1.0,
+                           generator=[torch.Generator().manual_seed(5 * 1_000_003 + i)]).texts
+        c = sum(E.score_answer(t, row)["accuracy"] == 1.0 for t in sampled)
+        assert (record["pass@1"], record["pass@2"]) == (c / 2, float(c > 0)), f"row {i}: pass@k of its own samples"
+    assert sum(r["accuracy"] for r in mine) > 0.5 * len(mine), "most of the base's answers are right"
+
+
+def test_sampled_answers_do_not_depend_on_batching(base):
+    model, processor = base
     rows = data.make_split("test", 3)
-    whole = E.answers(model, processor, rows, batch_size=64, max_new_tokens=4, samples=2, seed=1)
-    split = E.answers(model, processor, rows, batch_size=2, max_new_tokens=4, samples=2, seed=1)
+    whole = E.answers(model, processor, rows, batch_size=64, max_new_tokens=12, samples=2, seed=1)
+    split = E.answers(model, processor, rows, batch_size=2, max_new_tokens=12, samples=2, seed=1)
     assert whole == split, "prompt i is sampled from its own seeded generator, whatever its batch-mates (or rank)"
+    assert E.answers(model, processor, rows, max_new_tokens=12, samples=2, seed=2) != whole, "the seed matters"
 
 
-def test_quick_evaluate_keeps_its_keys(tiny):
-    model, processor = tiny
-    out = E.evaluate(model, processor, data.make_split("test", 3), max_new_tokens=4)
-    assert set(out) == {(t, "open") for t in data.TASKS} and all(c["n"] == 1 for c in out.values())
-    assert "iou" in out[("detection", "open")], "reject_sample.py and train.py read these keys"
+def test_quick_evaluate_is_the_mean_training_reward(base):
+    model, processor = base
+    rows = curriculum.stage_rows(data.make_split("test", 12, seed=2), "choice")
+    out = E.evaluate(model, processor, rows, max_new_tokens=64, reward_options={"choice_partial": 0.5})
+    texts = [generate(model, processor, E.samples_of([r]), max_new_tokens=64, greedy=True).texts[0] for r in rows]
+    for task in data.TASKS:
+        scores = [rewards.score(t, r["solution"], task, "choice", choice_partial=0.5)
+                  for t, r in zip(texts, rows) if r["task"] == task]
+        cell = out[(task, "choice")]
+        assert cell["n"] == len(scores) == 4
+        assert cell["accuracy"] == pytest.approx(sum(s["accuracy"] for s in scores) / 4), \
+            f"{task}: the training reward's accuracy (partial credit included) of each row's own answer"
+        assert cell["format"] == pytest.approx(sum(s["format"] for s in scores) / 4)
+    assert not model.training, "the model is left in the mode it was in"
 
 
 # -----------------------------------------------------------------------------
@@ -140,16 +194,18 @@ def test_real_test_file_without_task_loads_with_default_task():
     assert "<answer>" in rows[0]["problem"], "a problem without instructions gets the stage's instruction line"
 
 
-def test_cli_end_to_end(tiny, tmp_path, capsys):
-    path = str(tmp_path / "ckpt")
-    M.save(*tiny, path)   # the tiny random model, M.load("tiny")
+def test_cli_end_to_end(base, tmp_path, capsys):
     out = tmp_path / "results.json"
-    E.main(["--model", path, "--n", "6", "--max-new-tokens", "4", "--out", str(out)])
+    E.main(["--model", f"{BASE},tiny", "--n", "12", "--seed", "3", "--max-new-tokens", "64", "--out", str(out)])
     table = capsys.readouterr().out
-    assert f"| {path} |" in table, "the table has the model's row"
-    results = json.loads(out.read_text())["results"][path]
-    assert {(s, t) for s in results for t in results[s]} == {(s, t) for s in ("test", "ood") for t in data.TASKS}
-    assert all(results[s][t]["open"]["n"] == 2 for s in results for t in results[s]), "--n 6: 2 rows per task"
+    assert f"| {BASE} |" in table and "| tiny |" in table and f"Change from {BASE}" in table
+    saved = json.loads(out.read_text())
+    want = E.evaluate_models([(BASE, *base)], E.eval_sets_synthetic(n=12, seed=3), max_new_tokens=64)[BASE]
+    assert saved["results"][BASE] == json.loads(json.dumps(want)), "the command line evaluates the rows its flags name"
+    assert want["test"]["math"]["open"]["n"] == 4 and want["test"]["math"]["open"]["accuracy"] > 0
+    change = saved["changes"][f"tiny − {BASE}"]["test"]["classify"]["open"]
+    assert change["accuracy"] == pytest.approx(-want["test"]["classify"]["open"]["accuracy"]), \
+        "the random model's change from the base is minus the base's accuracy (it answers nothing right)"
 
 
 def test_bad_input_names_it(tmp_path):
