@@ -11,6 +11,9 @@ from PIL import Image
 import data
 import model as M
 import reject_sample as R
+from eval import samples_of
+
+BASE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets", "tiny-base")
 
 GOOD = "<think>three circles</think><answer>3</answer>"  # right and well formed: accuracy 1, format 1
 
@@ -180,19 +183,68 @@ def test_sampling_is_seeded():
     assert answers[0] != answers[2], "another seed gives other answers"
 
 
-def test_judge_returns_a_grade_or_zero():
+def test_judge_grades_each_answer_against_the_reference_with_the_image(monkeypatch):
     assert R.parse_judge_score("90") == 90.0 and R.parse_judge_score("Score: 85/100") == 85.0
     assert R.parse_judge_score("no number") == 0.0 and R.parse_judge_score("150") == 0.0
     assert R.parse_judge_score(None) == 0.0 and R.parse_judge_score("<think>7</think>") == 0.0
-    model, processor = M.load("tiny", seed=0)
-    judge = R.Judge(model, processor, max_new_tokens=6)
-    pool = data.make_split("train", 1, seed=0) + [row("How many circles?", 3)]
-    for r in pool:
-        verdicts = judge(r, [GOOD, "junk <|image_pad|>"])
-        assert len(verdicts) == 2
-        for v in verdicts:
-            assert 0.0 <= v["score"] <= 100.0 and v["passed"] == (v["score"] >= 85.0), \
-                "a number in [0, 100] (0 when the reply holds none), compared with the 85 threshold"
+    seen = []
+
+    answers = [GOOD, "junk <|image_pad|>", "4"]
+
+    def fake_generate(model, processor, samples, group_size=1, greedy=False, **kw):
+        if not greedy:                                   # the policy samples the three answers above
+            return SimpleNamespace(texts=answers * len(samples))
+        seen.extend(samples)                             # the judge replies 90, then no grade, then 84.5
+        return SimpleNamespace(texts=["90", "I cannot tell", "<think>close</think> 84.5"][:len(samples)])
+    monkeypatch.setattr(R, "generate", fake_generate)
+    judge = R.Judge(LINEAR, None)
+    image = scene("red")
+    verdicts = judge(row("How many circles?", 3, image=image), answers)
+    assert [(v["score"], v["passed"]) for v in verdicts] == [(90.0, True), (0.0, False), (84.5, False)], \
+        "the judge's number, 0 when it wrote none, passing at >= 85"
+    assert all(s["image"] is image for s in seen), "the judge is shown the row's image"
+    assert "Reference answer: 3\n" in seen[0]["problem"] and f"Candidate answer: {GOOD}\n" in seen[0]["problem"]
+    assert "Candidate answer: junk\n" in seen[1]["problem"], "vision tokens are taken out of the answer"
+    seen.clear()
+    kept, _ = R.rejection_sample(LINEAR, None, [row("How many circles?", 3)], n_samples=3, scorer=judge)
+    assert [k["answer"] for k in kept] == [GOOD] and kept[0]["score"] == 90.0, "the judge's best passing answer"
+
+
+def test_sft_loss_is_the_token_mean_nll_of_the_targets_alone():
+    """sft_loss against a plain forward of each (prompt, target): the prompt and the image are never in the loss,
+    and micro-batches divided by the global token count add up to the whole batch's loss."""
+    model, processor = M.load(BASE)
+    rows = data.make_split("train", 3, seed=4)
+    rows[1]["image"] = None
+    ids, mask = targets = R.sft_targets(processor, rows)
+    n_tok = mask.sum().item()
+    loss = R.sft_loss(model, processor, rows, targets, n_tok, "cpu")
+    hand = 0.0
+    with torch.no_grad():
+        for i, r in enumerate(rows):
+            one = M.encode(processor, samples_of([r]))
+            n = int(mask[i].sum())
+            y = ids[i, :n]
+            full = torch.cat([one["input_ids"], y[None]], dim=1)
+            mm = torch.cat([one["mm_token_type_ids"], torch.zeros(1, n, dtype=torch.int)], dim=1)
+            kw = {k: one[k] for k in ("pixel_values", "image_grid_thw") if k in one}
+            logits = model(input_ids=full, mm_token_type_ids=mm, attention_mask=torch.ones_like(full), **kw).logits
+            hand -= logits[0, -n - 1:-1].log_softmax(-1).gather(1, y[:, None]).sum().item()
+    assert loss.item() == pytest.approx(hand / n_tok, rel=1e-5), "- sum of target log-probs / target tokens"
+    parts = sum(R.sft_loss(model, processor, rows[i:i + 1], R.sft_targets(processor, rows[i:i + 1]), n_tok, "cpu")
+                for i in range(3))
+    assert parts.item() == pytest.approx(loss.item(), rel=1e-6), "micro-batches sum to the whole batch's loss"
+
+    finals, losses = [], []
+    for micro_batch in (None, 1):
+        copy, _ = M.load(BASE)
+        trace = []
+        R.sft(copy, processor, lambda step: rows, 2, lr=1e-3, warmup=0, micro_batch=micro_batch,
+              callback=lambda step, value: trace.append(value))
+        finals.append(list(copy.parameters()))
+        losses.append(trace)
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5) and losses[0][0] == pytest.approx(loss.item(), rel=1e-5)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*finals)), "the update does not depend on micro-batching"
 
 
 def test_command_line_errors_and_run(tmp_path, capsys):
