@@ -194,7 +194,7 @@ class RLConfig:
 class Phase2Config:
     phase2: bool = arg(True, "run rejection-sampling SFT after the open stage")
     phase2_data: str = arg("", "prompts for phase 2 (a mixture spec); empty: the last phase2_prompts rows of the "
-                               "synthetic pool, asked in the three stage forms in turn")
+                               "synthetic pool, each task's rows asked in the three stage forms in turn")
     phase2_prompts: int = arg(300, "prompts sampled in phase 2 (synthetic pool)")
     phase2_samples: int = arg(4, "answers sampled per prompt")
     phase2_bar: float = arg(2.0, "keep the best answer of a prompt when its reward (accuracy + format) >= this")
