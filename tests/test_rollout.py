@@ -86,13 +86,18 @@ def test_seeded_sampling_is_reproducible_and_groups_vary(tiny):
     assert torch.equal(full.completion_ids[4:8, :alone.completion_ids.shape[1]], alone.completion_ids)
 
 
-def test_recorded_logprobs_equal_teacher_forced(tiny):
+@pytest.mark.parametrize("sampling", [dict(), dict(temperature=0.7, top_k=20, top_p=0.9)],
+                         ids=["plain", "tempered_filtered"])
+def test_recorded_logprobs_equal_teacher_forced(tiny, sampling):
+    """Temperature, top-k and top-p only shape the sampling: the recorded log-probs stay those of the
+    unmodified model (temperature 1, no filtering), which completion_logprobs recomputes for the ratio."""
     model, processor = tiny
     r = generate(model, processor, prompts(), group_size=2, max_new_tokens=16,
-                 generator=torch.Generator().manual_seed(0))
+                 generator=torch.Generator().manual_seed(0), **sampling)
     with torch.no_grad():
         lp = M.completion_logprobs(model, r.batch, r.completion_ids, r.mask)
-    assert torch.allclose(lp * r.mask, r.logp, atol=1e-4), "log-probs recorded while decoding = teacher forced"
+    assert torch.allclose(lp * r.mask, r.logp, atol=1e-4), \
+        f"{sampling}: log-probs recorded while decoding = teacher-forced log-probs of the unmodified model"
 
 
 def force_token(model, token_id, at_step, row=None, bonus=1e4):
@@ -155,10 +160,17 @@ def test_top_k_and_top_p_restrict_the_support():
     logits = torch.tensor([[3.0, 2.0, 1.0, 0.0, -1.0]]).repeat(2000, 1)
     g = torch.Generator().manual_seed(0)
     assert set(sample_next(logits, top_k=2, generator=g).tolist()) == {0, 1}
-    p = logits[0].softmax(-1)  # top two hold p0 + p1 = 0.91; top_p = 0.8 keeps exactly them
-    assert p[0] < 0.8 < p[0] + p[1]
+    p = logits[0].softmax(-1)  # p = 0.636, 0.234, 0.086, 0.032, 0.012: top two hold p0 + p1 = 0.87
+    assert p[0] < 0.8 < p[0] + p[1]  # so top_p = 0.8 keeps exactly them
     assert set(sample_next(logits, top_p=0.8, generator=g).tolist()) == {0, 1}
     assert set(sample_next(logits, temperature=100.0, generator=g).tolist()) == {0, 1, 2, 3, 4}
+    # Temperature divides the logits. At 1, token 0 has p0 = e^3 / (e^3 + e^2 + e + 1 + 1/e) = 0.636
+    # (2000 draws: standard error 0.011); at 0.05 the gap of 1 becomes 20 (p1 / p0 = e^-20 = 2e-9), only
+    # the argmax is drawn; at 100 the distribution is near uniform (p0 = 0.204).
+    share0 = lambda t: (sample_next(logits, temperature=t, generator=g) == 0).float().mean().item()
+    assert 0.60 < share0(1.0) < 0.67, "temperature 1 samples the softmax of the logits as they are"
+    assert (sample_next(logits, temperature=0.05, generator=g) == 0).all(), "a low temperature gives the argmax"
+    assert share0(100.0) < 0.3, "a high temperature flattens the distribution: token 0 falls from 0.64 to ~0.2"
 
 
 def test_text_only_and_mixed_batches(tiny):
