@@ -49,7 +49,8 @@ TRAINING = {"model": "assets/tiny-base", "size": 112, "batch": 32, "group": 8, "
 def prompts(kind, B, size, seed=0):
     """B prompts: random-noise images with a counting question (presets), or synthetic training rows."""
     if kind == "training":
-        return [{"image": r["image"], "problem": r["problem"]} for r in data.make_split("train", B, seed=seed, size=size)]
+        rows = data.make_split("train", B, seed=seed, size=size)
+        return [{"image": r["image"], "problem": r["problem"]} for r in rows]
     rng = np.random.default_rng(seed)
     return [{"image": Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)),
              "problem": "How many shapes are in the image? Think, then answer with a number."} for _ in range(B)]
@@ -184,7 +185,7 @@ def main():
     p.add_argument("--group", type=int, default=8, help="samples per prompt G of the preset rows")
     p.add_argument("--max-new-tokens", type=int, default=128, help="answer length of the preset rows")
     p.add_argument("--training", action=argparse.BooleanOptionalAction, default=True,
-                   help="add the row of the default run's rollout: the shipped base, 32 prompts at 112 px, G=8, 64 tokens")
+                   help="add the default run's rollout: the shipped base, 32 prompts at 112 px, G=8, 64 tokens")
     p.add_argument("--warmup", type=int, default=2, help="untimed full-length calls of each arm first")
     p.add_argument("--repeats", type=int, default=5, help="timed calls of each arm, interleaved")
     p.add_argument("--memory", action=argparse.BooleanOptionalAction, default=True,
@@ -197,8 +198,9 @@ def main():
         torch.set_num_threads(args.threads)
     if args.repeats < 1 or args.warmup < 0:
         raise SystemExit("error: --repeats must be >= 1 and --warmup >= 0")
-    where = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU, {torch.get_num_threads()} threads"
-    memory = "GPU memory allocated" if args.device.startswith("cuda") else "resident memory"
+    cuda = args.device.startswith("cuda")
+    where = torch.cuda.get_device_name() if cuda else f"CPU, {torch.get_num_threads()} threads"
+    memory = "GPU memory allocated" if cuda else "resident memory"
     print(f"rollout throughput, new tokens/s: median (min–max) of {args.repeats} interleaved calls per arm after "
           f"{args.warmup} warm-up calls; {args.dtype} on {where}; torch {torch.__version__}\n")
     print(f"| model | params | image px | B x G | new tokens | prompt tokens | (a) ours | (b) HF generate x G | "

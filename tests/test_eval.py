@@ -159,6 +159,26 @@ def test_each_answer_is_scored_against_its_own_row(base, base_eval):
     assert sum(r["accuracy"] for r in mine) > 0.5 * len(mine), "most of the base's answers are right"
 
 
+def test_ranks_answer_their_share_of_the_rows_with_the_same_seeds(base, monkeypatch):
+    """Under torchrun rank r answers rows[r::W], its samples seeded by each row's index in the whole split: the
+    two ranks' records, interleaved, are one process's records."""
+    sets = E.eval_sets_synthetic(n=6, seed=1)
+    kw = dict(max_new_tokens=64, samples=2, pass_k=(1, 2), seed=3)
+    whole = {}
+    E.evaluate_models([("base", *base)], sets, records_out=whole, **kw)
+    shards = []
+    for rank in (0, 1):
+        monkeypatch.setattr(E, "_rank_world", lambda rank=rank: (rank, 2))
+        records = {}
+        E.evaluate_models([("base", *base)], sets, records_out=records, **kw)
+        shards.append(records["base"])
+    for split in sets:
+        mine = [[r for r in shard if r["split"] == split] for shard in shards]
+        merged = [r for pair in zip(*mine) for r in pair]
+        assert merged == [r for r in whole["base"] if r["split"] == split], f"{split}: ranks split the rows exactly"
+    assert 0 < sum(r["pass@2"] for r in whole["base"]) < len(whole["base"]), "the samples are not all right or wrong"
+
+
 def test_sampled_answers_do_not_depend_on_batching(base):
     model, processor = base
     rows = data.make_split("test", 3)

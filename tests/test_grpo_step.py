@@ -124,7 +124,8 @@ def test_the_gradient_is_grpo_loss_on_the_whole_batch_for_every_micro_batch(setu
                 f"{agg}, micro-batch {mb}: the gradient of {name} must equal grpo_loss's on the whole batch"
         norm = torch.cat([g.flatten() for g in want.values()]).norm().item()
         assert stats["grad_norm"] == pytest.approx(norm, rel=1e-4), "grad_norm is the norm of that gradient"
-        assert stats["loss"] == pytest.approx(loss, rel=1e-5, abs=1e-8) and stats["kl"] == pytest.approx(hand["kl"], rel=1e-5)
+        assert stats["loss"] == pytest.approx(loss, rel=1e-5, abs=1e-8), "the loss is the whole batch's"
+        assert stats["kl"] == pytest.approx(hand["kl"], rel=1e-5), "the KL is the whole batch's token mean"
 
 
 def test_the_step_statistics_are_hand_values(setup, monkeypatch):
@@ -226,16 +227,57 @@ def test_mu_above_one_uses_the_policy_before_the_update(base, monkeypatch):
     assert stats["clip_low"] + stats["clip_high"] > 0, "the step reports the clipped fraction"
 
 
-def test_a_non_finite_loss_skips_the_update(base, monkeypatch):
+def test_a_non_finite_loss_skips_the_update(base, monkeypatch, non_finite_loss):
     policy, processor = base
     policy = copy.deepcopy(policy)
     rows = choice_rows()
     ro = fixed_rollout(policy, processor, rows)
-    loss_fn = grpo.grpo_loss
-    monkeypatch.setattr(grpo, "grpo_loss", lambda *a, **kw: (lambda loss, s: (loss * float("nan"), s))(*loss_fn(*a, **kw)))
     before = [p.detach().clone() for p in policy.parameters()]
     stats, _ = run_step(monkeypatch, policy, None, processor, rows, ro, config(beta=0.0),
                         torch.optim.SGD(policy.parameters(), lr=0.1))
     assert stats["skipped"] == 1, "a non-finite gradient is counted as a skipped update"
     assert all(torch.equal(a, p) for a, p in zip(before, policy.parameters())), "and the weights are left alone"
     assert all(p.grad is None for p in policy.parameters()), "and its gradient is dropped"
+
+
+def test_the_rollout_is_sampled_as_the_config_says(base, monkeypatch):
+    policy, processor = base
+    rows = choice_rows()
+    ro = fixed_rollout(policy, processor, rows)
+    asked = {}
+
+    def spy(model, processor_, samples, **kwargs):
+        asked.update(kwargs, samples=samples, model=model)
+        return ro
+    monkeypatch.setattr(rollout, "generate", spy)
+    cfg = config(temperature=0.7, top_p=0.9, top_k=5)
+    train.grpo_step(policy, None, processor, rows, "choice", G, dataclasses.replace(cfg, rl=dataclasses.replace(
+        cfg.rl, beta=0.0)), GradientRecorder(policy), 0, "cpu", 41)
+    assert asked["model"] is policy and [s["problem"] for s in asked["samples"]] == [r["problem"] for r in rows]
+    assert (asked["group_size"], asked["max_new_tokens"], asked["temperature"], asked["top_p"], asked["top_k"]) == \
+        (G, T_NEW, 0.7, 0.9, 5), "the rollout samples with the configured G, length, temperature, top-p and top-k"
+    want = [g.initial_seed() for g in train.prompt_generators(cfg.run.seed, 41, 0, P, "cpu")]
+    assert [g.initial_seed() for g in asked["generator"]] == want, "one generator per prompt, seeded by the step"
+    assert len(set(want)) == P
+
+
+def test_the_configured_reward_options_and_gradient_clip_are_used(setup, monkeypatch):
+    policy, ref, processor, rows, ro = setup
+    assert rows[3]["task"] == "detection"
+    x1, y1, x2, y2 = rows[3]["meta"]["answer"]
+    ro = dataclasses.replace(ro, texts=list(ro.texts))     # a replayed box of IoU 1/3: hard reward 0, IoU 1/3
+    shift = (x2 - x1) // 2
+    ro.texts[3 * G + 1] = f"<think>a box</think><answer>[{x1 + shift}, {y1}, {x2 + shift}, {y2}]</answer>"
+    cfg = config(choice_partial=0.5, box_reward="iou", grad_clip=0.01)
+    opt = GradientRecorder(policy)
+    stats, _ = run_step(monkeypatch, policy, ref, processor, rows, ro, cfg, opt)
+    parts = [rewards.score(t, rows[n // G]["solution"], rows[n // G]["task"],
+                           "open" if rows[n // G].get("replay") else "choice", choice_partial=0.5, box_mode="iou")
+             for n, t in enumerate(ro.texts)]
+    assert stats["reward_total"] == pytest.approx(sum(s["total"] for s in parts[:3 * G]) / (3 * G))
+    assert stats["replay_accuracy"] == pytest.approx(sum(s["accuracy"] for s in parts[3 * G:]) / G)
+    assert 0 < stats["replay_accuracy"] < 1 and stats["replay_accuracy"] not in (0.25, 0.5, 0.75), \
+        "the replayed box question is scored by IoU, not hit-or-miss"
+    clipped = torch.cat([g.flatten() for g in opt.grads[0].values()]).norm().item()
+    assert stats["grad_norm"] > 0.01 and clipped == pytest.approx(0.01, rel=1e-4), \
+        "the update's gradient is clipped to --grad-clip; the log shows the norm before the clip"

@@ -165,8 +165,9 @@ def kill_before_checkpoint(monkeypatch, at_step):
 
 
 # Three stages of 2 steps, a checkpoint every step, no phase 2, and 1 row per task and split evaluated.
-STAGED = QUICK[:2] + ["--stages", "judge,choice,open", "--stage-steps", "2,2,2", "--ckpt-every", "1", "--keep", "9",
-                      "--no-phase2", "--eval-n", "3", "--eval-stages", "open"] + QUICK[4:10] + ["--max-new-tokens", "40"]
+STAGED = (QUICK[:2] + ["--stages", "judge,choice,open", "--stage-steps", "2,2,2", "--ckpt-every", "1", "--keep", "9",
+                       "--no-phase2", "--eval-n", "3", "--eval-stages", "open"] + QUICK[4:10]
+          + ["--max-new-tokens", "40"])
 NAMES = {"base": "0_judge_start", "after judge": "1_choice_start", "after choice": "2_open_start",
          "after open": "3_final"}
 
@@ -298,10 +299,38 @@ def test_learning_rate_schedule_hand_values():
     assert lr_factor(0, 0, 10, "cosine") == 1.0 and lr_factor(10, 0, 10, "cosine", floor=0.0) == pytest.approx(0.0)
 
 
-def test_too_many_non_finite_steps_stop_the_run(tmp_path, monkeypatch):
-    import grpo
-    loss_fn = grpo.grpo_loss
-    monkeypatch.setattr(grpo, "grpo_loss", lambda *a, **kw: (lambda loss, s: (loss * float("nan"), s))(*loss_fn(*a, **kw)))
+def test_too_many_non_finite_steps_stop_the_run(tmp_path, non_finite_loss):
     with pytest.raises(RuntimeError, match="2 steps in a row had a non-finite loss"):
         train.main(QUICK + ["--stage-steps", "5", "--max-bad-steps", "2", "--out", str(tmp_path)])
     assert len(metrics_of(str(tmp_path))) == 2, "each skipped step is logged, then the run stops"
+
+
+def test_the_periodic_evaluation_scores_the_model_of_its_step(tmp_path):
+    import curriculum
+    import data
+    import eval as E
+    import model as M
+    out = str(tmp_path / "evals")
+    train.main(STAGED[:3] + ["judge", "--stage-steps", "2"] + STAGED[6:] + ["--eval-every", "2", "--eval-n", "0",
+                                                                            "--out", out])
+    ms = metrics_of(out)
+    assert "eval" not in ms[0], "--eval-every 2: no evaluation at step 1"
+    model, processor = M.load(os.path.join(out, "checkpoints", "step_000002"))
+    rows = curriculum.stage_rows(data.make_split("test", 48, seed=0), "judge", seed=0)
+    want = E.evaluate(model, processor, rows, max_new_tokens=40)
+    assert ms[1]["eval"] == {f"{t}/{s}": round(v["accuracy"], 3) for (t, s), v in sorted(want.items())}, \
+        "the evaluation at step 2 is the step-2 model's held-out accuracy in the stage's form"
+    assert 0 < sum(ms[1]["eval"].values()) < 3
+
+
+def test_the_advance_rule_ends_a_stage_early(tmp_path):
+    out = str(tmp_path / "advance")
+    train.main(STAGED[:3] + ["judge,choice", "--stage-steps", "6", "--advance-accuracy", "0.3", "--advance-window", "2",
+                             "--eval-n", "0"] + STAGED[6:] + ["--out", out])
+    ms = metrics_of(out)
+    for stage in ("judge", "choice"):
+        acc = [m["reward_accuracy"] for m in ms if m["stage"] == stage]
+        fired = [k for k in range(2, len(acc) + 1) if sum(acc[k - 2:k]) / 2 >= 0.3]
+        assert len(acc) == (fired[0] if fired else 6), \
+            f"{stage}: the stage ends at the first step whose last-2 mean accuracy reaches 0.3 ({acc})"
+    assert len([m for m in ms if m["stage"] == "judge"]) < 6, "the rule fired at least once"
