@@ -7,6 +7,7 @@ import pytest
 
 import curriculum
 import data
+import rewards
 from curriculum import Curriculum, StageSpec
 
 POOL = data.make_rows("train", 240, seed=0, draw=False)  # open rows; the scene lives in meta
@@ -15,12 +16,44 @@ for _row in POOL:
     ROWS_PER_KIND.setdefault(_row["meta"]["kind"], []).append(_row)
 
 
+def test_iou_hand_values():
+    """curriculum.iou on hand-computed boxes, and rewards.box_iou (the reward's IoU) agreeing on each."""
+    a = [0, 0, 10, 10]
+    cases = [(a, [5, 0, 15, 10], 1 / 3),     # overlap 5 x 10 = 50, union 100 + 100 - 50 = 150
+             (a, a, 1.0),                     # a box with itself
+             (a, [0, 0, 20, 20], 0.25),       # inside a box four times its area
+             (a, [10, 0, 20, 10], 0.0),       # touching along an edge: no area in common
+             (a, [10, 10, 20, 20], 0.0),      # touching at a corner
+             (a, [20, 20, 30, 30], 0.0),      # disjoint along both axes (two negative overlaps must not multiply)
+             (a, [0, 20, 10, 30], 0.0)]       # disjoint along one axis
+    for x, y, expected in cases:
+        assert curriculum.iou(x, y) == pytest.approx(expected), f"iou({x}, {y}) must be {expected}"
+        assert curriculum.iou(y, x) == pytest.approx(expected), "IoU is symmetric"
+        assert rewards.box_iou(x, y)[0] == pytest.approx(expected), "the reward's IoU uses the same convention"
+
+
+def _grid_move(box, truth, cell):
+    """Whether `box` is `truth` moved by whole grid cells (same shift on x1 and x2, and on y1 and y2)."""
+    dx, dy = box[0] - truth[0], box[1] - truth[1]
+    return box == [truth[0] + dx, truth[1] + dy, truth[2] + dx, truth[3] + dy] and dx % cell == 0 == dy % cell
+
+
+def _is_wrong_box(box, m):
+    """A documented wrong box: another object's box, or the true box moved along the grid; IoU < 0.5 with the
+    truth (the reward's own IoU as the oracle) and inside the image."""
+    truth = m["answer"]
+    other = box in [o["box"] for o in m["objects"] if o["box"] != truth]
+    return ((other or _grid_move(box, truth, m["cell"])) and rewards.box_iou(box, truth)[0] < 0.5
+            and min(box) >= 0 and max(box) <= m["size"]), ("other" if other else "moved")
+
+
 def test_judge_is_balanced_and_false_claims_are_near_misses():
     rows = curriculum.stage_rows(POOL, "judge", seed=0)
     yes = sum(r["solution"] == "<answer>yes</answer>" for r in rows)
     assert yes == len(rows) // 2, "stage_rows alternates true and false claims: exactly half are yes"
     flips = [curriculum.make_stage_row(r, "judge", random.Random(i)) for i, r in enumerate(POOL)]
     assert 0.4 < sum(r["meta"]["judge"]["truth"] for r in flips) / len(flips) < 0.6, "a coin flip is about fair"
+    moves = set()  # which documented near misses occur
     for r in rows:
         m, claim = r["meta"], r["meta"]["judge"]["claim"]
         assert r["problem"].startswith(f"{m['question']} Is it {data.format_value(claim)}?\n")
@@ -30,10 +63,22 @@ def test_judge_is_balanced_and_false_claims_are_near_misses():
             step = m["cell"] if m["kind"] in data.GEOMETRY else 1  # pixels move by grid cells
             assert abs(claim - m["answer"]) in (step, 2 * step) and claim >= 0, "off by one or two (cells)"
         elif r["task"] == "detection":
-            assert curriculum.iou(claim, m["answer"]) < 0.5 and min(claim) >= 0 and max(claim) <= m["size"]
+            ok, how = _is_wrong_box(claim, m)
+            assert ok, f"a false box is another object's box or the true box moved along the grid, IoU < 0.5: {claim}"
+            moves.add(f"box:{how}")
         else:
             palette = data.COLOURS if m["kind"] == "colours" else data.SHAPES
-            assert claim != m["answer"] and claim and set(claim) <= set(palette), "a wrong but real label set"
+            assert claim and set(claim) <= set(palette), "a wrong but real label set"
+            assert claim == [x for x in palette if x in claim], "labels listed in palette order"
+            dropped, added = set(m["answer"]) - set(claim), set(claim) - set(m["answer"])
+            how = {(1, 1): "swap", (0, 1): "add", (1, 0): "drop"}.get((len(dropped), len(added)))
+            assert how, f"one label swapped for an absent one, one absent label added, or one dropped: " \
+                        f"{m['answer']} -> {claim}"
+            if m["kind"] == "shape_of":
+                assert how == "swap" and len(claim) == 1, "'what shape' claims another single shape"
+            moves.add(("shape_of:" if m["kind"] == "shape_of" else "") + how)
+    assert moves == {"box:other", "box:moved", "swap", "add", "drop", "shape_of:swap"}, \
+        f"every documented kind of near miss occurs: {moves}"
 
 
 def test_choice_options():
@@ -55,7 +100,14 @@ def test_choice_options():
             letters_seen.add(letters[0])
             assert all(o != m["answer"] for o in wrong), "distractors differ from the answer"
             if r["task"] == "detection":
-                assert all(curriculum.iou(o, m["answer"]) < 0.5 for o in wrong), "distractor boxes IoU < 0.5"
+                assert all(_is_wrong_box(o, m)[0] for o in wrong), \
+                    f"distractor boxes: other objects' boxes or the true box moved along the grid, IoU < 0.5: {wrong}"
+            elif r["task"] == "math":
+                step = m["cell"] if m["kind"] in data.GEOMETRY else 1  # pixel answers move by grid cells
+                assert all(0 < abs(o - m["answer"]) <= 3 * step and (o - m["answer"]) % step == 0 and o >= 0
+                           for o in wrong), f"distractors are within 3 (cells) of {m['answer']}, never negative: {wrong}"
+            else:
+                assert all(len(o) == 1 and o[0] in data.SHAPES for o in wrong), "'what shape': other shapes"
     assert letters_seen == set("ABCD"), "option order is shuffled: the right letter takes every position"
 
 

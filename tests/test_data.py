@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import shutil
 import time
 
 import numpy as np
@@ -51,9 +52,18 @@ def test_bare_int_solution_without_task_uses_default_task():
         data.load_rows(path)
 
 
-def test_image_root_and_sft_messages():
-    rows = data.load_rows(os.path.join(REAL, "no_task.jsonl"), image_root=REAL, default_task="math")
-    assert os.path.isfile(rows[0]["image"])
+def test_image_root_and_sft_messages(tmp_path):
+    # A copy of the file away from its images: only image_root can find them.
+    copy = tmp_path / "no_task.jsonl"
+    shutil.copy(os.path.join(REAL, "no_task.jsonl"), copy)
+    rows = data.load_rows(copy, image_root=REAL, default_task="math")
+    assert [r["image"] for r in rows] == [os.path.join(REAL, "images", "two_circles.png"),
+                                          os.path.join(REAL, "images", "blue_square.png")], \
+        "relative image paths start from image_root, not from the data file's folder"
+    with pytest.raises(data.DataError) as e:
+        data.load_rows(copy, default_task="math")
+    assert f"no_task.jsonl:1: image not found: {tmp_path / 'images' / 'two_circles.png'}" in str(e.value), \
+        f"without image_root, images are looked up beside the file (here: none): {e.value}"
     sft = data.load_rows(os.path.join(REAL, "sft.jsonl"))
     assert sft[0]["problem"] == "Is there a red circle? Answer yes or no.", "the <image> placeholder is removed"
     assert sft[0]["solution"] == "<answer>yes</answer>"
@@ -80,7 +90,10 @@ def test_json_list_file(tmp_path):
     path.write_text(json.dumps([{"problem": "a", "solution": 1, "task": "math"}, {"problem": "b", "solution": 2}]))
     with pytest.raises(data.DataError, match=r"rows\.json: item 2: missing field `task`"):
         data.load_rows(path)
-    assert len(data.load_rows(path, default_task="math")) == 2
+    rows = data.load_rows(path, default_task="math")
+    assert [(r["problem"], r["solution"], r["task"], r["image"]) for r in rows] == \
+           [("a", "<answer>1</answer>", "math", None), ("b", "<answer>2</answer>", "math", None)], \
+        "a JSON list holds one row per item, in order, parsed like a JSONL line"
 
 
 def test_open_image():
@@ -108,8 +121,13 @@ def test_mixture_rules(tmp_path):
     a, b = _numbered(tmp_path, "a", 10), _numbered(tmp_path, "b", 10)
     problems = lambda spec, seed=0: [r["problem"] for r in data.load_mixture(spec, seed=seed)]
     assert problems(f"{a}:first:3,{b}:last:2") == ["a0", "a1", "a2", "b8", "b9"]
-    assert len(problems(f"{a}:all,{b}")) == 20
-    assert len(problems(f"{a}:30%")) == 3 and len(problems(f"{a}:first:50%")) == 5
+    assert problems(f"{a}:all,{b}") == [f"a{i}" for i in range(10)] + [f"b{i}" for i in range(10)], "all, in order"
+    assert problems(f"{a}:first:50%") == ["a0", "a1", "a2", "a3", "a4"], "first:50% is the first half"
+    assert problems(f"{a}:last:20%") == ["a8", "a9"], "last:20% is the last fifth"
+    sampled = problems(f"{a}:30%")
+    assert len(sampled) == len(set(sampled)) == 3 and set(sampled) <= {f"a{i}" for i in range(10)}, \
+        "N% alone samples N% of the rows at random, without repeats"
+    assert sampled == sorted(sampled, key=lambda p: int(p[1:])), "in file order"
     picked = problems(f"{a}:random:4", seed=1)
     assert picked == problems(f"{a}:random:4", seed=1), "random sampling is deterministic for a seed"
     assert picked == sorted(picked, key=lambda p: int(p[1:])) and len(set(picked)) == 4, "file order, no repeats"
@@ -167,7 +185,8 @@ def test_scenes_follow_the_rules():
                 side = o["box"][2] - o["box"][0]
                 assert side == o["box"][3] - o["box"][1] and side in ((16,) if split == "ood_small" else (16, 32, 48))
                 for p in objects[i + 1:]:
-                    assert curriculum.iou(o["box"], p["box"]) == 0, "objects never overlap"
+                    a, b = o["box"], p["box"]  # disjoint: one box ends (in x or in y) where the other starts
+                    assert a[2] <= b[0] or b[2] <= a[0] or a[3] <= b[1] or b[3] <= a[1], "objects never overlap"
 
 
 def test_boxes_tightly_contain_the_drawn_shape():
