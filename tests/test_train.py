@@ -62,8 +62,11 @@ def test_a_run_with_replay_reports_the_replayed_accuracy(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     import json
     first = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])
-    assert first["stage"] == "choice" and "replay_accuracy" in first
-    assert "replayed open questions" in r.stdout
+    assert first["stage"] == "choice" and "replay_accuracy" in first, "the choice stage logs its replayed questions"
+    v = first["replay_accuracy"]
+    assert f"replayed open questions | accuracy {v:.3f} -> {v:.3f}" in r.stdout, "the stage summary prints them"
+    assert "replay_accuracy" not in json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[1]), \
+        "the open stage replays nothing"
 
 
 @pytest.mark.slow
