@@ -719,7 +719,8 @@ def phase2_prompts(cfg, pool):
         return data.load_mixture(cfg.phase2.phase2_data, seed=cfg.run.seed, image_root=cfg.data.image_root or None)
     out, seen = [], {}  # rows of each task so far: each task is asked in every form in turn
     for i, row in enumerate(pool[-cfg.phase2.phase2_prompts:]):
-        k = seen[row["task"]] = seen.get(row["task"], -1) + 1
+        k = seen.get(row["task"], 0)                               # this row is its task's k-th
+        seen[row["task"]] = k + 1
         rng = random.Random(f"phase2:{cfg.run.seed}:{i}")
         out.append(curriculum.make_stage_row(row, curriculum.STAGES[k % 3], rng, truth=(k // 3) % 2 == 0))
     return out
