@@ -328,12 +328,12 @@ def test_the_periodic_evaluation_scores_the_model_of_its_step(tmp_path):
 
 def test_the_advance_rule_ends_a_stage_early(tmp_path):
     out = str(tmp_path / "advance")
-    train.main(STAGED[:3] + ["judge,choice", "--stage-steps", "6", "--advance-accuracy", "0.3", "--advance-window", "2",
+    train.main(STAGED[:3] + ["judge,choice", "--stage-steps", "6", "--advance-accuracy", "0.8", "--advance-window", "2",
                              "--eval-n", "0"] + STAGED[6:] + ["--out", out])
     ms = metrics_of(out)
     for stage in ("judge", "choice"):
         acc = [m["reward_accuracy"] for m in ms if m["stage"] == stage]
-        fired = [k for k in range(2, len(acc) + 1) if sum(acc[k - 2:k]) / 2 >= 0.3]
+        fired = [k for k in range(2, len(acc) + 1) if sum(acc[k - 2:k]) / 2 >= 0.8]
         assert len(acc) == (fired[0] if fired else 6), \
-            f"{stage}: the stage ends at the first step whose last-2 mean accuracy reaches 0.3 ({acc})"
+            f"{stage}: the stage ends at the first step whose last-2 mean accuracy reaches 0.8 ({acc})"
     assert len([m for m in ms if m["stage"] == "judge"]) < 6, "the rule fired at least once"
