@@ -68,7 +68,7 @@ Departures from the paper, and why:
   open stage instead (README, "Results").
 - The paper preset (`paper_stages`): G = 4 / 2 / 4 and 1 / 1 / 2 epochs as the release trains the 3B model;
   `max_steps` 600 / 500 / 2300 stop where the release handed each stage's checkpoint on. `tiny_stages`
-  adds an advance rule, since a tiny base either learns a form quickly or not at all (../shared/TINY_WORLD.md).
+  adds an advance rule, since a tiny base either learns a form quickly or not at all.
   train.py builds its own schedule from its flags (--stages, --group-size, --stage-steps, --advance-accuracy).
 """
 import dataclasses

@@ -44,8 +44,8 @@ concatenated in order; `first`/`last` keep file order, `random` samples without 
 order, and is deterministic for a seed. Asking for more rows than a file has is an error. (A `:` inside a
 path, as in Windows drive letters, is not supported in the string form; use the JSON form.)
 
-The synthetic world (what a tiny randomly initialised VLM can learn on a 2-core CPU; the choices follow the
-measurements in ../shared/TINY_WORLD.md):
+The synthetic world (what a tiny randomly initialised VLM can learn on a 2-core CPU; the choices follow
+measurements on such a CPU):
 - Images are `size` px square, default 112 (a multiple of 28, the Qwen-VL patch-merge unit: 112 px is an
   8x8 patch grid, 16 image tokens). The image is a 7x7 grid of cells of size/7 px (16 px at 112).
 - Scenes hold 1-4 shapes from 5 (circle, square, triangle, diamond, cross) in 5 colours (red, green, blue,
@@ -81,7 +81,7 @@ measurements in ../shared/TINY_WORLD.md):
   `<think>red circle, blue square; so 2</think><answer>...</answer>`, the think block listing the scene in
   reading order, then the answer to the open question. A yes/no claim or options A-D are then judged by
   comparing with that stated answer; without it the judge and choice forms stayed at chance for thousands
-  of warm-start steps (here and in ../shared/TINY_WORLD.md).
+  of warm-start steps.
 - Token lengths with the tiny model's 512-token BPE trained on `tokenizer_corpus()` (digits are single
   tokens under Qwen's pre-tokenizer): prompts 25-45 tokens, except choice-stage detection (~100: four
   boxes of ~15 tokens each); completions 15-35 tokens (a box answer alone is ~16). Add the 16 image tokens.
@@ -583,7 +583,7 @@ def reference_completion(row):
     </answer>' (an empty think block without meta). The think block lists the objects, then states the answer
     to the open question, so a yes/no claim or options A-D are judged by comparing with it: this chain of
     thought is what lets a tiny model learn the judge and choice forms (asked without it, they stayed at
-    chance for thousands of steps in ../shared/TINY_WORLD.md and in this project's first warm-start)."""
+    chance for thousands of steps in this project's first warm-start)."""
     answers = re.findall(r"<answer>.*?</answer>", row["solution"], flags=re.S)
     answer = answers[-1] if answers else f"<answer>{row['solution'].strip()}</answer>"
     meta = row.get("meta")

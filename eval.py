@@ -51,7 +51,7 @@ Metrics of one (split, task, stage) cell over its n rows. A row's answer is the 
                       unpaired bound above; a change beyond about 2 paired se is outside the noise.
 The markdown table shows percentages, mean ± se, splits side by side; a note under it gives every n.
 
-Departures from the paper's release, and why (../shared/PAPER_NOTES.md):
+Departures from the paper's release, and why:
 - The release's evaluation counts a superset of the true labels as right and, for counting, a number
   appearing anywhere in the output (reasoning included) as right. Ours scores the answer block only, with
   exact label sets (F1 beside it) and one parsed final number: the lenient rules pay for guessing.

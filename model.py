@@ -34,8 +34,7 @@ Departures from the paper's release, and why:
   processor (`Qwen2VLImageProcessorPil`), which computes the same pixel values.
 - The tiny tokenizer is a byte-level BPE of a few hundred tokens trained on the synthetic world's text
   (`data.tokenizer_corpus()`), with Qwen's pre-tokenizer regex and its 14 special tokens. One token per byte
-  makes sequences about 3x longer and, measured in a prototype, keeps a tiny model from ever using the image
-  (../shared/TINY_WORLD.md).
+  makes sequences about 3x longer and, measured in a prototype, keeps a tiny model from ever using the image.
 """
 import json
 import os
@@ -80,7 +79,7 @@ QWEN_SPLIT = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?
               r"""|\s*[\r\n]+|\s+(?!\S)|\s+""")
 
 # Model sizes built in code. "tiny" is the CPU default (~0.35 M parameters, the size that learned to use
-# the image in ../shared/TINY_WORLD.md); "small" is a larger CPU/GPU preset for benchmarks.
+# the image in a prototype); "small" is a larger CPU/GPU preset for benchmarks.
 PRESETS = {
     "tiny": dict(hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128,
                  v_hidden=64, v_depth=2, v_heads=4, v_intermediate=128),

@@ -458,7 +458,7 @@ def base_world(phase):
 def base_rows(step, batch_size, phase, seed):
     """The warm-start's global batch at `step`: fresh synthetic scenes every step (the world is unlimited).
     phase "open": open classification and counting only (how the tiny model first learns to use the image;
-    box digits would dominate the loss, ../shared/TINY_WORLD.md). phase "all": every task in every form,
+    box digits would dominate the loss). phase "all": every task in every form,
     equal weight. Both on the base's world: large shapes (data.BASE_CELLS) and the first question kinds
     (data.BASE_KINDS). phase "full": every task in every form on the full world (small shapes, geometry)."""
     tasks = ("classify", "math") if phase == "open" else data.TASKS

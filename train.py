@@ -54,10 +54,9 @@ Departures from the paper's release, and why:
   choice / open, lr 3e-4 with linear decay and 5 warm-up steps, 64 new tokens, since a 0.4 M-parameter
   model on a 2-core CPU must learn in minutes. With 75 judge and choice steps the choice stage stopped
   rising. The judge and choice stages cost classification's open answers 1-3 points (their rewards do not
-  read the labels stated in the reasoning) and the open stage wins them back: with 150 open steps the
-  final model's classification was -0.5 +- 1.2 points from the base, with 200 +1.8 +- 1.2 (seed 0).
-  --replay (open questions rehearsed in the earlier stages, curriculum.StageSpec.replay) stops that loss but
-  did not end better. The evaluation holds 400 rows per task and form in each split, and prints each
+  read the labels stated in the reasoning) and the open stage wins them back; 200 open steps do it better
+  than 150 (the README has the runs). --replay (open questions rehearsed in the earlier stages,
+  curriculum.StageSpec.replay) stops that loss but did not end better. The evaluation holds 400 rows per task and form in each split, and prints each
   model's change from the base paired over the same rows (eval.paired_differences), the measure of
   "outside the noise".
 """
