@@ -8,7 +8,7 @@ Performance figures, printed as a markdown table. Speed and memory targets live 
 Rollout throughput, in new tokens per second (tokens actually generated, each row up to its first EOS), of
   (a) rollout.generate: B prompts, G samples each; the prompt and image are prefilled once and the KV cache is
       replicated to the G samples; one torch.Generator per prompt, seeded as training seeds them
-      (train.prompt_generators), so a prompt's answers do not depend on its batch-mates;
+      (rollout.prompt_generators), so a prompt's answers do not depend on its batch-mates;
   (b) transformers' model.generate on the same B prompts each repeated G times (what TRL-style trainers do),
       with the same max_new_tokens, sampling (temperature 1, no top-k / top-p), stop tokens and banned vision
       tokens; it draws from the global RNG (model.generate takes no per-prompt generators).
@@ -40,8 +40,7 @@ from PIL import Image
 
 import data
 import model as M
-from rollout import generate
-from train import prompt_generators
+from rollout import generate, prompt_generators
 
 TRAINING = {"model": "assets/tiny-base", "size": 112, "batch": 32, "group": 8, "max_new_tokens": 64}
 

@@ -71,48 +71,19 @@ Departures from the paper, and why:
   adds an advance rule, since a tiny base either learns a form quickly or not at all.
   train.py builds its own schedule from its flags (--stages, --group-size, --stage-steps, --advance-accuracy).
 """
+import argparse
 import dataclasses
+import json
 import math
+import os
 import random
 from dataclasses import dataclass
 from fractions import Fraction
 
 import data
-from data import COLOURS, GEOMETRY, SHAPES, format_value
+from data import COLOURS, GEOMETRY, SHAPES, STAGES, build_problem, format_value, has_instruction
 
-STAGES = ("judge", "choice", "open")
 LETTERS = "ABCD"
-
-# Every instruction string, in one place. Key: "stage/task", or "stage" for all tasks of a stage.
-INSTRUCTIONS = {
-    "judge": "Think in <think></think>, then answer only yes or no in <answer></answer>.",
-    "choice": "Think in <think></think>, then answer only the option letter in <answer></answer>.",
-    "choice/classify": "Think in <think></think>, then answer every right letter, comma-separated, "
-                       "in <answer></answer>.",
-    "open/detection": "Think in <think></think>, then answer the box [x1, y1, x2, y2] in <answer></answer>.",
-    "open/classify": "Think in <think></think>, then answer the labels, comma-separated, in <answer></answer>.",
-    "open/math": "Think in <think></think>, then answer a number in <answer></answer>.",
-}
-
-
-def instruction(stage, task):
-    """The instruction line of a stage and task."""
-    if stage not in STAGES:
-        raise ValueError(f"unknown stage {stage!r}; expected one of {', '.join(STAGES)}")
-    text = INSTRUCTIONS.get(f"{stage}/{task}") or INSTRUCTIONS.get(stage)
-    if text is None:
-        raise ValueError(f"no instruction for stage {stage!r} and task {task!r}")
-    return text
-
-
-def build_problem(question, task, stage):
-    """The full user text: the question (options included), then the stage's instruction line."""
-    return f"{question}\n{instruction(stage, task)}"
-
-
-def has_instruction(problem):
-    """Whether a problem already says how to answer (it names the <answer> tag)."""
-    return "<answer>" in problem.lower()
 
 
 # -----------------------------------------------------------------------------
@@ -462,3 +433,56 @@ class Curriculum:
             return f"Curriculum(done after {self.global_step} steps)"
         return (f"Curriculum(stage {self.stage_index + 1}/{len(self.stages)} {self.stages[self.stage_index].name}, "
                 f"step {self.step}, position {self.position})")
+
+
+# -----------------------------------------------------------------------------
+# The tiny tokenizer's corpus
+
+def tokenizer_corpus(n=1000, seed=0, size=112):
+    """n texts 'problem\\ncompletion' covering every task and stage of the base's world (data.BASE_CELLS,
+    data.BASE_KINDS; no images drawn), the corpus the tiny model's BPE is trained on. The base's world, not the
+    full one, so that the tokenizer (and with it the tiny model and the base built from it) stays the one
+    the shipped base was built with; geometry questions are encoded with the same merges."""
+    texts = []
+    rows = data.make_rows("train", n, seed, size, draw=False, cells=data.BASE_CELLS, kinds=data.BASE_KINDS)
+    for i, row in enumerate(rows):
+        stage = STAGES[(i // len(data.TASKS)) % len(STAGES)]  # every task meets every stage
+        staged = make_stage_row(row, stage, random.Random(f"corpus:{seed}:{i}"), truth=i % 2 == 0)
+        texts.append(staged["problem"] + "\n" + data.reference_completion(staged))
+    return texts
+
+
+# -----------------------------------------------------------------------------
+# Writing a split as a Curr-ReFT file
+
+def write_split(out, split="train", n=300, seed=0, size=112, stage="open"):
+    """Write `out/{split}.jsonl` (or `{split}_{stage}.jsonl`) and PNGs under `out/images/`; returns the path."""
+    os.makedirs(os.path.join(out, "images"), exist_ok=True)
+    name = split if stage == "open" else f"{split}_{stage}"
+    path = os.path.join(out, f"{name}.jsonl")
+    with open(path, "w", encoding="utf-8") as f:
+        for i, row in enumerate(data.make_split(split, n, seed, size)):
+            if stage != "open":
+                row = make_stage_row(row, stage, random.Random(f"write:{seed}:{i}"), truth=i % 2 == 0)
+            image = f"images/{split}_{seed}_{i:05d}.png"
+            row["image"].save(os.path.join(out, image))
+            f.write(json.dumps({**row, "image": image}) + "\n")
+    return path
+
+
+def main():
+    parser = argparse.ArgumentParser(description="Write a synthetic split as Curr-ReFT JSONL plus PNG images.")
+    parser.add_argument("--out", required=True, help="output folder (created)")
+    parser.add_argument("--split", default="train", choices=list(data.SPLITS), help="which split to draw")
+    parser.add_argument("--n", type=int, default=300, help="number of rows")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the split's generator")
+    parser.add_argument("--size", type=int, default=112, help="image side in pixels, a multiple of 28")
+    parser.add_argument("--stage", default="open", choices=["judge", "choice", "open"],
+                        help="write that stage's questions (judge / choice derived from the open rows)")
+    args = parser.parse_args()
+    path = write_split(args.out, args.split, args.n, args.seed, args.size, args.stage)
+    print(f"wrote {args.n} rows to {path} (images in {os.path.join(args.out, 'images')})")
+
+
+if __name__ == "__main__":
+    main()

@@ -19,8 +19,8 @@ Use it:
     rows = data.make_split("train", 3000, seed=0)                       # synthetic, PIL images in memory
     image = data.open_image(rows[0])                                    # always an RGB PIL image
 
-    python data.py --out synth --split train --n 3000 --seed 0         # synth/train.jsonl + synth/images/
-    python data.py --out synth --split ood --n 300 --stage judge       # synth/ood_judge.jsonl (stage questions)
+    python curriculum.py --out synth --split train --n 3000 --seed 0   # synth/train.jsonl + synth/images/
+    python curriculum.py --out synth --split ood --n 300 --stage judge # synth/ood_judge.jsonl (stage questions)
 
 Files (the Curr-ReFT format). JSONL, one object per line, or a JSON list of objects:
 - `image`: a path relative to `image_root`, or absolute. With `image_root=None` a relative path is relative
@@ -58,7 +58,7 @@ measurements on such a CPU):
   nor on a fine grid.
 - The base's world (BASE_CELLS, BASE_KINDS): the tiny base's first warm-start phases see only 2- and 3-cell
   shapes and the first six question kinds (no geometry); it meets one-cell shapes and geometry in a short
-  last phase (reject_sample.py). Why: a world the base has fully learned leaves RL nothing to gain. In the
+  last phase (tiny_base.py). Why: a world the base has fully learned leaves RL nothing to gain. In the
   first version of this world (2-3-cell shapes, no geometry) the shipped base reached 98% on classification
   and sat at a capacity limit on counting, and 300 GRPO steps moved neither (training accuracy flat,
   sampling entropy collapsing). One-cell shapes and geometry are skills the base has only begun to learn,
@@ -101,7 +101,6 @@ Departures from the paper, and why:
   `load_rows`.
 - Classification answers are whole label names (palette order), not free text.
 """
-import argparse
 import hashlib
 import json
 import logging
@@ -112,9 +111,40 @@ from dataclasses import dataclass, replace
 
 from PIL import Image, ImageDraw
 
+from rewards import STAGES, TASKS  # the three tasks and the three answer forms
+
 log = logging.getLogger("data")
 
-TASKS = ("detection", "classify", "math")
+# Every instruction string, in one place. Key: "stage/task", or "stage" for all tasks of a stage.
+INSTRUCTIONS = {
+    "judge": "Think in <think></think>, then answer only yes or no in <answer></answer>.",
+    "choice": "Think in <think></think>, then answer only the option letter in <answer></answer>.",
+    "choice/classify": "Think in <think></think>, then answer every right letter, comma-separated, "
+                       "in <answer></answer>.",
+    "open/detection": "Think in <think></think>, then answer the box [x1, y1, x2, y2] in <answer></answer>.",
+    "open/classify": "Think in <think></think>, then answer the labels, comma-separated, in <answer></answer>.",
+    "open/math": "Think in <think></think>, then answer a number in <answer></answer>.",
+}
+
+
+def instruction(stage, task):
+    """The instruction line of a stage and task."""
+    if stage not in STAGES:
+        raise ValueError(f"unknown stage {stage!r}; expected one of {', '.join(STAGES)}")
+    text = INSTRUCTIONS.get(f"{stage}/{task}") or INSTRUCTIONS.get(stage)
+    if text is None:
+        raise ValueError(f"no instruction for stage {stage!r} and task {task!r}")
+    return text
+
+
+def build_problem(question, task, stage):
+    """The full user text: the question (options included), then the stage's instruction line."""
+    return f"{question}\n{instruction(stage, task)}"
+
+
+def has_instruction(problem):
+    """Whether a problem already says how to answer (it names the <answer> tag)."""
+    return "<answer>" in problem.lower()
 
 
 class DataError(ValueError):
@@ -132,6 +162,11 @@ class Rows(list):
 
 # -----------------------------------------------------------------------------
 # Images
+
+def samples_of(rows):
+    """Rows -> the {"image", "problem"} samples rollout.generate and model.encode take (images opened)."""
+    return [{"image": None if r.get("image") is None else open_image(r), "problem": r["problem"]} for r in rows]
+
 
 def open_image(row_or_path):
     """An RGB PIL image from a row (its `image`), a path or a PIL image; a clear DataError otherwise."""
@@ -408,7 +443,7 @@ BACKGROUNDS = {"light_grey": (224, 224, 224), "light_blue": (185, 215, 245)}
 KINDS = {"detection": ("locate",),
          "classify": ("colours", "shapes", "shape_of"),
          "math": ("count_all", "count_shape", "sum_shapes", "width", "left")}
-BASE_KINDS = {"detection": ("locate",),  # the kinds of the base's first warm-start phases (reject_sample.py)
+BASE_KINDS = {"detection": ("locate",),  # the kinds of the base's first warm-start phases (tiny_base.py)
               "classify": ("colours", "shapes", "shape_of"),
               "math": ("count_all", "count_shape", "sum_shapes")}
 GEOMETRY = ("width", "left")  # math kinds answered in pixels, on the cell grid
@@ -428,7 +463,7 @@ SPLITS = {
     "ood": SplitStyle("light_blue", (1, 2, 3), held_out=True),     # the documented shift: the background
     "ood_small": SplitStyle("light_grey", (1,), held_out=True),    # optional: every shape one cell (16 px)
 }
-BASE_CELLS = (2, 3)  # the object sizes of the base's first warm-start phases (reject_sample.py)
+BASE_CELLS = (2, 3)  # the object sizes of the base's first warm-start phases (tiny_base.py)
 
 
 def _layout_bucket(objects):
@@ -548,7 +583,6 @@ def make_rows(split, n, seed=0, size=112, tasks=TASKS, draw=True, cells=None, ki
     cells / kinds override the split's object sizes and the question kinds (the base's first warm-start
     phases use BASE_CELLS and BASE_KINDS); the scenes are seeded by the split's name either way.
     """
-    from curriculum import build_problem  # curriculum imports data; the instruction strings live there
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
     style = SPLITS[split] if cells is None else replace(SPLITS[split], cells=tuple(cells))
@@ -589,54 +623,3 @@ def reference_completion(row):
     meta = row.get("meta")
     think = f"{describe_scene(meta)}; so {format_value(meta['answer'])}" if meta else ""
     return f"<think>{think}</think>{answer}"
-
-
-def tokenizer_corpus(n=1000, seed=0, size=112):
-    """n texts 'problem\\ncompletion' covering every task and stage of the base's world (BASE_CELLS,
-    BASE_KINDS; no images drawn), the corpus the tiny model's BPE is trained on. The base's world, not the
-    full one, so that the tokenizer (and with it the tiny model and the base built from it) stays the one
-    the shipped base was built with; geometry questions are encoded with the same merges."""
-    import curriculum  # lazy: curriculum imports data
-    texts = []
-    for i, row in enumerate(make_rows("train", n, seed, size, draw=False, cells=BASE_CELLS, kinds=BASE_KINDS)):
-        stage = curriculum.STAGES[(i // len(TASKS)) % len(curriculum.STAGES)]  # every task meets every stage
-        staged = curriculum.make_stage_row(row, stage, random.Random(f"corpus:{seed}:{i}"), truth=i % 2 == 0)
-        texts.append(staged["problem"] + "\n" + reference_completion(staged))
-    return texts
-
-
-# -----------------------------------------------------------------------------
-# Writing a split as a Curr-ReFT file
-
-def write_split(out, split="train", n=300, seed=0, size=112, stage="open"):
-    """Write `out/{split}.jsonl` (or `{split}_{stage}.jsonl`) and PNGs under `out/images/`; returns the path."""
-    import curriculum
-    os.makedirs(os.path.join(out, "images"), exist_ok=True)
-    name = split if stage == "open" else f"{split}_{stage}"
-    path = os.path.join(out, f"{name}.jsonl")
-    with open(path, "w", encoding="utf-8") as f:
-        for i, row in enumerate(make_split(split, n, seed, size)):
-            if stage != "open":
-                row = curriculum.make_stage_row(row, stage, random.Random(f"write:{seed}:{i}"), truth=i % 2 == 0)
-            image = f"images/{split}_{seed}_{i:05d}.png"
-            row["image"].save(os.path.join(out, image))
-            f.write(json.dumps({**row, "image": image}) + "\n")
-    return path
-
-
-def main():
-    parser = argparse.ArgumentParser(description="Write a synthetic split as Curr-ReFT JSONL plus PNG images.")
-    parser.add_argument("--out", required=True, help="output folder (created)")
-    parser.add_argument("--split", default="train", choices=list(SPLITS), help="which split to draw")
-    parser.add_argument("--n", type=int, default=300, help="number of rows")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the split's generator")
-    parser.add_argument("--size", type=int, default=112, help="image side in pixels, a multiple of 28")
-    parser.add_argument("--stage", default="open", choices=["judge", "choice", "open"],
-                        help="write that stage's questions (judge / choice derived from the open rows)")
-    args = parser.parse_args()
-    path = write_split(args.out, args.split, args.n, args.seed, args.size, args.stage)
-    print(f"wrote {args.n} rows to {path} (images in {os.path.join(args.out, 'images')})")
-
-
-if __name__ == "__main__":
-    main()

@@ -69,20 +69,18 @@ import time
 from collections import defaultdict
 
 import torch
+import torch.distributed as dist
 
 import curriculum
 import data
+import model as M
 import rewards
 from rollout import generate
+from runtime import all_reduce_sum, barrier, resolve_dtype, setup_dist, world_size
 
 IOU_THRESHOLD = 0.5
 TASK_METRICS = {("detection", "open"): ["acc@0.5", "iou_mean"], ("classify", "open"): ["exact", "f1"]}
 SHORT = {"detection": "det", "classify": "cls", "math": "math"}
-
-
-def samples_of(rows):
-    """Rows -> the {"image", "problem"} samples rollout.generate takes (images opened from paths)."""
-    return [{"image": None if r.get("image") is None else data.open_image(r), "problem": r["problem"]} for r in rows]
 
 
 @torch.no_grad()
@@ -99,7 +97,7 @@ def answers(model, processor, rows, batch_size=64, max_new_tokens=64, samples=0,
         chunk = rows[i:i + step]
         gens = None if not samples else [torch.Generator(device=device).manual_seed(seed * 1_000_003 + index[i + j])
                                          for j in range(len(chunk))]
-        r = generate(model, processor, samples_of(chunk), group_size=G, max_new_tokens=max_new_tokens,
+        r = generate(model, processor, data.samples_of(chunk), group_size=G, max_new_tokens=max_new_tokens,
                      greedy=not samples, temperature=1.0, generator=gens)
         out += [r.texts[j * G:(j + 1) * G] for j in range(len(chunk))]   # row-major: G texts per row
     return out
@@ -195,7 +193,7 @@ def metrics(records, cells=None, ks=(), reduce=_no_reduce):
     """Per-row records (score_row) -> {split: {task: {stage: {"n", metric, metric + "_se", ...}}}}.
 
     Each metric is the mean of the rows' values; se = sqrt((mean(x^2) - mean(x)^2) / n). The sums (n, sum x,
-    sum x^2 of every cell and metric) go through `reduce` as one tensor, so with train.all_reduce_sum every
+    sum x^2 of every cell and metric) go through `reduce` as one tensor, so with runtime.all_reduce_sum every
     rank gets the totals over all ranks; `cells` (default: those of the records) fixes the layout, and must
     be the same on every rank."""
     if cells is None:
@@ -285,7 +283,6 @@ def load_eval_sets(spec="synthetic", n=300, seed=0, stages=("open",), image_root
 
 def check_checkpoint(path):
     """Raise FileNotFoundError naming `path` unless it is a preset of model.load or a checkpoint folder."""
-    import model as M
     if path in M.PRESETS:
         return
     if not os.path.isdir(path):
@@ -298,7 +295,6 @@ def check_checkpoint(path):
 
 def _open_model(entry, device, dtype, max_pixels):
     """(name, model, processor) from a path, a (name, path) pair or a (name, model, processor) triple."""
-    import model as M
     if isinstance(entry, (str, os.PathLike)):
         entry = (os.fspath(entry), os.fspath(entry))
     if len(entry) == 3:
@@ -311,8 +307,6 @@ def _open_model(entry, device, dtype, max_pixels):
 
 
 def _rank_world():
-    import torch.distributed as dist
-    from train import world_size
     return (dist.get_rank() if dist.is_initialized() else 0), world_size()
 
 
@@ -326,7 +320,6 @@ def evaluate_models(models, eval_sets, batch_size=64, max_new_tokens=64, samples
     every rank returns the same totals. verbose: rank 0 prints one progress line per model and split.
     records_out: a dict that receives {name: this rank's per-row records} (rows in the same order for every
     model), for `paired_differences`."""
-    from train import all_reduce_sum
     rank, W = _rank_world()
     ks = tuple(sorted(set(pass_k or (1, samples)))) if samples else ()
     if any(not 1 <= k <= samples for k in ks):
@@ -500,7 +493,6 @@ def build_parser():
 
 
 def main(argv=None):
-    from train import barrier, setup_dist
     args = build_parser().parse_args(argv)
     try:  # bad input: one clear line naming it, before any model is loaded
         paths = [m.strip() for m in args.model.split(",") if m.strip()]
@@ -520,14 +512,12 @@ def main(argv=None):
     rank, _, W, device = setup_dist(None if args.device == "auto" else args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
-    dtype = getattr(torch, args.dtype) if args.dtype != "auto" else (
-        torch.bfloat16 if str(device).startswith("cuda") else torch.float32)
+    dtype = resolve_dtype(args.dtype, device)
     t0 = time.time()
     records = {}
     results = evaluate_models(paths, sets, args.batch_size, args.max_new_tokens, args.samples, ks, args.seed,
                               device=device, dtype=dtype, max_pixels=args.max_pixels, verbose=True,
                               records_out=records)
-    from train import all_reduce_sum
     changes = changes_from_first(records, sets, reduce=all_reduce_sum)  # several checkpoints: paired changes
     if rank == 0:
         table = markdown_table(results)

@@ -33,16 +33,18 @@ Departures from the paper's release, and why:
   wheel does not import beside a CPU torch. `Processor` here is the tokenizer plus transformers' PIL image
   processor (`Qwen2VLImageProcessorPil`), which computes the same pixel values.
 - The tiny tokenizer is a byte-level BPE of a few hundred tokens trained on the synthetic world's text
-  (`data.tokenizer_corpus()`), with Qwen's pre-tokenizer regex and its 14 special tokens. One token per byte
+  (`curriculum.tokenizer_corpus()`), with Qwen's pre-tokenizer regex and its 14 special tokens. One token per byte
   makes sequences about 3x longer and, measured in a prototype, keeps a tiny model from ever using the image.
 """
 import json
 import os
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from PIL import Image
+
+import curriculum
+import data
 
 # Qwen2-VL / Qwen2.5-VL special tokens, in the order of the public tokenizer.
 SPECIAL_TOKENS = [
@@ -205,8 +207,7 @@ def build_tiny(preset="tiny", seed=0, model_type="qwen2_5_vl", corpus=None, voca
     """A randomly initialised model and its processor, made in code: no file, no network."""
     from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration
     if corpus is None:
-        import data  # the synthetic world's prompts and answers
-        corpus = data.tokenizer_corpus(seed=seed)
+        corpus = curriculum.tokenizer_corpus(seed=seed)  # the synthetic world's prompts and answers
     # The chat scaffolding is in every prompt: train on it too, so it costs a few tokens, not one per byte.
     corpus = list(corpus) + [CHAT_TEMPLATE_EXAMPLE] * max(1, len(corpus) // 10)
     processor = Processor(build_tokenizer(corpus, vocab_size), make_image_processor(min_pixels, max_pixels))
@@ -263,7 +264,6 @@ def save(model, processor, path):
 
 def _image(sample, i):
     """The sample's image as RGB PIL (data.open_image opens a path), or None; errors name the sample."""
-    import data
     image = sample.get("image")
     if image is None:
         return None

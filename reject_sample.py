@@ -1,6 +1,6 @@
 """
-Phase 2 of Curr-ReFT (arXiv 2503.07065): rejection-sampling SFT. Also the shared supervised loop `sft` and
-the tiny base's warm-start.
+Phase 2 of Curr-ReFT (arXiv 2503.07065): rejection-sampling SFT, and the supervised loop `sft` it shares with
+the tiny base's warm-start (tiny_base.py).
 
 After the curriculum GRPO (judge -> choice -> open, train.py), the paper samples answers from the RL model,
 keeps only the good ones and fine-tunes on them with a plain supervised loss and a tiny learning rate (2e-7
@@ -12,7 +12,6 @@ from high-quality multimodal and language examples keeps the model's general abi
     python reject_sample.py --model /ckpt/rl-open --data pool.jsonl --judge /ckpt/Qwen2.5-VL-7B-Instruct \\
         --lr 2e-7 --device cuda --out runs/phase2                                                   # 1 GPU
     torchrun --nproc_per_node=8 reject_sample.py --model ... --data ... --out ...                 # N GPUs
-    python reject_sample.py --warm-start --out assets/tiny-base                                  # the tiny base
 
 The algorithm (`phase2` = `rejection_sample` -> `write_sft_file` -> `sft`):
 1. pool: the prompts (image rows and text-only rows), each (image, problem) once: a prompt that appears
@@ -34,25 +33,12 @@ The algorithm (`phase2` = `rejection_sample` -> `write_sft_file` -> `sft`):
    the model learns to stop; the prompt and the image are never in the loss). The count is all-reduced
    and the loss summed over micro-batches and ranks, so results do not change with the world size.
 
-Distributed (train.py's helpers, no framework): rank r samples the prompts pool[r::W]; the kept rows are
+Distributed (runtime.py's helpers, no framework): rank r samples the prompts pool[r::W]; the kept rows are
 gathered to every rank with all_gather_object (only when W > 1) and ordered by pool index, so rank 0 writes
 the file and every rank trains on the same kept set, each rank taking its slice of every global batch.
 
 Outputs in --out: sft.jsonl (+ images/), phase2_report.json (kept / total per task, the SFT losses, the
 config), model/ (the fine-tuned model, model.save; not written when nothing was kept).
-
-The warm-start (`build_base`, --warm-start): a randomly initialised tiny Qwen2.5-VL plays the part of the
-instruct model. It is trained with `sft` on fresh synthetic scenes every step, in three phases, each ended
-by a rule over a quick held-out evaluation (or --max-minutes over all):
-1. "open": open classification and counting only until BREAKOUT holds (the tiny model first has to start
-   using the image), on the base's world (2-3-cell shapes, the first six question kinds: data.BASE_*);
-2. "all": every task in every form, equal weight, on the base's world, until every BASE_RULE cell passes
-   (16 rows per cell, every 250 steps);
-3. "full": every task in every form on the full world (one-cell shapes and geometry questions added) until
-   every FULL_RULE cell passes (32 rows per cell, every 125 steps), which leaves those skills half-learned:
-   the headroom the RL stages need (data.py says why). Phase 3 is a second `sft` run (a fresh optimizer), so
-   `--init DIR`, which runs it alone from a base built by phases 1-2 (its base_card.json history is kept),
-   does what a build from scratch does.
 
 Departures from the paper, and why:
 - Default scorer: the rule rewards of the RL stages with the bar accuracy == 1 and format == 1, not a judge
@@ -69,7 +55,6 @@ Departures from the paper, and why:
 - Learning rate: the paper's 2e-7 is for 3B; the tiny default is 1e-4 (a 0.35 M-parameter model moves
   nowhere at 2e-7). AdamW (0.9, 0.95), clip 1.0, constant by default: the release's SFT ran with ms-swift,
   whose other settings we do not reproduce.
-- The tiny base is this project's own warm-start, a stand-in for Qwen2.5-VL-3B-Instruct.
 """
 import argparse
 import hashlib
@@ -78,7 +63,6 @@ import math
 import os
 import random
 import re
-import shutil
 import sys
 import time
 from collections import Counter
@@ -93,7 +77,7 @@ import data
 import model as M
 import rewards
 from rollout import generate
-from train import all_reduce_grads, all_reduce_sum, barrier, setup_dist, world_size
+from runtime import all_reduce_grads, all_reduce_sum, barrier, lr_factor, resolve_dtype, setup_dist, world_size
 
 
 def target_text(row):
@@ -119,23 +103,10 @@ def sft_targets(processor, rows):
 
 def sft_loss(model, processor, rows, targets, num_tokens, device):
     """Summed negative log-likelihood of the rows' targets (sft_targets: assistant tokens only) / num_tokens."""
-    from eval import samples_of
-    batch = {k: v.to(device) for k, v in M.encode(processor, samples_of(rows)).items()}
+    batch = {k: v.to(device) for k, v in M.encode(processor, data.samples_of(rows)).items()}
     ids, mask = (t.to(device) for t in targets)
     logp = M.completion_logprobs(model, batch, ids, mask)          # (n, T)
     return -(torch.where(mask.bool(), logp, 0.0)).sum() / num_tokens
-
-
-def lr_factor(step, warmup, total, schedule="constant", floor=0.1):
-    """Multiplier of the base learning rate: linear warm-up, then constant, linear or cosine decay to floor."""
-    if step < warmup:
-        return (step + 1) / warmup
-    if schedule == "constant" or total is None:
-        return 1.0
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    if schedule == "linear":
-        return floor + (1 - floor) * (1 - progress)
-    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 def sft(model, processor, next_rows, steps, lr=1e-3, warmup=20, schedule="constant", clip=1.0, weight_decay=0.0,
@@ -321,14 +292,13 @@ def rejection_sample(model, processor, rows, n_samples=4, bar=2.0, scorer=None, 
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    from eval import samples_of
     kept, stats = [], Counter()
     chunks = range(0, len(local), batch_size)
     for start in tqdm(chunks, desc="rejection sampling", disable=rank != 0, dynamic_ncols=True,
                       mininterval=1 if sys.stderr.isatty() else 60):
         chunk = local[start:start + batch_size]
         gens = [torch.Generator(device=device).manual_seed(seed * 1_000_003 + i) for i, _ in chunk]
-        ro = generate(model, processor, samples_of([row for _, row in chunk]), group_size=n_samples,
+        ro = generate(model, processor, data.samples_of([row for _, row in chunk]), group_size=n_samples,
                       max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                       generator=gens)
         for b, (i, row) in enumerate(chunk):
@@ -446,141 +416,6 @@ def phase2(model, processor, pool_rows, out_dir, n_samples=4, lr=1e-4, epochs=3,
     return report
 
 
-# -----------------------------------------------------------------------------
-# The tiny base: a supervised warm-start on the synthetic world, playing the part of the instruct model
-
-def base_world(phase):
-    """make_rows overrides of a warm-start phase: the base's world (data.BASE_CELLS, data.BASE_KINDS) for
-    "open" and "all", none (the full world) for "full"."""
-    return {} if phase == "full" else dict(cells=data.BASE_CELLS, kinds=data.BASE_KINDS)
-
-
-def base_rows(step, batch_size, phase, seed):
-    """The warm-start's global batch at `step`: fresh synthetic scenes every step (the world is unlimited).
-    phase "open": open classification and counting only (how the tiny model first learns to use the image;
-    box digits would dominate the loss). phase "all": every task in every form,
-    equal weight. Both on the base's world: large shapes (data.BASE_CELLS) and the first question kinds
-    (data.BASE_KINDS). phase "full": every task in every form on the full world (small shapes, geometry)."""
-    tasks = ("classify", "math") if phase == "open" else data.TASKS
-    rows = data.make_rows("train", batch_size, seed=1_000_003 * seed + step, tasks=tasks, **base_world(phase))
-    rng = random.Random(f"base:{seed}:{step}")
-    out = []
-    for i, row in enumerate(rows):
-        stage = "open" if phase == "open" else curriculum.STAGES[(i // len(tasks) + step) % 3]
-        out.append(curriculum.make_stage_row(row, stage, rng))
-    return out
-
-
-BASE_RULE = {  # (task, stage) -> accuracy the quick evaluation must reach; chance in brackets
-    ("classify", "judge"): 0.7, ("math", "judge"): 0.7, ("detection", "judge"): 0.65,        # (0.5)
-    ("classify", "choice"): 0.45, ("math", "choice"): 0.5, ("detection", "choice"): 0.45,    # (<= 0.25)
-    ("classify", "open"): 0.5, ("math", "open"): 0.4,                                        # (~0.2 / ~0.25)
-}
-BREAKOUT = {("classify", "open"): 0.7, ("math", "open"): 0.7}  # the image is in use
-# On the full world, with 32 rows per cell. A box's chance is ~0.01. Multi-select classification (1-3 right letters
-# of 4, exact set; 0.16 for a one-letter guess) is left out: it stayed near chance in every base built here (the
-# first base's 0.5 on 16 rows was luck: 21% on 200 rows), and waiting for it only erases the full world's headroom.
-FULL_RULE = {**{k: v for k, v in BASE_RULE.items() if k != ("classify", "choice")}, ("detection", "open"): 0.25}
-
-
-def build_base(out, seed=0, batch_size=32, lr=1e-3, eval_every=250, eval_n=48, max_minutes=60.0,
-               max_new_tokens=48, preset="tiny", init=None, full_eval_every=125, full_eval_n=96,
-               full_max_new_tokens=64):
-    """Warm-start a randomly initialised tiny model, in three phases, each ended by a rule over a quick held-out
-    evaluation (or max_minutes in all): "open" until BREAKOUT, then "all" until every BASE_RULE cell passes
-    (both on the base's world: large shapes, the first question kinds), then "full" on the full world until
-    every FULL_RULE cell passes. init=DIR continues a base written by phases "open" and "all" (its
-    base_card.json history is kept) with phase "full" only. Writes the model, the processor and base_card.json
-    (recipe, time, per-form accuracy) to `out`."""
-    rank, _, _, device = setup_dist("cpu")
-    torch.manual_seed(seed)
-    history, steps_before, minutes_before, steps_open = [], 0, 0.0, None
-    if init:
-        model, processor = M.load(init)
-        with open(os.path.join(init, "base_card.json")) as f:
-            card = json.load(f)
-        history, steps_before, minutes_before = card["history"], card["steps"], card["minutes"]
-        steps_open = card["steps_open_phase"]
-        for h in history:
-            h.setdefault("phase", "all")
-    else:
-        model, processor = M.load(preset, seed=seed)
-    model.to(device)
-    from eval import evaluate
-
-    def eval_rows(phase):
-        n = full_eval_n if phase == "full" else eval_n
-        test = data.make_rows("test", n, seed=seed, **base_world(phase))
-        return [r for stage in curriculum.STAGES for r in curriculum.stage_rows(test, stage, seed=seed)]
-
-    state = {"phase": "full" if init else "open", "t0": time.time(), "history": history, "steps_open": steps_open,
-             "steps_all": steps_before if init else None, "offset": steps_before}  # offset: steps of earlier sft runs
-    state["eval_rows"] = eval_rows(state["phase"])
-
-    def next_rows(step):
-        return base_rows(state["offset"] + step, batch_size, state["phase"], seed)
-
-    def passes(acc, rule):
-        return all(acc.get(cell, {}).get("accuracy", 0.0) >= need for cell, need in rule.items())
-
-    def callback(step, loss):
-        minutes = minutes_before + (time.time() - state["t0"]) / 60
-        every = full_eval_every if state["phase"] == "full" else eval_every
-        if (step + 1) % every and minutes < max_minutes:
-            return False
-        acc = evaluate(model, processor, state["eval_rows"],
-                       max_new_tokens=full_max_new_tokens if state["phase"] == "full" else max_new_tokens)
-        state["history"].append({"step": state["offset"] + step + 1, "minutes": round(minutes, 2),
-                                 "phase": state["phase"], "loss": round(loss, 4),
-                                 "accuracy": {f"{t}/{s}": round(v["accuracy"], 3) for (t, s), v in sorted(acc.items())}})
-        if rank == 0:
-            print(json.dumps(state["history"][-1]), flush=True)
-            snapshot = out + ".snapshot"  # nothing lost on a kill: the latest evaluated weights
-            M.save(model, processor, snapshot + ".tmp")
-            shutil.rmtree(snapshot, ignore_errors=True)
-            os.rename(snapshot + ".tmp", snapshot)
-        if minutes >= max_minutes:
-            return True
-        if state["phase"] == "open" and passes(acc, BREAKOUT):
-            state["phase"], state["steps_open"] = "all", state["offset"] + step + 1
-        elif state["phase"] == "all" and passes(acc, BASE_RULE):
-            state["steps_all"] = state["offset"] + step + 1
-            return True  # phase "full" starts a fresh optimizer, as a run from --init does
-        elif state["phase"] == "full" and passes(acc, FULL_RULE):
-            return True
-        return False
-
-    if not init:  # phases "open" and "all": one sft run (the optimizer state carries across the break-out)
-        state["offset"] += sft(model, processor, next_rows, steps=10**9, lr=lr, warmup=20, rank=rank,
-                               device=device, callback=callback, desc="warm-start")
-        state["phase"], state["eval_rows"] = "full", eval_rows("full")
-    if state["steps_all"] is not None:  # phase "full" (skipped when the time ran out before it)
-        state["offset"] += sft(model, processor, next_rows, steps=10**9, lr=lr, warmup=20, rank=rank,
-                               device=device, callback=callback, desc="warm-start (full world)")
-    steps = state["offset"]
-    if rank == 0:
-        M.save(model, processor, out)
-        card = {"recipe": dict(preset=preset, seed=seed, batch_size=batch_size, lr=lr, warmup=20, clip=1.0,
-                               optimizer="AdamW(0.9, 0.95)", max_new_tokens=max_new_tokens,
-                               full_max_new_tokens=full_max_new_tokens,
-                               phases="open -> all (base world: cells %s, kinds %s) -> full (the full world)"
-                                      % (list(data.BASE_CELLS), sorted(k for v in data.BASE_KINDS.values() for k in v)),
-                               eval_every=eval_every, eval_rows_per_cell=eval_n // len(data.TASKS),
-                               full_eval_every=full_eval_every, full_eval_rows_per_cell=full_eval_n // len(data.TASKS),
-                               breakout_rule={f"{t}/{s}": v for (t, s), v in BREAKOUT.items()},
-                               stop_rule={f"{t}/{s}": v for (t, s), v in BASE_RULE.items()},
-                               full_rule={f"{t}/{s}": v for (t, s), v in FULL_RULE.items()},
-                               init=init),
-                "steps": steps, "steps_open_phase": state["steps_open"], "steps_all_phase": state["steps_all"],
-                "minutes": round(minutes_before + (time.time() - state["t0"]) / 60, 2),
-                "passed": state["history"][-1]["accuracy"], "history": state["history"],
-                "torch": torch.__version__, "threads": torch.get_num_threads()}
-        with open(os.path.join(out, "base_card.json"), "w") as f:
-            json.dump(card, f, indent=1)
-        print(f"base written to {out} after {steps} steps, {card['minutes']} min")
-    return model, processor
-
-
 def load_pool(spec, pool_size=300, seed=0, stages=("open",), image_size=112, image_root=None, default_task=None):
     """The prompt pool: 'synthetic' (pool_size synthetic train scenes, asked in each of `stages`) or a mixture
     spec of Curr-ReFT files (data.load_mixture; a problem without the instruction line gets its stage's)."""
@@ -592,19 +427,11 @@ def load_pool(spec, pool_size=300, seed=0, stages=("open",), image_size=112, ima
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description="Phase 2 of Curr-ReFT (rejection-sampling SFT) and the tiny base's "
-                                            "warm-start.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--warm-start", action="store_true", help="build the tiny base model (a supervised warm-start)")
-    p.add_argument("--out", default=None, help="output folder (warm-start default: assets/tiny-base; "
-                                               "phase 2: required)")
+    p = argparse.ArgumentParser(description="Phase 2 of Curr-ReFT: rejection-sampling SFT.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--out", default=None, help="output folder (required)")
     p.add_argument("--seed", type=int, default=0, help="seed of the pool, the sampling and the SFT order")
-    p.add_argument("--lr", type=float, default=None, help="AdamW learning rate (default: 1e-3 for the warm-start, "
-                                                          "1e-4 for phase 2; the paper used 2e-7 for 3B)")
-    w = p.add_argument_group("warm-start")
-    w.add_argument("--max-minutes", type=float, default=60.0, help="warm-start time limit")
-    w.add_argument("--eval-every", type=int, default=250, help="warm-start: steps between quick evaluations")
-    w.add_argument("--init", default=None, help="warm-start: continue this base (built by the phases open and "
-                                                "all, with its base_card.json) with the phase full only")
+    p.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate (the paper used 2e-7 for 3B)")
     g = p.add_argument_group("phase 2")
     g.add_argument("--model", default=None, help="the checkpoint to start from (a Qwen-VL folder, e.g. the open "
                                                  "stage's last checkpoint), or a preset: tiny, small (random)")
@@ -655,7 +482,7 @@ def check_phase2_args(args):
         (args.temperature > 0 and 0 < args.top_p <= 1 and args.top_k >= 0, "need temperature > 0, 0 < top-p <= 1"),
         (args.max_new_tokens >= 1 and args.pool_size >= 1, "--max-new-tokens and --pool-size must be >= 1"),
         (stages and all(s in curriculum.STAGES for s in stages), f"--stages {args.stages!r}: judge, choice, open"),
-        (args.lr is None or args.lr > 0, "--lr must be > 0"),
+        (args.lr > 0, "--lr must be > 0"),
     ]
     for ok, message in checks:
         if not ok:
@@ -680,10 +507,8 @@ def run_phase2(args):
     rank, _, W, device = setup_dist(None if args.device == "auto" else args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
-    dtype = getattr(torch, args.dtype if args.dtype != "auto" else
-                    "bfloat16" if str(device).startswith("cuda") else "float32")
-    config = {k: v for k, v in vars(args).items() if k not in ("warm_start", "max_minutes", "eval_every")}
-    config.update(lr=args.lr or 1e-4, world_size=W, device=str(device))
+    dtype = resolve_dtype(args.dtype, device)
+    config = {**vars(args), "world_size": W, "device": str(device)}
     if rank == 0:
         os.makedirs(args.out, exist_ok=True)
         print(json.dumps(config, indent=1), flush=True)
@@ -698,7 +523,7 @@ def run_phase2(args):
     except (data.DataError, FileNotFoundError, ValueError) as e:
         raise SystemExit(f"error: {e}")
     torch.manual_seed(args.seed)
-    report = phase2(model, processor, pool, args.out, n_samples=args.n_samples, lr=config["lr"], epochs=args.epochs,
+    report = phase2(model, processor, pool, args.out, n_samples=args.n_samples, lr=args.lr, epochs=args.epochs,
                     batch_size=args.batch_size, scorer=scorer, per_prompt=args.per_prompt,
                     sample_batch=args.sample_batch, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                     top_p=args.top_p, top_k=args.top_k, warmup=args.warmup, schedule=args.schedule, clip=args.clip,
@@ -718,12 +543,7 @@ def run_phase2(args):
 
 
 def main(argv=None):
-    args = build_parser().parse_args(argv)
-    if args.warm_start:
-        build_base(args.out or "assets/tiny-base", seed=args.seed, max_minutes=args.max_minutes,
-                   eval_every=args.eval_every, lr=args.lr or 1e-3, init=args.init)
-    else:
-        run_phase2(args)
+    run_phase2(build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -54,6 +54,12 @@ class Rollout:
         return self.mask.sum(1).long()
 
 
+def prompt_generators(seed, step, first_index, n, device):
+    """One generator per prompt, seeded by (seed, step, global prompt index): rank-independent sampling."""
+    return [torch.Generator(device=device).manual_seed((seed * 1_000_003 + step) * 100_003 + first_index + i)
+            for i in range(n)]
+
+
 def sample_next(logits, temperature=1.0, top_k=0, top_p=1.0, greedy=False, generator=None, group_size=1):
     """One token per row from logits (N, V). generator: None, one torch.Generator, or a list with one per
     prompt (rows of prompt b use generator[b], so a prompt's samples do not depend on its batch-mates)."""

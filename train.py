@@ -64,65 +64,30 @@ import argparse
 import copy
 import dataclasses
 import json
-import math
 import os
 import random
 import shutil
 import sys
 import time
 from dataclasses import dataclass, field
+from fractions import Fraction
 
 import torch
 import torch.distributed as dist
+from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-# -----------------------------------------------------------------------------
-# Manual DDP: torchrun sets RANK, LOCAL_RANK, WORLD_SIZE; without them this is one process.
-
-
-def setup_dist(device=None):
-    """(rank, local_rank, world_size, device). gloo on CPU, NCCL on CUDA, one process when not under torchrun."""
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if "RANK" not in os.environ:
-        return 0, 0, 1, device
-    rank, local_rank, world = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
-    if device.startswith("cuda"):
-        torch.cuda.set_device(local_rank)
-        device = f"cuda:{local_rank}"
-    if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
-    return rank, local_rank, world, device
-
-
-def world_size():
-    return dist.get_world_size() if dist.is_initialized() else 1
-
-
-def all_reduce_sum(x):
-    """Sum a tensor (or a float) over ranks; the identity on one process."""
-    t = torch.as_tensor(x, dtype=torch.float64).clone()
-    if world_size() > 1:
-        dist.all_reduce(t)
-    return t if isinstance(x, torch.Tensor) else t.item()
-
-
-def all_reduce_grads(model):
-    """Average gradients over ranks after the micro-batches (a parameter without a gradient counts as zero,
-    so every rank runs the same collectives); a no-op on one process."""
-    W = world_size()
-    if W == 1:
-        return
-    for p in model.parameters():
-        if p.requires_grad:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-            dist.all_reduce(p.grad)
-            p.grad /= W
-
-
-def barrier():
-    if world_size() > 1:
-        dist.barrier()
+import curriculum
+import data
+import eval as E
+import grpo
+import model as M
+import rewards
+import rollout
+import tiny_base
+from reject_sample import phase2
+from runtime import (all_reduce_grads, all_reduce_sum, barrier, lr_factor, resolve_dtype, save_atomically,
+                     setup_dist, world_size, write_atomic)
 
 
 def param_checksum(model):
@@ -274,7 +239,7 @@ def make_config(argv=None):
 def per_stage(text, stages, name, cast=int):
     """'4' -> [4] * len(stages); '4,2,4' -> one value per stage. Three values name the judge, choice and open
     stages, so a run of some of them (--stages open) takes theirs: '100,100,150' -> [150] for 'open'."""
-    from curriculum import STAGES as order  # judge, choice, open
+    order = curriculum.STAGES  # judge, choice, open
     values = [cast(v) for v in str(text).split(",") if v.strip()]
     if len(values) == 1:
         values = values * len(stages)
@@ -290,7 +255,6 @@ def replay_ratios(rl, stages):
     asks open questions anyway), and to none when the schedule has no open stage to rehearse. A step's batch
     is prompts_per_step + ratio * prompts_per_step prompts: that must be whole and split evenly over the
     processes."""
-    from fractions import Fraction
     ratios = per_stage(rl.replay, stages, "replay", cast=float)
     if len(str(rl.replay).split(",")) == 1:
         ratios = [0.0 if name == "open" or "open" not in stages else v for name, v in zip(stages, ratios)]
@@ -308,7 +272,6 @@ def replay_ratios(rl, stages):
 
 
 def validate(cfg):
-    import curriculum
     rl, run = cfg.rl, cfg.run
     stages = [s.strip() for s in rl.stages.split(",") if s.strip()]
     bad = [s for s in stages if s not in curriculum.STAGES]
@@ -358,7 +321,6 @@ def as_dict(cfg):
 
 def save_checkpoint(out, step, policy, processor, state, keep, rank):
     """Rank 0 writes checkpoints/step_XXXXXX (via a temporary folder + rename) and points `latest` at it."""
-    import model as M
     total = param_checksum(policy)
     sums = [None] * world_size()
     if world_size() > 1:
@@ -376,24 +338,16 @@ def save_checkpoint(out, step, policy, processor, state, keep, rank):
     if rank == 0:
         root = os.path.join(out, "checkpoints")
         final = os.path.join(root, f"step_{step:06d}")
-        tmp = final + ".tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        M.save(policy, processor, tmp)
-        torch.save({**state, "rng": all_rng, "checksum": total}, os.path.join(tmp, "trainer_state.pt"))
-        shutil.rmtree(final, ignore_errors=True)
-        os.rename(tmp, final)
+
+        def write(tmp):
+            M.save(policy, processor, tmp)
+            torch.save({**state, "rng": all_rng, "checksum": total}, os.path.join(tmp, "trainer_state.pt"))
+        save_atomically(final, write)
         write_atomic(os.path.join(root, "latest"), os.path.basename(final))
         done = sorted(d for d in os.listdir(root) if d.startswith("step_") and not d.endswith(".tmp"))
         for old in done[:-keep]:
             shutil.rmtree(os.path.join(root, old), ignore_errors=True)
     barrier()
-
-
-def write_atomic(path, text):
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def latest_checkpoint(out):
@@ -407,26 +361,15 @@ def latest_checkpoint(out):
 # -----------------------------------------------------------------------------
 # One GRPO step
 
-def prompt_generators(seed, step, first_index, n, device):
-    """One generator per prompt, seeded by (seed, step, global prompt index): rank-independent sampling."""
-    return [torch.Generator(device=device).manual_seed((seed * 1_000_003 + step) * 100_003 + first_index + i)
-            for i in range(n)]
-
-
 def grpo_step(policy, ref, processor, rows, stage, G, cfg, opt, rank, device, global_step):
     """Rollout -> rewards -> advantages -> mu updates for this rank's rows. Returns a dict of global stats."""
-    import grpo
-    import model as M
-    import rewards
-    from eval import samples_of
-    from rollout import generate
     rl, W = cfg.rl, world_size()
     t0 = time.time()
     P = len(rows) // W
     local = rows[rank * P:(rank + 1) * P]
     policy.eval()
-    gens = prompt_generators(cfg.run.seed, global_step, rank * P, P, "cpu" if device == "cpu" else device)
-    ro = generate(policy, processor, samples_of(local), group_size=G, max_new_tokens=rl.max_new_tokens,
+    gens = rollout.prompt_generators(cfg.run.seed, global_step, rank * P, P, "cpu" if device == "cpu" else device)
+    ro = rollout.generate(policy, processor, data.samples_of(local), group_size=G, max_new_tokens=rl.max_new_tokens,
                   temperature=rl.temperature, top_p=rl.top_p, top_k=rl.top_k, generator=gens)
     t_gen = time.time() - t0
     # Each row is scored in its own form: a replayed open question (curriculum.StageSpec.replay) by open rules.
@@ -447,7 +390,7 @@ def grpo_step(policy, ref, processor, rows, stage, G, cfg, opt, rank, device, gl
         mask = ro.mask[sl]
         T = int(mask.sum(1).max())
         batch = ro.batch if mb == P else \
-            {k: v.to(device) for k, v in M.encode(processor, samples_of(local[i:i + mb])).items()}
+            {k: v.to(device) for k, v in M.encode(processor, data.samples_of(local[i:i + mb])).items()}
         ids, mask = ro.completion_ids[sl, :T], mask[:, :T]
         with torch.no_grad():
             ref_logp = M.completion_logprobs(ref, batch, ids, mask) if rl.beta > 0 else None
@@ -506,7 +449,6 @@ def grpo_step(policy, ref, processor, rows, stage, G, cfg, opt, rank, device, gl
 
 def plot_rewards(metrics, path, keys=("reward_total", "reward_accuracy"), width=960, height=360):
     """PNG of training reward per step across the stages (raw as dots, moving average of 9 as a line)."""
-    from PIL import Image, ImageDraw
     colours = {"reward_total": (40, 80, 200), "reward_accuracy": (220, 90, 30)}
     img = Image.new("RGB", (width, height), "white")
     d = ImageDraw.Draw(img)
@@ -563,22 +505,13 @@ def append_jsonl(path, records):
             f.write(json.dumps(r) + "\n")
 
 
-def resolve_device(cfg, device):
-    dtype = cfg.model.dtype
-    if dtype == "auto":
-        dtype = "bfloat16" if str(device).startswith("cuda") else "float32"
-    return getattr(torch, dtype)
-
-
 def load_base(cfg, device, dtype, rank):
     """The base policy and processor. The tiny base is built by the warm-start when it is missing."""
-    import model as M
     path = cfg.model.model
     if path == ModelConfig.model and not os.path.isdir(path):
         if rank == 0:
-            print(f"{path} is missing: building the tiny base (python reject_sample.py --warm-start)", flush=True)
-            from reject_sample import build_base
-            build_base(path, seed=0)
+            print(f"{path} is missing: building the tiny base (python tiny_base.py)", flush=True)
+            tiny_base.build_base(path, seed=0)
         barrier()
     with torch.random.fork_rng(devices=[]):
         model, processor = M.load(path, device=device, dtype=dtype, seed=cfg.run.seed,
@@ -588,9 +521,6 @@ def load_base(cfg, device, dtype, rank):
 
 def run_rl(cfg, stages, groups, steps, out, rank, device, dtype, policy, processor, base, pool, tag=""):
     """The curriculum GRPO loop over `stages`. Returns the list of per-stage model folders written."""
-    import curriculum
-    import model as M
-    from reject_sample import lr_factor
     rl = cfg.rl
     specs = [curriculum.StageSpec(name, group_size=g, steps=n, advance_window=rl.advance_window,
                                   advance_accuracy=rl.advance_accuracy or None, replay=r)
@@ -612,7 +542,6 @@ def run_rl(cfg, stages, groups, steps, out, rank, device, dtype, policy, process
             print(f"resumed from {ckpt}: {cur}", flush=True)
     held_out = None
     if cfg.run.eval_every:  # a small in-domain set for the periodic quick evaluation (rank 0)
-        import data
         held_out = data.make_split("test", 48, seed=cfg.run.seed, size=cfg.data.image_size)
     # Every stage's starting model, whichever stages this process runs (a resumed run starts past some).
     stage_dirs = [os.path.join(out, "stages", f"{k}_{s.name}_start") for k, s in enumerate(specs)]
@@ -622,8 +551,7 @@ def run_rl(cfg, stages, groups, steps, out, rank, device, dtype, policy, process
         start_dir = stage_dirs[k]
         if ref is None:  # stage start (or resume): the reference is the stage's starting weights, or the base
             if cur.step == 0 and rank == 0 and not os.path.isdir(start_dir):
-                M.save(policy, processor, start_dir + ".tmp")
-                os.rename(start_dir + ".tmp", start_dir)
+                save_atomically(start_dir, lambda tmp: M.save(policy, processor, tmp))
             barrier()
             if rl.ref == "base":
                 ref = base
@@ -647,8 +575,7 @@ def run_rl(cfg, stages, groups, steps, out, rank, device, dtype, policy, process
             bar.write(f"step {cur.step + 1}: non-finite loss or gradient, update skipped ({bad_in_row} in a row)")
         step, global_step = cur.step + 1, cur.global_step + 1
         if cfg.run.eval_every and step % cfg.run.eval_every == 0 and rank == 0:
-            from eval import evaluate
-            acc = evaluate(policy, processor, curriculum.stage_rows(held_out, spec.name, seed=cfg.run.seed),
+            acc = E.evaluate(policy, processor, curriculum.stage_rows(held_out, spec.name, seed=cfg.run.seed),
                            max_new_tokens=rl.max_new_tokens)
             stats["eval"] = {f"{t}/{s}": round(v["accuracy"], 3) for (t, s), v in sorted(acc.items())}
             bar.write(f"eval at {spec.name} step {step}: {stats['eval']}")
@@ -673,8 +600,7 @@ def run_rl(cfg, stages, groups, steps, out, rank, device, dtype, policy, process
             save_checkpoint(out, global_step, policy, processor, state, cfg.run.keep, rank)
     final_dir = os.path.join(out, "stages", f"{len(specs)}_final")
     if rank == 0 and not os.path.isdir(final_dir):
-        M.save(policy, processor, final_dir + ".tmp")
-        os.rename(final_dir + ".tmp", final_dir)
+        save_atomically(final_dir, lambda tmp: M.save(policy, processor, tmp))
     barrier()
     return stage_dirs + [final_dir]
 
@@ -712,8 +638,6 @@ def phase2_prompts(cfg, pool):
     """Phase 2's prompts: the user's files, or the last rows of the synthetic pool, each task's rows asked in
     judge, choice and open form in turn: every (task, form) cell in near-equal shares, so the SFT keeps every
     answer form of every task."""
-    import curriculum
-    import data
     if cfg.phase2.phase2_data:
         return data.load_mixture(cfg.phase2.phase2_data, seed=cfg.run.seed, image_root=cfg.data.image_root or None)
     out, seen = [], {}  # rows of each task so far: each task is asked in every form in turn
@@ -727,7 +651,6 @@ def phase2_prompts(cfg, pool):
 
 def evaluate_stages(cfg, named_dirs, out, rank, device, dtype):
     """The table: every stage's model on the held-out in-domain and out-of-domain sets."""
-    import eval as E
     sets = E.load_eval_sets(cfg.data.eval_data or "synthetic", n=cfg.data.eval_n, seed=cfg.run.seed,
                             image_root=cfg.data.image_root or None, size=cfg.data.image_size, stages=cfg.data.eval_stages.split(","))
     records = {}
@@ -767,7 +690,7 @@ def main(argv=None):
     rank, _, W, device = setup_dist(None if cfg.model.device == "auto" else cfg.model.device)
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)
-    dtype = resolve_device(cfg, device)
+    dtype = resolve_dtype(cfg.model.dtype, device)
     out = cfg.run.out
     if rank == 0:
         os.makedirs(out, exist_ok=True)
@@ -779,7 +702,6 @@ def main(argv=None):
     barrier()
     torch.manual_seed(cfg.run.seed)
     random.seed(cfg.run.seed)
-    import data
     timings = {}
     policy, processor = load_base(cfg, device, dtype, rank)
     base = copy.deepcopy(policy).eval().requires_grad_(False) if cfg.rl.ref == "base" or cfg.run.baseline else None
@@ -798,14 +720,11 @@ def main(argv=None):
         t0 = time.time()
         final_dir = os.path.join(out, "stages", f"{len(stages) + 1}_phase2")
         if not os.path.isdir(final_dir):
-            from reject_sample import phase2
             phase2(policy, processor, phase2_prompts(cfg, pool), os.path.join(out, "phase2"), device=device,
                    rank=rank, seed=cfg.run.seed, max_new_tokens=cfg.rl.max_new_tokens, n_samples=p2.phase2_samples,
                    bar=p2.phase2_bar, lr=p2.phase2_lr, epochs=p2.phase2_epochs, batch_size=p2.phase2_batch)
             if rank == 0:
-                import model as M
-                M.save(policy, processor, final_dir + ".tmp")
-                os.rename(final_dir + ".tmp", final_dir)
+                save_atomically(final_dir, lambda tmp: M.save(policy, processor, tmp))
             barrier()
         named.append(("final (+ phase 2)", final_dir))
         timings["phase2"] = time.time() - t0

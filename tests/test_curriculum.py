@@ -114,11 +114,11 @@ def test_choice_options():
 def test_open_is_the_row_itself_and_every_prompt_ends_with_its_instruction():
     for stage in curriculum.STAGES:
         for r in curriculum.stage_rows(POOL[:30], stage):
-            assert r["stage"] == stage and r["problem"].endswith("\n" + curriculum.instruction(stage, r["task"]))
+            assert r["stage"] == stage and r["problem"].endswith("\n" + data.instruction(stage, r["task"]))
     opened = curriculum.make_stage_row(POOL[0], "open", random.Random(0))
     assert {k: v for k, v in opened.items() if k != "stage"} == {k: v for k, v in POOL[0].items() if k != "stage"}
-    assert curriculum.build_problem("Q?", "math", "open") == "Q?\n" + curriculum.INSTRUCTIONS["open/math"]
-    assert all(len(text) < 100 for text in curriculum.INSTRUCTIONS.values()), "instructions stay short"
+    assert data.build_problem("Q?", "math", "open") == "Q?\n" + data.INSTRUCTIONS["open/math"]
+    assert all(len(text) < 100 for text in data.INSTRUCTIONS.values()), "instructions stay short"
 
 
 def _wrong_answer(r, stage):
@@ -161,7 +161,7 @@ def test_stage_files_pass_through_with_the_instruction_added_when_missing(tmp_pa
     rows = Curriculum(stages, seed=0).next_batch(2)
     rows.sort(key=lambda r: r["problem"])
     assert rows[0]["problem"] == "Is it 3? Put it in <answer> </answer>." and rows[0]["stage"] == "x", "left alone"
-    assert rows[1]["problem"] == "Is there a cat?\n" + curriculum.INSTRUCTIONS["judge"] and rows[1]["stage"] == "judge"
+    assert rows[1]["problem"] == "Is there a cat?\n" + data.INSTRUCTIONS["judge"] and rows[1]["stage"] == "judge"
     with pytest.raises(ValueError, match="not in the schedule"):
         curriculum.assign_stage_data(stages, {"open": "x.jsonl"})
 

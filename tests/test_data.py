@@ -252,7 +252,7 @@ def test_size_must_be_a_multiple_of_28():
 
 
 def test_write_split_round_trips_through_load_rows(tmp_path):
-    path = data.write_split(str(tmp_path), "test", n=6, seed=2)
+    path = curriculum.write_split(str(tmp_path), "test", n=6, seed=2)
     loaded = data.load_rows(path)
     drawn = data.make_split("test", 6, seed=2)
     assert loaded.skipped == 0 and len(loaded) == 6
@@ -263,21 +263,21 @@ def test_write_split_round_trips_through_load_rows(tmp_path):
 
 
 def test_command_line_writes_stage_files(tmp_path):
-    out = subprocess.run([sys.executable, os.path.join(ROOT, "data.py"), "--out", str(tmp_path), "--split", "ood",
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "curriculum.py"), "--out", str(tmp_path), "--split", "ood",
                           "--n", "4", "--stage", "judge"], capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert out.returncode == 0, out.stderr
     rows = data.load_rows(tmp_path / "ood_judge.jsonl")
     assert [r["solution"] for r in rows] == ["<answer>yes</answer>", "<answer>no</answer>"] * 2
-    assert all(r["stage"] == "judge" and r["problem"].endswith(curriculum.INSTRUCTIONS["judge"]) for r in rows)
+    assert all(r["stage"] == "judge" and r["problem"].endswith(data.INSTRUCTIONS["judge"]) for r in rows)
 
 
 def test_tokenizer_corpus_is_fast_and_covers_every_form():
     start = time.perf_counter()
-    texts = data.tokenizer_corpus()
+    texts = curriculum.tokenizer_corpus()
     assert time.perf_counter() - start < 1.0, "the corpus must build in under a second"
-    assert len(texts) == 1000 and texts == data.tokenizer_corpus()
+    assert len(texts) == 1000 and texts == curriculum.tokenizer_corpus()
     joined = "\n".join(texts)
-    for text in curriculum.INSTRUCTIONS.values():
+    for text in data.INSTRUCTIONS.values():
         assert text in joined, f"instruction missing from the corpus: {text}"
     assert all(t.count("<think>") == 2 and t.rstrip().endswith("</answer>") for t in texts), \
         "each text is a prompt (naming the tags) and a think + answer completion"

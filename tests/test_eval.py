@@ -150,9 +150,9 @@ def test_each_answer_is_scored_against_its_own_row(base, base_eval):
     assert len(mine) == len(rows)
     for i in range(0, len(rows), 7):      # every 7th row, so every task and form is met
         row, record = rows[i], mine[i]
-        greedy = generate(model, processor, E.samples_of([row]), max_new_tokens=64, greedy=True).texts[0]
+        greedy = generate(model, processor, data.samples_of([row]), max_new_tokens=64, greedy=True).texts[0]
         assert record == {**record, **E.score_answer(greedy, row)}, f"row {i} is scored on its own greedy answer"
-        sampled = generate(model, processor, E.samples_of([row]), group_size=2, max_new_tokens=64, temperature=1.0,
+        sampled = generate(model, processor, data.samples_of([row]), group_size=2, max_new_tokens=64, temperature=1.0,
                            generator=[torch.Generator().manual_seed(5 * 1_000_003 + i)]).texts
         c = sum(E.score_answer(t, row)["accuracy"] == 1.0 for t in sampled)
         assert (record["pass@1"], record["pass@2"]) == (c / 2, float(c > 0)), f"row {i}: pass@k of its own samples"
@@ -192,7 +192,7 @@ def test_quick_evaluate_is_the_mean_training_reward(base):
     model, processor = base
     rows = curriculum.stage_rows(data.make_split("test", 12, seed=2), "choice")
     out = E.evaluate(model, processor, rows, max_new_tokens=64, reward_options={"choice_partial": 0.5})
-    texts = [generate(model, processor, E.samples_of([r]), max_new_tokens=64, greedy=True).texts[0] for r in rows]
+    texts = [generate(model, processor, data.samples_of([r]), max_new_tokens=64, greedy=True).texts[0] for r in rows]
     for task in data.TASKS:
         scores = [rewards.score(t, r["solution"], task, "choice", choice_partial=0.5)
                   for t, r in zip(texts, rows) if r["task"] == task]

@@ -17,7 +17,7 @@ import model as M
 import rewards
 import rollout
 import train
-from eval import samples_of
+from data import samples_of
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BASE = os.path.join(ROOT, "assets", "tiny-base")
@@ -256,7 +256,7 @@ def test_the_rollout_is_sampled_as_the_config_says(base, monkeypatch):
     assert asked["model"] is policy and [s["problem"] for s in asked["samples"]] == [r["problem"] for r in rows]
     assert (asked["group_size"], asked["max_new_tokens"], asked["temperature"], asked["top_p"], asked["top_k"]) == \
         (G, T_NEW, 0.7, 0.9, 5), "the rollout samples with the configured G, length, temperature, top-p and top-k"
-    want = [g.initial_seed() for g in train.prompt_generators(cfg.run.seed, 41, 0, P, "cpu")]
+    want = [g.initial_seed() for g in rollout.prompt_generators(cfg.run.seed, 41, 0, P, "cpu")]
     assert [g.initial_seed() for g in asked["generator"]] == want, "one generator per prompt, seeded by the step"
     assert len(set(want)) == P
 

@@ -293,7 +293,7 @@ def test_each_stage_starts_at_kl_zero_to_its_reference_and_restarts_its_schedule
 
 
 def test_learning_rate_schedule_hand_values():
-    from reject_sample import lr_factor
+    from runtime import lr_factor
     assert [lr_factor(s, 4, 10) for s in range(4)] == [0.25, 0.5, 0.75, 1.0], "linear warm-up to 1"
     assert lr_factor(9, 4, 10, "constant") == 1.0 and lr_factor(9, 0, None, "linear") == 1.0
     assert lr_factor(7, 4, 10, "linear", floor=0.0) == pytest.approx(0.5), "half way through the decay"

@@ -1,0 +1,103 @@
+"""
+runtime.py: what every entry point needs around the model, in one place and with no project imports.
+
+- Manual DDP, written out: `setup_dist()` reads RANK / LOCAL_RANK / WORLD_SIZE from torchrun (gloo on CPU,
+  NCCL on CUDA) and falls back to one process; `all_reduce_sum`, `all_reduce_grads` (the gradient average
+  after the micro-batches) and `barrier` are no-ops on one process. Only rank 0 prints and writes.
+- `resolve_dtype`: auto is bfloat16 on a GPU and float32 on a CPU.
+- `save_atomically` / `write_atomic`: write to a temporary name, then rename, so a kill never leaves half a
+  folder or file under the final name.
+- `lr_factor`: the learning-rate schedule (linear warm-up, then constant, linear or cosine decay).
+"""
+import math
+import os
+import shutil
+
+import torch
+import torch.distributed as dist
+
+# -----------------------------------------------------------------------------
+# Manual DDP: torchrun sets RANK, LOCAL_RANK, WORLD_SIZE; without them this is one process.
+
+
+def setup_dist(device=None):
+    """(rank, local_rank, world_size, device). gloo on CPU, NCCL on CUDA, one process when not under torchrun."""
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if "RANK" not in os.environ:
+        return 0, 0, 1, device
+    rank, local_rank, world = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
+    if device.startswith("cuda"):
+        torch.cuda.set_device(local_rank)
+        device = f"cuda:{local_rank}"
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
+    return rank, local_rank, world, device
+
+
+def world_size():
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def all_reduce_sum(x):
+    """Sum a tensor (or a float) over ranks; the identity on one process."""
+    t = torch.as_tensor(x, dtype=torch.float64).clone()
+    if world_size() > 1:
+        dist.all_reduce(t)
+    return t if isinstance(x, torch.Tensor) else t.item()
+
+
+def all_reduce_grads(model):
+    """Average gradients over ranks after the micro-batches (a parameter without a gradient counts as zero,
+    so every rank runs the same collectives); a no-op on one process."""
+    W = world_size()
+    if W == 1:
+        return
+    for p in model.parameters():
+        if p.requires_grad:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            dist.all_reduce(p.grad)
+            p.grad /= W
+
+
+def barrier():
+    if world_size() > 1:
+        dist.barrier()
+
+
+# -----------------------------------------------------------------------------
+# Precision, atomic writes, the learning-rate schedule
+
+def resolve_dtype(name, device):
+    """torch dtype of a --dtype value: auto is bfloat16 on a GPU and float32 on a CPU."""
+    if name == "auto":
+        name = "bfloat16" if str(device).startswith("cuda") else "float32"
+    return getattr(torch, name)
+
+
+def save_atomically(path, write):
+    """write(tmp) fills a temporary folder, which is then renamed to `path` (a stale one is replaced)."""
+    tmp = path + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    write(tmp)
+    shutil.rmtree(path, ignore_errors=True)
+    os.rename(tmp, path)
+
+
+def write_atomic(path, text):
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def lr_factor(step, warmup, total, schedule="constant", floor=0.1):
+    """Multiplier of the base learning rate: linear warm-up, then constant, linear or cosine decay to floor."""
+    if step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant" or total is None:
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    if schedule == "linear":
+        return floor + (1 - floor) * (1 - progress)
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
