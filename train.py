@@ -1,6 +1,5 @@
 """
-train.py: Curr-ReFT, the whole pipeline in one command. Curriculum GRPO (judge -> choice -> open), then
-rejection-sampling SFT, then evaluation.
+train.py: Curr-ReFT in one command: curriculum GRPO (judge -> choice -> open), rejection-sampling SFT, evaluation.
 
     python train.py                                    # tiny preset: shipped tiny base, synthetic world, CPU
     python train.py --resume                           # continue the run in --out from its latest checkpoint
@@ -8,57 +7,35 @@ rejection-sampling SFT, then evaluation.
         "judge=judge.jsonl;choice=choice.jsonl;open=open.jsonl" --eval-data "test=test.jsonl;ood=ood.jsonl"
     torchrun --nproc_per_node=8 train.py --preset qwen2.5-vl-3b ...   # manual DDP, one process per GPU
 
-The loop, read top to bottom: setup -> policy + frozen reference -> for each stage -> for each step:
+The loop: config -> setup -> policy + frozen reference -> for each stage -> for each step (grpo_step):
     1. rollout   G answers per prompt, sampled with the policy (rollout.generate, KV cache, no grad)
     2. reward    r = accuracy + format of each answer (rewards.score: the stage's answer form)
     3. advantage A = (r - group mean) / (unbiased group std + 1e-4)        (grpo.group_advantages)
     4. update    mu passes of  -min(ratio A, clip(ratio) A) + beta KL_k3(pi || ref)   (grpo.grpo_loss),
-                 gradients averaged over ranks (all_reduce_grads), clipped to 1.0, AdamW
-    5. log one line, metrics.jsonl, samples.jsonl; evaluate; checkpoint
+                 gradients averaged over ranks (runtime.all_reduce_grads), clipped, AdamW
+    5. log one line, metrics.jsonl, samples.jsonl; checkpoint
 Each stage starts from the previous stage's weights with a fresh optimizer and schedule (as the release's
 three chained jobs); its reference is its starting weights (the release) or the base (--ref base).
 
-Distributed (written out below, no framework): setup_dist() reads RANK / LOCAL_RANK / WORLD_SIZE from
-torchrun (gloo on CPU, NCCL on CUDA; one process when unset). Every rank builds identical weights from the
-same seed; a global batch of P prompts is drawn identically on every rank and rank r takes prompts
-r*P/W .. (r+1)*P/W - 1 with all their G answers. Sampling is seeded per prompt from (seed, step, the prompt's
-global index), so the same global batch gives the same rollouts on 1 or N processes. Loss counts are
-global (all-reduced), gradients are averaged after the micro-batches, and accuracies that steer the
-schedule are all-reduced, so every rank takes the same branches and runs the same collectives. Rank 0
-alone prints and writes; a parameter checksum is compared across ranks at every checkpoint.
+Distributed: every rank builds the same weights and draws the same global batch; rank r takes its P/W prompts
+with all their G answers, sampled from per-prompt generators seeded by (seed, step, global index), so 1 and N
+processes give the same rollouts. Loss counts are global, gradients are averaged after the micro-batches, the
+accuracies that steer the schedule are all-reduced, and rank 0 alone prints and writes.
 
-Checkpoints (out/checkpoints/step_XXXXXX, `latest` names the newest complete one): the model and processor
-as a save_pretrained folder that transformers opens directly, plus trainer_state.pt (optimizer, step,
-stage, curriculum state, RNG states of every rank, config). Written to a temporary folder and renamed, so a
-kill during a save leaves the previous checkpoint usable. out/stages/<k>_<name>_start is the model each
-stage started from (its reference model, and the table's "after stage k-1" row).
+Checkpoints (out/checkpoints/step_XXXXXX, `latest` names the newest complete one): a save_pretrained folder
+plus trainer_state.pt (optimizer, curriculum, RNG of every rank, config), written to a temporary folder and
+renamed. out/stages/<k>_<name>_start is the model stage k started from (the table's "after stage k-1").
 
 Departures from the paper's release, and why:
 - One command runs the curriculum and resumes; the release chains three jobs by hand and saves weights only.
-- Learning rate (qwen2.5-vl-3b preset): 1e-6 with linear decay and no warm-up, the release's scripts (TRL's
-  default); the model card's 1e-5 cosine is one flag away (--lr 1e-5 --schedule cosine).
-- The clip is kept (ratio clipped to [1 - 0.2, 1 + 0.2]) so that mu > 1 passes per rollout are possible; with
-  mu = 1 (the default, as the release) the ratio is exactly 1 and the objective equals the release's.
-- The G answers of a prompt share its image: the vision tower runs once per prompt in the rollout, the
-  update and the reference pass, not once per answer (a prototype measured 63-70% of a step spent
-  re-encoding images).
-- Choice reward: a non-empty proper subset of the right letters earns 0.2 (the paper mentions this partial
-  credit; the release pays the exact set only, which the qwen2.5-vl-3b preset keeps). On the first tiny
-  base the multi-select classification questions were right 20% of the time, so almost every group of G
-  answers scored all 0 and gave no gradient; with partial credit the choice stage's training accuracy rose
-  (0.59 -> 0.63 over 60 steps) where it stayed flat without it (0.60 -> 0.59 over 80 steps). On the current
-  base it makes no difference to the stage (+0.041 vs +0.042 over 100 steps). Evaluation always counts the
-  exact set.
-- tiny preset: the base is this project's own warm-started tiny model (assets/tiny-base, see README), G = 8,
-  32 prompts per step (the tasks interleaved, curriculum.balanced_order), 100 / 100 / 200 steps for judge /
-  choice / open, lr 3e-4 with linear decay and 5 warm-up steps, 64 new tokens, since a 0.4 M-parameter
-  model on a 2-core CPU must learn in minutes. With 75 judge and choice steps the choice stage stopped
-  rising. The judge and choice stages cost classification's open answers 1-3 points (their rewards do not
-  read the labels stated in the reasoning) and the open stage wins them back; 200 open steps do it better
-  than 150 (the README has the runs). --replay (open questions rehearsed in the earlier stages,
-  curriculum.StageSpec.replay) stops that loss but did not end better. The evaluation holds 400 rows per task and form in each split, and prints each
-  model's change from the base paired over the same rows (eval.paired_differences), the measure of
-  "outside the noise".
+- qwen2.5-vl-3b preset: lr 1e-6 with linear decay and no warm-up, as the release's scripts (TRL's default).
+- The ratio clip is kept so that mu > 1 passes per rollout are possible; with mu = 1 (the release) it is inert.
+- The G answers of a prompt share its image features: the vision tower runs once per prompt, not per answer.
+- Choice reward: a proper subset of the right letters earns 0.2 in the tiny preset (the paper mentions partial
+  credit; the release pays the exact set, as the qwen2.5-vl-3b preset does): without it a tiny base's
+  multi-select groups scored all 0 and gave no gradient. Evaluation always counts the exact set.
+- tiny preset: this project's own tiny base, G = 8, 32 prompts per step, 100 / 100 / 200 steps, lr 3e-4, so a
+  0.4 M-parameter model on a 2-core CPU learns in minutes (the README's design notes say why these values).
 """
 import argparse
 import copy
@@ -362,86 +339,102 @@ def latest_checkpoint(out):
 # One GRPO step
 
 def grpo_step(policy, ref, processor, rows, stage, G, cfg, opt, rank, device, global_step):
-    """Rollout -> rewards -> advantages -> mu updates for this rank's rows. Returns a dict of global stats."""
+    """One GRPO step on this rank's share of `rows` (the README's numbered steps). Returns (stats, samples): the
+    stats are global means, the same on every rank; samples are a few answers for samples.jsonl."""
     rl, W = cfg.rl, world_size()
     t0 = time.time()
     P = len(rows) // W
-    local = rows[rank * P:(rank + 1) * P]
+    local = rows[rank * P:(rank + 1) * P]                                    # this rank's P prompts
+
+    # 1. Rollout: G answers per prompt from the current policy, each prompt from its own seeded generator.
     policy.eval()
-    gens = rollout.prompt_generators(cfg.run.seed, global_step, rank * P, P, "cpu" if device == "cpu" else device)
+    gens = rollout.prompt_generators(cfg.run.seed, global_step, rank * P, P, device)
     ro = rollout.generate(policy, processor, data.samples_of(local), group_size=G, max_new_tokens=rl.max_new_tokens,
-                  temperature=rl.temperature, top_p=rl.top_p, top_k=rl.top_k, generator=gens)
+                          temperature=rl.temperature, top_p=rl.top_p, top_k=rl.top_k, generator=gens)  # N = P * G
     t_gen = time.time() - t0
-    # Each row is scored in its own form: a replayed open question (curriculum.StageSpec.replay) by open rules.
+
+    # 2. Reward, each answer in its row's form (a replayed open question, curriculum.StageSpec.replay, by open rules).
     replayed = [bool(local[n // G].get("replay")) for n in range(len(ro.texts))]
     scores = [rewards.score(text, local[n // G]["solution"], local[n // G]["task"], "open" if replayed[n] else stage,
                             choice_partial=rl.choice_partial, box_mode=rl.box_reward)
               for n, text in enumerate(ro.texts)]
-    r = torch.tensor([s["total"] for s in scores], dtype=torch.float32)
-    adv = grpo.group_advantages(r, G, scale=rl.adv_scale).to(device)          # (N,)
+    r = torch.tensor([s["total"] for s in scores], dtype=torch.float32)     # (N,)
 
-    # Micro-batches of whole groups; with several, each one's prompts are encoded on their own (the image
-    # features are computed once per prompt inside completion_logprobs, for the policy with gradient and for
-    # the reference without).
-    mb = min(rl.micro_batch, P)
-    chunks = []
-    for i in range(0, P, mb):
-        sl = slice(i * G, (i + mb) * G)
-        mask = ro.mask[sl]
-        T = int(mask.sum(1).max())
-        batch = ro.batch if mb == P else \
-            {k: v.to(device) for k, v in M.encode(processor, data.samples_of(local[i:i + mb])).items()}
-        ids, mask = ro.completion_ids[sl, :T], mask[:, :T]
-        with torch.no_grad():
-            ref_logp = M.completion_logprobs(ref, batch, ids, mask) if rl.beta > 0 else None
-            old_logp = M.completion_logprobs(policy, batch, ids, mask) if rl.mu > 1 else None
-        chunks.append((batch, ids, mask, adv[sl], ref_logp, old_logp))
+    # 3. Advantage, relative to the group.
+    adv = grpo.group_advantages(r, G, scale=rl.adv_scale).to(device)       # (N,)
+
+    # 4. Update: mu passes over micro-batches of whole groups, losses divided by global counts, gradients
+    #    averaged over ranks, clipped, one optimizer step per pass (skipped when not finite).
+    chunks = micro_batches(policy, ref, processor, local, ro, adv, G, rl, device)
     num_seqs = all_reduce_sum(float(len(ro.texts)))
     num_tokens = all_reduce_sum(float(ro.mask.sum()))
     t_ref = time.time() - t0 - t_gen
-
     policy.train()
-    totals = {"loss": 0.0, "kl": 0.0, "clip_low": 0.0, "clip_high": 0.0, "grad_norm": 0.0}
-    skipped = 0
+    totals = {"loss": 0.0, "kl": 0.0, "clip_low": 0.0, "clip_high": 0.0, "grad_norm": 0.0, "skipped": 0.0}
     for _ in range(rl.mu):
         for batch, ids, mask, a, ref_logp, old_logp in chunks:
-            logp = M.completion_logprobs(policy, batch, ids, mask)
+            logp = M.completion_logprobs(policy, batch, ids, mask)                                  # (n, T)
             loss, st = grpo.grpo_loss(logp, logp.detach() if old_logp is None else old_logp, ref_logp, a, mask,
                                       clip_eps=rl.clip_eps, clip_eps_high=rl.clip_eps_high or None, beta=rl.beta,
                                       agg=rl.agg, num_seqs=num_seqs, num_tokens=num_tokens,
                                       max_len=rl.max_new_tokens)
             (loss * W).backward()                                  # gradients are averaged over ranks below
-            n_tok = float(mask.sum())
             totals["loss"] += st["loss"] / rl.mu
-            for k in ("kl", "clip_low", "clip_high"):
-                totals[k] += st[k] * n_tok / num_tokens / rl.mu
+            for k in ("kl", "clip_low", "clip_high"):              # token means of the whole batch
+                totals[k] += st[k] * float(mask.sum()) / num_tokens / rl.mu
         all_reduce_grads(policy)
         norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), rl.grad_clip)
         if torch.isfinite(norm):
             opt.step()
         else:
-            skipped += 1
+            totals["skipped"] += 1
         opt.zero_grad(set_to_none=True)
         totals["grad_norm"] += float(norm) / rl.mu
-    # Global means of what the log and the schedule need (every rank gets the same numbers). The rewards are
-    # those of the stage's own form; replayed open questions are reported apart (replay_accuracy).
-    keys = ("total", "accuracy", "format")
+
+    # 5. Statistics: sums over ranks by name. The rewards are the stage's own form's; replayed open questions
+    #    are reported apart (replay_accuracy).
     own = [s for s, rep in zip(scores, replayed) if not rep]
-    sums = all_reduce_sum(torch.tensor([sum(s[k] for s in own) for k in keys] + [float(ro.mask.sum())]
-                                       + [totals[k] for k in ("loss", "kl", "clip_low", "clip_high")]
-                                       + [grpo.zero_variance_fraction(r, G) * P, float(skipped), float(len(own)),
-                                          sum(s["accuracy"] for s, rep in zip(scores, replayed) if rep)]))
-    n_own, n_replay = sums[10].item(), num_seqs - sums[10].item()
-    stats = {f"reward_{k}": sums[i].item() / max(n_own, 1) for i, k in enumerate(keys)}
-    stats.update(length=sums[3].item() / num_seqs, loss=sums[4].item(), kl=sums[5].item(),
-                 clip_low=sums[6].item(), clip_high=sums[7].item(), zero_var=sums[8].item() / (P * W),
-                 skipped=int(sums[9].item()), grad_norm=totals["grad_norm"], t_gen=t_gen, t_ref=t_ref,
-                 seconds=time.time() - t0)
+    sums = reduce_by_key({**{f"reward_{k}": sum(s[k] for s in own) for k in ("total", "accuracy", "format")},
+                          "tokens": float(ro.mask.sum()), "own": float(len(own)),
+                          "replay_right": sum(s["accuracy"] for s, rep in zip(scores, replayed) if rep),
+                          "zero_var_groups": grpo.zero_variance_fraction(r, G) * P,
+                          **{k: totals[k] for k in ("loss", "kl", "clip_low", "clip_high", "skipped")}})
+    n_own, n_replay = sums["own"], num_seqs - sums["own"]
+    stats = {k: sums[k] / max(n_own, 1) for k in ("reward_total", "reward_accuracy", "reward_format")}
+    stats.update(length=sums["tokens"] / num_seqs, loss=sums["loss"], kl=sums["kl"], clip_low=sums["clip_low"],
+                 clip_high=sums["clip_high"], zero_var=sums["zero_var_groups"] / (P * W), skipped=int(sums["skipped"]),
+                 grad_norm=totals["grad_norm"], t_gen=t_gen, t_ref=t_ref, seconds=time.time() - t0)
     if n_replay:
-        stats["replay_accuracy"] = sums[11].item() / n_replay
+        stats["replay_accuracy"] = sums["replay_right"] / n_replay
     samples = [{"problem": local[n // G]["problem"], "solution": local[n // G]["solution"], "answer": ro.texts[n],
                 "total": scores[n]["total"]} for n in range(min(len(ro.texts), 2 * G))]
     return stats, samples
+
+
+def micro_batches(policy, ref, processor, local, ro, adv, G, rl, device):
+    """The update's micro-batches of whole groups: (batch, ids, mask, adv, ref_logp, old_logp) each, trimmed to
+    its longest answer. One micro-batch reuses the rollout's encoding; several encode their own prompts. The
+    image features are computed once per prompt inside completion_logprobs, for the reference (without
+    gradient) and for the old policy (only when mu > 1: with one pass the ratio is 1)."""
+    P, mb = len(local), min(rl.micro_batch, len(local))
+    chunks = []
+    for i in range(0, P, mb):
+        sl = slice(i * G, (i + mb) * G)
+        T = int(ro.mask[sl].sum(1).max())
+        batch = ro.batch if mb == P else \
+            {k: v.to(device) for k, v in M.encode(processor, data.samples_of(local[i:i + mb])).items()}
+        ids, mask = ro.completion_ids[sl, :T], ro.mask[sl, :T]                                    # (mb * G, T)
+        with torch.no_grad():
+            ref_logp = M.completion_logprobs(ref, batch, ids, mask) if rl.beta > 0 else None
+            old_logp = M.completion_logprobs(policy, batch, ids, mask) if rl.mu > 1 else None
+        chunks.append((batch, ids, mask, adv[sl], ref_logp, old_logp))
+    return chunks
+
+
+def reduce_by_key(sums):
+    """{name: float} summed over ranks, name by name (one all-reduce); the identity on one process."""
+    total = all_reduce_sum(torch.tensor(list(sums.values())))
+    return {k: total[i].item() for i, k in enumerate(sums)}
 
 
 # -----------------------------------------------------------------------------
@@ -520,7 +513,8 @@ def load_base(cfg, device, dtype, rank):
 
 
 def run_rl(cfg, stages, groups, steps, out, rank, device, dtype, policy, processor, base, pool, tag=""):
-    """The curriculum GRPO loop over `stages`. Returns the list of per-stage model folders written."""
+    """The curriculum GRPO loop: for each stage, for each step: grpo_step (rollout -> reward -> advantage ->
+    update), then the log and the checkpoint. Returns every stage's starting folder, then the final one."""
     rl = cfg.rl
     specs = [curriculum.StageSpec(name, group_size=g, steps=n, advance_window=rl.advance_window,
                                   advance_accuracy=rl.advance_accuracy or None, replay=r)
@@ -528,81 +522,83 @@ def run_rl(cfg, stages, groups, steps, out, rank, device, dtype, policy, process
     stage_data = curriculum.parse_stage_data(cfg.data.stage_data) if cfg.data.stage_data else {}
     specs = curriculum.assign_stage_data(specs, {k: v for k, v in stage_data.items() if k in stages})
     cur = curriculum.Curriculum(specs, pool=pool, seed=cfg.run.seed, image_root=cfg.data.image_root or None)
-    opt, ref, resumed_opt = None, None, None
     ckpt = latest_checkpoint(out) if cfg.run.resume else None
-    if ckpt:
-        state = torch.load(os.path.join(ckpt, "trainer_state.pt"), weights_only=False)
-        cur.load_state_dict(state["curriculum"])
-        loaded, _ = M.load(ckpt, device=device, dtype=dtype)
-        policy.load_state_dict(loaded.state_dict())
-        resumed_opt = state["optimizer"]
-        torch.set_rng_state(state["rng"][min(rank, len(state["rng"]) - 1)]["torch"])
-        if rank == 0:
-            trim_log(os.path.join(out, "metrics.jsonl"), cur.global_step)  # steps logged after the checkpoint
-            print(f"resumed from {ckpt}: {cur}", flush=True)
+    resumed_opt = resume(ckpt, out, cur, policy, rank, device, dtype) if ckpt else None
     held_out = None
     if cfg.run.eval_every:  # a small in-domain set for the periodic quick evaluation (rank 0)
         held_out = data.make_split("test", 48, seed=cfg.run.seed, size=cfg.data.image_size)
     # Every stage's starting model, whichever stages this process runs (a resumed run starts past some).
     stage_dirs = [os.path.join(out, "stages", f"{k}_{s.name}_start") for k, s in enumerate(specs)]
-    bad_in_row, bar = 0, None
-    while not cur.done:
-        spec, k = cur.current_stage(), cur.stage_index
-        start_dir = stage_dirs[k]
-        if ref is None:  # stage start (or resume): the reference is the stage's starting weights, or the base
-            if cur.step == 0 and rank == 0 and not os.path.isdir(start_dir):
-                save_atomically(start_dir, lambda tmp: M.save(policy, processor, tmp))
-            barrier()
-            if rl.ref == "base":
-                ref = base
-            else:
-                ref, _ = M.load(start_dir, device=device, dtype=dtype)
-            ref.eval().requires_grad_(False)
-            opt = torch.optim.AdamW(policy.parameters(), lr=rl.lr, weight_decay=rl.weight_decay, betas=(0.9, 0.99))
-            if resumed_opt is not None:
-                opt.load_state_dict(resumed_opt)
-                resumed_opt = None
-            bar = tqdm(total=spec.steps, initial=cur.step, desc=f"stage {k + 1}/{len(specs)} {spec.name}",
-                       disable=rank != 0, dynamic_ncols=True, mininterval=1 if sys.stderr.isatty() else 60)
-        lr = rl.lr * lr_factor(cur.step, rl.warmup, spec.steps, rl.schedule, floor=0.0 if rl.schedule == "linear" else 0.1)
-        for g in opt.param_groups:
-            g["lr"] = lr
-        rows = cur.next_batch(rl.prompts_per_step)
-        stats, samples = grpo_step(policy, ref, processor, rows, spec.name, spec.group_size, cfg, opt, rank,
-                                   device, cur.global_step)
-        bad_in_row = bad_in_row + 1 if stats["skipped"] else 0
-        if stats["skipped"] and rank == 0:
-            bar.write(f"step {cur.step + 1}: non-finite loss or gradient, update skipped ({bad_in_row} in a row)")
-        step, global_step = cur.step + 1, cur.global_step + 1
-        if cfg.run.eval_every and step % cfg.run.eval_every == 0 and rank == 0:
-            acc = E.evaluate(policy, processor, curriculum.stage_rows(held_out, spec.name, seed=cfg.run.seed),
-                           max_new_tokens=rl.max_new_tokens)
-            stats["eval"] = {f"{t}/{s}": round(v["accuracy"], 3) for (t, s), v in sorted(acc.items())}
-            bar.write(f"eval at {spec.name} step {step}: {stats['eval']}")
-        if rank == 0:
-            bar.update(1)
-            bar.write(tag + log_line(spec.name, step, spec.steps, stats, lr))
-            append_jsonl(os.path.join(out, "metrics.jsonl"),
-                         [{"stage": spec.name, "step": step, "global_step": global_step, "lr": lr, **stats}])
-            if cfg.run.sample_every and step % cfg.run.sample_every == 1:
-                append_jsonl(os.path.join(out, "samples.jsonl"),
-                             [{"stage": spec.name, "step": step, **s} for s in samples])
-        if bad_in_row >= cfg.run.max_bad_steps:   # after the log, so the step that stops the run is in it
-            raise RuntimeError(f"{bad_in_row} steps in a row had a non-finite loss or gradient (stage {spec.name}, "
-                               f"step {step}): lower --lr, check --dtype, and look at samples.jsonl")
-        advanced = cur.record(stats["reward_accuracy"])
-        state = {"curriculum": cur.state_dict(), "optimizer": opt.state_dict(), "config": as_dict(cfg)}
-        if advanced:
-            ref = None
-            bar.close()
-            state["optimizer"] = None
-        if advanced or global_step % cfg.run.ckpt_every == 0:
-            save_checkpoint(out, global_step, policy, processor, state, cfg.run.keep, rank)
+    bad_in_row = 0
+    for k in range(cur.stage_index, len(specs)):
+        # A stage starts from the previous stage's weights, with a fresh optimizer and schedule; its reference
+        # is its starting weights (the release) or the base (--ref base).
+        spec, start_dir = specs[k], stage_dirs[k]
+        if cur.step == 0 and rank == 0 and not os.path.isdir(start_dir):
+            save_atomically(start_dir, lambda tmp: M.save(policy, processor, tmp))
+        barrier()
+        ref = base if rl.ref == "base" else M.load(start_dir, device=device, dtype=dtype)[0]
+        ref.eval().requires_grad_(False)
+        opt = torch.optim.AdamW(policy.parameters(), lr=rl.lr, weight_decay=rl.weight_decay, betas=(0.9, 0.99))
+        if resumed_opt is not None:  # resumed inside this stage
+            opt.load_state_dict(resumed_opt)
+            resumed_opt = None
+        bar = tqdm(total=spec.steps, initial=cur.step, desc=f"stage {k + 1}/{len(specs)} {spec.name}",
+                   disable=rank != 0, dynamic_ncols=True, mininterval=1 if sys.stderr.isatty() else 60)
+        advanced = False
+        while not advanced:
+            lr = rl.lr * lr_factor(cur.step, rl.warmup, spec.steps, rl.schedule,
+                                   floor=0.0 if rl.schedule == "linear" else 0.1)
+            for g in opt.param_groups:
+                g["lr"] = lr
+            rows = cur.next_batch(rl.prompts_per_step)
+            stats, samples = grpo_step(policy, ref, processor, rows, spec.name, spec.group_size, cfg, opt, rank,
+                                       device, cur.global_step)
+            bad_in_row = bad_in_row + 1 if stats["skipped"] else 0
+            if stats["skipped"] and rank == 0:
+                bar.write(f"step {cur.step + 1}: non-finite loss or gradient, update skipped ({bad_in_row} in a row)")
+            step, global_step = cur.step + 1, cur.global_step + 1
+            if cfg.run.eval_every and step % cfg.run.eval_every == 0 and rank == 0:
+                acc = E.evaluate(policy, processor, curriculum.stage_rows(held_out, spec.name, seed=cfg.run.seed),
+                                 max_new_tokens=rl.max_new_tokens)
+                stats["eval"] = {f"{t}/{s}": round(v["accuracy"], 3) for (t, s), v in sorted(acc.items())}
+                bar.write(f"eval at {spec.name} step {step}: {stats['eval']}")
+            if rank == 0:
+                bar.update(1)
+                bar.write(tag + log_line(spec.name, step, spec.steps, stats, lr))
+                append_jsonl(os.path.join(out, "metrics.jsonl"),
+                             [{"stage": spec.name, "step": step, "global_step": global_step, "lr": lr, **stats}])
+                if cfg.run.sample_every and step % cfg.run.sample_every == 1:
+                    append_jsonl(os.path.join(out, "samples.jsonl"),
+                                 [{"stage": spec.name, "step": step, **s} for s in samples])
+            if bad_in_row >= cfg.run.max_bad_steps:   # after the log, so the step that stops the run is in it
+                raise RuntimeError(f"{bad_in_row} steps in a row had a non-finite loss or gradient (stage "
+                                   f"{spec.name}, step {step}): lower --lr, check --dtype, and look at samples.jsonl")
+            advanced = cur.record(stats["reward_accuracy"])
+            if advanced or global_step % cfg.run.ckpt_every == 0:  # at a stage's end the next starts afresh
+                state = {"curriculum": cur.state_dict(), "optimizer": None if advanced else opt.state_dict(),
+                         "config": as_dict(cfg)}
+                save_checkpoint(out, global_step, policy, processor, state, cfg.run.keep, rank)
+        bar.close()
     final_dir = os.path.join(out, "stages", f"{len(specs)}_final")
     if rank == 0 and not os.path.isdir(final_dir):
         save_atomically(final_dir, lambda tmp: M.save(policy, processor, tmp))
     barrier()
     return stage_dirs + [final_dir]
+
+
+def resume(ckpt, out, cur, policy, rank, device, dtype):
+    """Load a checkpoint into the schedule, the policy and this rank's RNG; returns the optimizer state (None at a
+    stage boundary). Rank 0 drops the log lines of steps taken after the checkpoint."""
+    state = torch.load(os.path.join(ckpt, "trainer_state.pt"), weights_only=False)
+    cur.load_state_dict(state["curriculum"])
+    loaded, _ = M.load(ckpt, device=device, dtype=dtype)
+    policy.load_state_dict(loaded.state_dict())
+    torch.set_rng_state(state["rng"][min(rank, len(state["rng"]) - 1)]["torch"])
+    if rank == 0:
+        trim_log(os.path.join(out, "metrics.jsonl"), cur.global_step)
+        print(f"resumed from {ckpt}: {cur}", flush=True)
+    return state["optimizer"]
 
 
 def stage_summary(metrics):
