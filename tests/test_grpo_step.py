@@ -17,6 +17,7 @@ import model as M
 import rewards
 import rollout
 import train
+from config import make_config
 from data import samples_of
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -50,7 +51,7 @@ def fixed_rollout(policy, processor, rows):
 
 
 def config(**rl):
-    cfg = train.make_config(["--group-size", str(G), "--prompts-per-step", str(P), "--max-new-tokens", str(T_NEW)])
+    cfg = make_config(["--group-size", str(G), "--prompts-per-step", str(P), "--max-new-tokens", str(T_NEW)])
     return dataclasses.replace(cfg, rl=dataclasses.replace(cfg.rl, **{"grad_clip": 1e9, **rl}))  # no clip: exact grads
 
 

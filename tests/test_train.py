@@ -13,6 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import config
 import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -48,13 +49,13 @@ def test_bad_config_is_a_clear_error(flags, message):
 
 
 def test_presets_and_flags():
-    cfg = train.make_config(["--preset", "qwen2.5-vl-3b", "--model", ROOT, "--lr", "1e-5"])
+    cfg = config.make_config(["--preset", "qwen2.5-vl-3b", "--model", ROOT, "--lr", "1e-5"])
     assert cfg.rl.lr == 1e-5, "a flag overrides the preset"
     assert cfg.rl.group_size == "4,2,4" and cfg.rl.beta == 0.04 and cfg.rl.max_new_tokens == 256
     assert cfg.rl.prompts_per_step == 8 and cfg.model.dtype == "bfloat16"
-    assert train.make_config(["--no-phase2"]).phase2.phase2 is False, "boolean flags are real booleans"
+    assert config.make_config(["--no-phase2"]).phase2.phase2 is False, "boolean flags are real booleans"
     with pytest.raises(SystemExit):
-        train.build_parser().parse_args(["--agg", "mean"])
+        config.build_parser().parse_args(["--agg", "mean"])
 
 
 def test_a_run_with_replay_reports_the_replayed_accuracy(tmp_path):
@@ -124,29 +125,29 @@ def test_reward_plot_and_stage_summary(tmp_path):
 
 
 def test_per_stage_values_map_by_stage_name():
-    assert train.per_stage("100,100,150", ["judge", "choice", "open"], "stage_steps") == [100, 100, 150]
-    assert train.per_stage("100,100,150", ["open"], "stage_steps") == [150], "three values name the three stages"
-    assert train.per_stage("4,2,4", ["choice", "open"], "group_size") == [2, 4]
-    assert train.per_stage("7", ["open", "judge"], "stage_steps") == [7, 7]
+    assert config.per_stage("100,100,150", ["judge", "choice", "open"], "stage_steps") == [100, 100, 150]
+    assert config.per_stage("100,100,150", ["open"], "stage_steps") == [150], "three values name the three stages"
+    assert config.per_stage("4,2,4", ["choice", "open"], "group_size") == [2, 4]
+    assert config.per_stage("7", ["open", "judge"], "stage_steps") == [7, 7]
     with pytest.raises(ValueError, match="one value or one per stage"):
-        train.per_stage("1,2", ["open"], "stage_steps")
+        config.per_stage("1,2", ["open"], "stage_steps")
 
 
 def test_replay_ratios(monkeypatch):
-    rl = lambda text, **kw: train.RLConfig(replay=text, **kw)
-    assert train.replay_ratios(rl("0.25"), ["judge", "choice", "open"]) == [0.25, 0.25, 0.0], "open asks open anyway"
-    assert train.replay_ratios(rl("0.125,0.5,0"), ["judge", "choice", "open"]) == [0.125, 0.5, 0.0]
-    assert train.replay_ratios(rl("0.3"), ["open"]) == [0.0]
-    assert train.replay_ratios(rl("0.25"), ["judge"]) == [0.0], "one value: nothing to rehearse without open"
+    rl = lambda text, **kw: config.RLConfig(replay=text, **kw)
+    assert config.replay_ratios(rl("0.25"), ["judge", "choice", "open"]) == [0.25, 0.25, 0.0], "open asks open anyway"
+    assert config.replay_ratios(rl("0.125,0.5,0"), ["judge", "choice", "open"]) == [0.125, 0.5, 0.0]
+    assert config.replay_ratios(rl("0.3"), ["open"]) == [0.0]
+    assert config.replay_ratios(rl("0.25"), ["judge"]) == [0.0], "one value: nothing to rehearse without open"
     with pytest.raises(ValueError, match="include open"):
-        train.replay_ratios(rl("0.25,0"), ["judge", "choice"])
+        config.replay_ratios(rl("0.25,0"), ["judge", "choice"])
     with pytest.raises(ValueError, match="in \\[0, 4\\]"):
-        train.replay_ratios(rl("5"), ["judge", "open"])
+        config.replay_ratios(rl("5"), ["judge", "open"])
     with pytest.raises(ValueError, match="whole number"):
-        train.replay_ratios(rl("0.1"), ["judge", "open"])  # 3.2 more prompts
+        config.replay_ratios(rl("0.1"), ["judge", "open"])  # 3.2 more prompts
     monkeypatch.setenv("WORLD_SIZE", "16")
     with pytest.raises(ValueError, match="multiple of the 16 processes"):
-        train.replay_ratios(rl("0.25"), ["judge", "open"])  # 40 prompts
+        config.replay_ratios(rl("0.25"), ["judge", "open"])  # 40 prompts
 
 
 # -----------------------------------------------------------------------------
@@ -223,7 +224,7 @@ def test_phase2_prompts_cover_every_task_and_form():
     import random
     from collections import Counter
     import data
-    cfg = train.make_config([])
+    cfg = config.make_config([])
     pool = data.make_rows("train", 3000, draw=False)
     for order in ("as drawn", "shuffled"):
         if order == "shuffled":

@@ -1,0 +1,239 @@
+"""
+config.py: the run's configuration: one dataclass per concern (model, data, rl, phase2, run), command-line flags
+generated from the fields (each with its help; booleans as --x / --no-x), named presets that fill them, and the
+checks that turn a bad value into one clear error before any work starts.
+
+    cfg = make_config(["--preset", "qwen2.5-vl-3b", "--model", "/ckpt/Qwen2.5-VL-3B-Instruct"])
+    stages, groups, steps = validate(cfg)          # per-stage values resolved; ValueError on a bad config
+
+Precedence: the dataclass defaults (the tiny preset) <- the preset <- the flags. The resolved config is printed
+at the start of a run and saved in every checkpoint (as_dict).
+"""
+import argparse
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from fractions import Fraction
+
+import torch
+
+import curriculum
+
+
+def arg(default, help):
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class ModelConfig:
+    model: str = arg("assets/tiny-base", "base model: a local Qwen2.5-VL / Qwen2-VL folder, or 'tiny' (random)")
+    device: str = arg("auto", "auto | cpu | cuda")
+    dtype: str = arg("auto", "auto (bfloat16 on GPU, float32 on CPU) | float32 | bfloat16")
+    max_pixels: int = arg(401_408, "images are resized to at most this many pixels (the model card's value)")
+
+
+@dataclass
+class DataConfig:
+    stage_data: str = arg("", "per-stage files 'judge=a.jsonl;choice=b.jsonl;open=c.jsonl' (mixture specs); "
+                              "stages without files derive their questions from the synthetic pool")
+    image_root: str = arg("", "folder that relative image paths in data files are relative to")
+    pool_size: int = arg(3000, "synthetic training pool: rows (scenes with one question each)")
+    image_size: int = arg(112, "synthetic image side in pixels (a multiple of 28)")
+    eval_data: str = arg("", "evaluation files 'test=a.jsonl;ood=b.jsonl'; empty: the synthetic test and ood splits")
+    eval_n: int = arg(1200, "synthetic evaluation rows per split and form (400 per task; 0: no evaluation)")
+    eval_stages: str = arg("judge,choice,open", "answer forms evaluated (the synthetic sets)")
+
+
+@dataclass
+class RLConfig:
+    stages: str = arg("judge,choice,open", "the curriculum, in order ('open' alone = RL without curriculum)")
+    group_size: str = arg("8", "G answers per prompt: one value, or one per stage ('4,2,4')")
+    stage_steps: str = arg("100,100,200", "optimizer steps per stage: one value or one per stage")
+    advance_accuracy: float = arg(0.0, "leave a stage early when the mean training accuracy of the last "
+                                       "advance_window steps reaches this (0: off)")
+    advance_window: int = arg(20, "steps the advance rule averages over")
+    prompts_per_step: int = arg(32, "prompts per optimizer step, over all ranks")
+    micro_batch: int = arg(16, "prompts per forward/backward pass on one rank (memory only)")
+    max_new_tokens: int = arg(64, "answer length limit")
+    temperature: float = arg(1.0, "sampling temperature")
+    top_p: float = arg(1.0, "nucleus sampling")
+    top_k: int = arg(0, "top-k sampling (0: off)")
+    lr: float = arg(3e-4, "AdamW learning rate")
+    schedule: str = arg("linear", "learning-rate decay within each stage: constant | linear | cosine")
+    warmup: int = arg(5, "warm-up steps at the start of each stage")
+    weight_decay: float = arg(0.0, "AdamW weight decay")
+    grad_clip: float = arg(1.0, "gradient norm clip")
+    beta: float = arg(0.04, "KL coefficient (k3 estimator)")
+    clip_eps: float = arg(0.2, "PPO ratio clip")
+    clip_eps_high: float = arg(0.0, "upper clip (DAPO 'clip higher'); 0: same as clip_eps")
+    mu: int = arg(1, "optimizer steps per rollout batch (1: the release, ratio = 1)")
+    agg: str = arg("seq", "loss aggregation: seq (paper) | token (DAPO) | dr_grpo")
+    adv_scale: str = arg("group", "advantage scale: group (paper) | batch | none (Dr. GRPO)")
+    ref: str = arg("stage", "reference model: stage (each stage's starting weights, the release) | base")
+    replay: str = arg("0", "open questions rehearsed per judge/choice prompt, added to its batches (not in the "
+                              "paper: 0); one value for the stages of a schedule with an open stage, or one per stage")
+    choice_partial: float = arg(0.2, "choice reward of a non-empty proper subset of the right letters (the "
+                                     "paper mentions 0.2; the release pays the exact set only: 0)")
+    box_reward: str = arg("hard", "open detection reward: hard (1 if IoU > 0.5, the paper) | iou | giou")
+
+
+@dataclass
+class Phase2Config:
+    phase2: bool = arg(True, "run rejection-sampling SFT after the open stage")
+    phase2_data: str = arg("", "prompts for phase 2 (a mixture spec); empty: the last phase2_prompts rows of the "
+                               "synthetic pool, each task's rows asked in the three stage forms in turn")
+    phase2_prompts: int = arg(300, "prompts sampled in phase 2 (synthetic pool)")
+    phase2_samples: int = arg(4, "answers sampled per prompt")
+    phase2_bar: float = arg(2.0, "keep the best answer of a prompt when its reward (accuracy + format) >= this")
+    phase2_lr: float = arg(1e-4, "SFT learning rate (the paper: 2e-7 for the 3B model)")
+    phase2_epochs: int = arg(2, "SFT passes over the kept answers")
+    phase2_batch: int = arg(32, "SFT rows per optimizer step, over all ranks")
+
+
+@dataclass
+class RunConfig:
+    out: str = arg("runs/tiny", "output folder: checkpoints, logs, stages, report")
+    seed: int = arg(0, "seed of data order, sampling and initial weights")
+    resume: bool = arg(False, "continue from the latest checkpoint in --out")
+    ckpt_every: int = arg(20, "steps between checkpoints (and at every stage end)")
+    keep: int = arg(2, "checkpoints kept")
+    eval_every: int = arg(0, "steps between held-out evaluations during a stage (0: only between stages)")
+    sample_every: int = arg(10, "steps between dumps of sampled answers to samples.jsonl")
+    max_bad_steps: int = arg(5, "consecutive non-finite steps before the run stops")
+    baseline: bool = arg(False, "also run the same number of RL steps without the curriculum (open only)")
+    threads: int = arg(0, "torch CPU threads (0: torch's default)")
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rl: RLConfig = field(default_factory=RLConfig)
+    phase2: Phase2Config = field(default_factory=Phase2Config)
+    run: RunConfig = field(default_factory=RunConfig)
+
+
+PRESETS = {
+    "tiny": {},  # the defaults above
+    "qwen2.5-vl-3b": {
+        "model": {"model": "", "dtype": "bfloat16"},
+        "rl": {"group_size": "4,2,4", "stage_steps": "600,500,2300", "prompts_per_step": 8, "micro_batch": 1,
+               "max_new_tokens": 256, "lr": 1e-6, "schedule": "linear", "warmup": 0, "beta": 0.04, "mu": 1,
+               "choice_partial": 0.0, "box_reward": "hard"},
+        "phase2": {"phase2_lr": 2e-7, "phase2_samples": 4, "phase2_epochs": 1, "phase2_batch": 8},
+        "run": {"out": "runs/qwen2.5-vl-3b", "ckpt_every": 100, "eval_every": 0, "sample_every": 20},
+    },
+}
+CHOICES = {"device": None, "dtype": ("auto", "float32", "bfloat16", "float16"),
+           "schedule": ("constant", "linear", "cosine"), "agg": ("seq", "token", "dr_grpo"),
+           "adv_scale": ("group", "batch", "none"), "ref": ("stage", "base"), "box_reward": ("hard", "iou", "giou")}
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description="Curr-ReFT: curriculum GRPO + rejection-sampling SFT for Qwen-VL.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="named recipe the flags override")
+    for group in dataclasses.fields(Config):
+        g = p.add_argument_group(group.name)
+        for f in dataclasses.fields(group.type):
+            flag = "--" + f.name.replace("_", "-")
+            kw = dict(dest=f"{group.name}.{f.name}", default=None, help=f.metadata["help"])
+            if isinstance(f.default, bool):
+                g.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
+            else:
+                g.add_argument(flag, type=type(f.default), choices=CHOICES.get(f.name), **kw)
+    return p
+
+
+def make_config(argv=None):
+    """Defaults <- preset <- flags, then validated. Invalid values raise ValueError before any work."""
+    args = build_parser().parse_args(argv)
+    cfg = Config()
+    for group, values in PRESETS[args.preset].items():
+        setattr(cfg, group, dataclasses.replace(getattr(cfg, group), **values))
+    for key, value in vars(args).items():
+        if "." in key and value is not None:
+            group, name = key.split(".")
+            setattr(cfg, group, dataclasses.replace(getattr(cfg, group), **{name: value}))
+    validate(cfg)
+    return cfg
+
+
+def per_stage(text, stages, name, cast=int):
+    """'4' -> [4] * len(stages); '4,2,4' -> one value per stage. Three values name the judge, choice and open
+    stages, so a run of some of them (--stages open) takes theirs: '100,100,150' -> [150] for 'open'."""
+    order = curriculum.STAGES  # judge, choice, open
+    values = [cast(v) for v in str(text).split(",") if v.strip()]
+    if len(values) == 1:
+        values = values * len(stages)
+    elif len(values) == len(order) != len(stages) and all(s in order for s in stages):
+        values = [values[order.index(s)] for s in stages]
+    if len(values) != len(stages):
+        raise ValueError(f"--{name.replace('_', '-')} {text!r}: give one value or one per stage ({len(stages)})")
+    return values
+
+
+def replay_ratios(rl, stages):
+    """Per-stage replay ratios (curriculum.StageSpec.replay). One value applies to every stage but open (which
+    asks open questions anyway), and to none when the schedule has no open stage to rehearse. A step's batch
+    is prompts_per_step + ratio * prompts_per_step prompts: that must be whole and split evenly over the
+    processes."""
+    ratios = per_stage(rl.replay, stages, "replay", cast=float)
+    if len(str(rl.replay).split(",")) == 1:
+        ratios = [0.0 if name == "open" or "open" not in stages else v for name, v in zip(stages, ratios)]
+    if not all(0 <= v <= 4 for v in ratios):
+        raise ValueError(f"--replay {rl.replay!r}: open questions per stage prompt, in [0, 4]")
+    if any(v > 0 for v in ratios) and "open" not in stages:
+        raise ValueError("--replay asks open questions in earlier stages; --stages must include open")
+    W = int(os.environ.get("WORLD_SIZE", 1))
+    for v in ratios:
+        extra = Fraction(v).limit_denominator(1000) * rl.prompts_per_step
+        if extra.denominator != 1 or (rl.prompts_per_step + extra) % W:
+            raise ValueError(f"--replay {v} adds {float(extra):g} open questions to {rl.prompts_per_step} prompts: "
+                             f"make it a whole number and the sum a multiple of the {W} processes")
+    return ratios
+
+
+def validate(cfg):
+    rl, run = cfg.rl, cfg.run
+    stages = [s.strip() for s in rl.stages.split(",") if s.strip()]
+    bad = [s for s in stages if s not in curriculum.STAGES]
+    if not stages or bad:
+        raise ValueError(f"--stages {rl.stages!r}: use judge, choice and open, comma-separated")
+    groups = per_stage(rl.group_size, stages, "group_size")
+    steps = per_stage(rl.stage_steps, stages, "stage_steps")
+    replay_ratios(rl, stages)
+    bad_forms = [s for s in cfg.data.eval_stages.split(",") if s not in curriculum.STAGES]
+    checks = [
+        (not bad_forms, f"--eval-stages: unknown forms {bad_forms}; use judge, choice and open"),
+        (cfg.model.model != "", "--model: give the folder of a Qwen2.5-VL / Qwen2-VL checkpoint"),
+        (all(g >= 2 for g in groups), "--group-size must be >= 2: a group of one has no relative advantage"),
+        (all(s >= 1 for s in steps), "--stage-steps must be >= 1"),
+        (rl.prompts_per_step >= 1 and rl.micro_batch >= 1, "--prompts-per-step and --micro-batch must be >= 1"),
+        (rl.max_new_tokens >= 1, "--max-new-tokens must be >= 1"),
+        (rl.temperature > 0 and 0 < rl.top_p <= 1 and rl.top_k >= 0, "need temperature > 0, 0 < top-p <= 1, top-k >= 0"),
+        (rl.lr > 0 and rl.beta >= 0 and rl.clip_eps > 0 and rl.clip_eps_high >= 0, "need lr > 0, beta >= 0, clip-eps > 0"),
+        (rl.mu >= 1 and rl.warmup >= 0 and rl.grad_clip > 0, "need mu >= 1, warmup >= 0, grad-clip > 0"),
+        (0 <= rl.advance_accuracy <= 2 and rl.advance_window >= 1, "need 0 <= advance-accuracy and advance-window >= 1"),
+        (run.ckpt_every >= 1 and run.keep >= 1 and run.max_bad_steps >= 1, "need ckpt-every, keep, max-bad-steps >= 1"),
+        (cfg.phase2.phase2_prompts >= 1 and cfg.phase2.phase2_samples >= 1 and cfg.phase2.phase2_epochs >= 1
+         and cfg.phase2.phase2_batch >= 1 and cfg.phase2.phase2_lr > 0, "phase-2 sizes must be >= 1 and its lr > 0"),
+        (cfg.data.image_size % 28 == 0 and cfg.data.pool_size >= 1, "--image-size must be a multiple of 28"),
+        (cfg.model.device in ("auto", "cpu") or cfg.model.device.startswith("cuda"), "--device: auto, cpu or cuda"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ValueError(message)
+    if cfg.model.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError("--device cuda, but torch sees no GPU (on a CPU machine use --device cpu)")
+    if cfg.model.model not in ("tiny", "small") and not os.path.isdir(cfg.model.model) \
+            and cfg.model.model != ModelConfig.model:
+        raise ValueError(f"--model {cfg.model.model!r} is neither 'tiny' nor a folder")
+    W = int(os.environ.get("WORLD_SIZE", 1))
+    if rl.prompts_per_step % W:
+        raise ValueError(f"--prompts-per-step {rl.prompts_per_step} must split evenly over {W} processes")
+    return stages, groups, steps
+
+
+def as_dict(cfg):
+    return dataclasses.asdict(cfg)
