@@ -48,7 +48,6 @@ import time
 
 import torch
 import torch.distributed as dist
-from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 import curriculum
@@ -60,6 +59,7 @@ import rewards
 import rollout
 import tiny_base
 from config import ModelConfig, as_dict, make_config, replay_ratios, validate
+from report import plot_rewards, stage_summary
 from reject_sample import phase2
 from runtime import (all_reduce_grads, all_reduce_sum, barrier, lr_factor, resolve_dtype, save_atomically,
                      setup_dist, world_size, write_atomic)
@@ -214,41 +214,6 @@ def reduce_by_key(sums):
 
 
 # -----------------------------------------------------------------------------
-# The reward curve, drawn with pillow
-
-def plot_rewards(metrics, path, keys=("reward_total", "reward_accuracy"), width=960, height=360):
-    """PNG of training reward per step across the stages (raw as dots, moving average of 9 as a line)."""
-    colours = {"reward_total": (40, 80, 200), "reward_accuracy": (220, 90, 30)}
-    img = Image.new("RGB", (width, height), "white")
-    d = ImageDraw.Draw(img)
-    L, R, T, B = 50, 20, 30, 40
-    n = len(metrics)
-    x = lambda i: L + (width - L - R) * i / max(1, n - 1)
-    y = lambda v: height - B - (height - T - B) * v / 2.0          # rewards lie in [0, 2]
-    for v in (0, 0.5, 1.0, 1.5, 2.0):
-        d.line([(L, y(v)), (width - R, y(v))], fill=(230, 230, 230))
-        d.text((8, y(v) - 6), f"{v:.1f}", fill="black")
-    for i, m in enumerate(metrics):                               # stage boundaries and names
-        if i == 0 or m["stage"] != metrics[i - 1]["stage"]:
-            d.line([(x(i), T), (x(i), height - B)], fill=(150, 150, 150))
-            d.text((x(i) + 4, T - 16), m["stage"], fill="black")
-    starts = [i for i in range(n) if i == 0 or metrics[i]["stage"] != metrics[i - 1]["stage"]] + [n]
-    for key in keys:
-        c = colours.get(key, (0, 0, 0))
-        light = tuple(min(255, 130 + ch // 2) for ch in c)
-        vals = [m[key] for m in metrics]
-        for i, v in enumerate(vals):
-            d.ellipse([x(i) - 1.5, y(v) - 1.5, x(i) + 1.5, y(v) + 1.5], fill=light)
-        for a, b in zip(starts, starts[1:]):                     # moving average within each stage
-            seg = [sum(vals[max(a, i - 4):min(b, i + 5)]) / len(vals[max(a, i - 4):min(b, i + 5)]) for i in range(a, b)]
-            if len(seg) > 1:
-                d.line([(x(a + j), y(v)) for j, v in enumerate(seg)], fill=c, width=2)
-    d.text((L, height - B + 12), "training step (all stages)   blue: reward (accuracy + format)   "
-                                 "orange: accuracy", fill="black")
-    img.save(path)
-
-
-# -----------------------------------------------------------------------------
 # The run
 
 def log_line(stage, step, steps, s, lr):
@@ -375,35 +340,6 @@ def resume(ckpt, out, cur, policy, rank, device, dtype):
         trim_log(os.path.join(out, "metrics.jsonl"), cur.global_step)
         print(f"resumed from {ckpt}: {cur}", flush=True)
     return state["optimizer"]
-
-
-def stage_summary(metrics):
-    """Training accuracy of each stage: the means of its first and last quarter of steps, and the change over the
-    stage by a least-squares line through every step's accuracy, with the standard error of that change (a rise
-    is a change above about twice its standard error)."""
-    lines = ["training accuracy per stage (mean of the first and last quarter of its steps; change over the "
-             "stage by a least-squares line, +- one standard error):"]
-    for stage in dict.fromkeys(m["stage"] for m in metrics):
-        ms = [m for m in metrics if m["stage"] == stage]
-        n, q = len(ms), max(1, len(ms) // 4)
-        ys = [m["reward_accuracy"] for m in ms]
-        mean = lambda xs: sum(xs) / len(xs)
-        change = se = 0.0
-        if n >= 3:
-            xm, ym = (n - 1) / 2, mean(ys)
-            sxx = sum((x - xm) ** 2 for x in range(n))
-            slope = sum((x - xm) * (y - ym) for x, y in enumerate(ys)) / sxx
-            resid = sum((y - ym - slope * (x - xm)) ** 2 for x, y in enumerate(ys)) / (n - 2)
-            change, se = slope * (n - 1), (resid / sxx) ** 0.5 * (n - 1)
-        rewards = [m["reward_total"] for m in ms]
-        lines.append(f"  {stage:6s} {n:4d} steps | accuracy {mean(ys[:q]):.3f} -> {mean(ys[-q:]):.3f} | "
-                     f"change {change:+.3f} +- {se:.3f} | reward {mean(rewards[:q]):.3f} -> {mean(rewards[-q:]):.3f}"
-                     f" | {sum(m['seconds'] for m in ms):.0f}s")
-        replay = [m["replay_accuracy"] for m in ms if "replay_accuracy" in m]
-        if replay:
-            r = max(1, len(replay) // 4)
-            lines.append(f"  {'':6s} replayed open questions | accuracy {mean(replay[:r]):.3f} -> {mean(replay[-r:]):.3f}")
-    return "\n".join(lines)
 
 
 def phase2_prompts(cfg, pool):

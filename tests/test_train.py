@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 import config
+import report
 import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -109,9 +110,9 @@ def test_reward_plot_and_stage_summary(tmp_path):
     from PIL import Image
     metrics = [{"stage": s, "reward_total": v, "reward_accuracy": v / 2, "seconds": 1.0}
                for s, vals in (("judge", [0.5] * 10 + [1.5] * 10), ("open", [1.0] * 20)) for v in vals]
-    train.plot_rewards(metrics, tmp_path / "r.png")
+    report.plot_rewards(metrics, tmp_path / "r.png")
     assert Image.open(tmp_path / "r.png").size == (960, 360)
-    text = train.stage_summary(metrics)
+    text = report.stage_summary(metrics)
     import numpy as np
     ys = np.array([0.25] * 10 + [0.75] * 10)
     (slope, _), (res,), *_ = np.polyfit(np.arange(20), ys, 1, full=True)
@@ -120,7 +121,7 @@ def test_reward_plot_and_stage_summary(tmp_path):
             f"reward 0.500 -> 1.500 | 20s") in text, text
     assert "replayed" not in text
     metrics[0]["replay_accuracy"], metrics[19]["replay_accuracy"] = 0.25, 0.75
-    assert "replayed open questions | accuracy 0.250 -> 0.750" in train.stage_summary(metrics)
+    assert "replayed open questions | accuracy 0.250 -> 0.750" in report.stage_summary(metrics)
     assert "open     20 steps | accuracy 0.500 -> 0.500 | change +0.000 +- 0.000 |" in text, "flat: no change"
 
 
