@@ -1,75 +1,44 @@
 """
-The curriculum: three stages of the same questions in ever harder answer forms, and the schedule.
+curriculum.py: the three stages of Curr-ReFT (one pool of questions in ever harder answer forms) and the schedule.
 
-Curr-ReFT trains with GRPO in three stages whose images and questions come from one pool; only the answer
-form (and so its reward) changes:
-
+The stages share their images and questions; only the answer form (and so its reward) changes:
     judge   a yes/no claim about the image          "How many circles are there? Is it 3?"   -> yes | no
     choice  options A-D (multi-select for classify)  "How many circles are there?\\nA. 1 ..."  -> B | A, C
     open    the question itself                     "How many circles are there?"            -> 2
 
-Use it:
-
-    import data, curriculum
-    pool = data.make_split("train", 3000)                                   # open rows with `meta`
-    cur = curriculum.Curriculum(curriculum.paper_stages(), pool=pool, seed=0)
+    cur = curriculum.Curriculum(curriculum.paper_stages(), pool=data.make_split("train", 3000), seed=0)
     while not cur.done:
         stage = cur.current_stage()                  # StageSpec: name, group_size, ...
         rows = cur.next_batch(8)                     # the stage's rows, deterministic, resumable
         ...                                          # rollout G = stage.group_size per row, reward, update
         cur.record(mean_accuracy)                    # True when the schedule moved on
-    torch.save({"curriculum": cur.state_dict(), ...}, path)   # cur.load_state_dict(...) resumes exactly
+    state = cur.state_dict()                         # cur.load_state_dict(state) resumes exactly
 
-Deriving a stage's rows from an open synthetic row (`make_stage_row(row, stage, rng)`), using its `meta`:
-- judge: the claim is the true answer half of the time. `Curriculum` and `stage_rows` make it exact: the
-  row at data position p claims the truth when p is even. A false claim is a near miss: a count off by one
-  or two (never negative; a pixel answer off by one or two grid cells); a label set with one label swapped
-  for, or joined by, a palette label absent from
-  the scene, or with one label dropped; another shape for "what shape"; for a box, another object's box or
-  the true box moved along the grid until IoU < 0.5.
-- choice: four options A-D in shuffled order. Detection and math have exactly one right option (boxes of
-  other objects or moved boxes with IoU < 0.5; numbers within 3 of the truth, never negative, in steps of one
-  grid cell for the pixel answers of geometry questions); "what shape" too. "Which colours / shapes" is
-  multi-select: 1-3 present labels and the rest absent ones, so there is
-  always at least one right option and one distractor. The solution lists the right letters in order:
-  `<answer>A, C</answer>`.
-- open: the row unchanged.
-Every prompt ends with one instruction line from INSTRUCTIONS (all of them are there, and short: each
-prompt token costs CPU time in a tiny model): think in <think></think>, then answer in <answer></answer>,
-saying what the answer must be.
+A stage row from an open synthetic row and its `meta` (`make_stage_row(row, stage, rng)`); open: the row itself.
+- judge: the claim is true half of the time (exactly: at even data positions, in `Curriculum` and `stage_rows`),
+  else a near miss: a count off by 1-2 (never negative; a pixel answer by 1-2 grid cells); a label set with one
+  label swapped for, or joined by, a palette label absent from the scene, or one dropped; another shape; another
+  object's box, or the true one moved until IoU < 0.5.
+- choice: options A-D, shuffled; one right (other or moved boxes with IoU < 0.5; numbers within 3 of the truth,
+  never negative, grid steps for pixels; other shapes), or 1-3 present labels for "which colours / shapes".
+Every prompt ends with one INSTRUCTIONS line: think in <think></think>, then say the answer in <answer></answer>.
+Stage files (`data`: a data.py mixture spec, set by `assign_stage_data(stages, {"judge": "j.jsonl:all"})`) are
+used as they are: only a problem without `<answer>` gets the instruction line; `stage` is set where missing.
 
-Stage files. When the user has each stage's questions in files (as the Curr-ReFT release does), a stage's
-`data` is a mixture spec (see data.py) and its rows are used as they are: a row's problem gets the stage's
-instruction line appended only when it holds no `<answer>` tag (the release's problems carry their own
-instructions, which are left alone), and `stage` is set when missing. `assign_stage_data(stages,
-{"judge": "judge.jsonl:all", ...})` puts such files into a schedule.
-
-The schedule: a list of StageSpec, run in order. A stage ends at the first of: `steps` optimizer steps;
-`epochs` passes over its pool (counted in rows drawn); the advance rule (the mean training accuracy of the
-last `advance_window` steps reaches `advance_accuracy`); `max_steps`. Within a stage, rows are drawn in a
-fresh permutation of the pool each epoch, seeded by (seed, stage, epoch), that interleaves the tasks
-(`balanced_order`: every batch holds them in near-equal shares, so the logged training reward is not moved
-by the batch's task mix); a derived row is seeded by (seed, stage, data position). A stage's `replay` ratio
-(0 in the paper) adds that many open questions per stage row to its batches (`replay_count`; 0.25: 8 more
-to a batch of 32, spread among them), drawn from the schedule's open stage and scored by open rules: a
-rehearsal of the final form while the earlier forms train. The stage's own rows stay exactly those of a run
-without replay. So the state is a few integers and the recent accuracies (`state_dict()`), and a resumed
-run draws exactly the batches the interrupted run would have drawn.
+The schedule runs its StageSpecs in order. A stage ends at the first of: `steps` optimizer steps; `epochs` passes
+over its pool (counted in rows drawn); the mean training accuracy of the last `advance_window` steps reaching
+`advance_accuracy`; `max_steps`. Each epoch draws a permutation seeded by (seed, stage, epoch), with the tasks in
+near-equal shares in every batch (`balanced_order`); a derived row is seeded by (seed, stage, data position).
+`replay` r adds floor(n * r) open-stage rows along a stage's first n (0.25: 8 to a batch of 32), scored by open
+rules; the stage's own rows are unchanged. The state (`state_dict()`): a few integers and the recent accuracies,
+so a resumed run draws exactly the batches of an uninterrupted one.
 
 Departures from the paper, and why:
-- Judge and choice rows are derived from one open pool of the synthetic world, as the paper's stages share
-  their images and questions (its release stores each stage's questions in its own files; those load too).
-- The judge is exactly balanced (positions alternate) rather than balanced by chance.
-- `replay` is not in the paper and is off by default. On the tiny base the judge and choice rewards check
-  only yes/no or the letters, so the label set the reasoning states drifts: classification's open answers
-  lost 1.2 and 2.8 points over those stages. With replay 0.25 they gained 1.8 and 1.0 instead (seed 0), yet
-  the final model was no better than with a longer open stage (classification +2.0 +- 1.3 against
-  +1.8 +- 1.2; seed 1: +0.0 against -0.5), and it costs about 90 s more, so the tiny preset lengthens the
-  open stage instead (README, "Results").
-- The paper preset (`paper_stages`): G = 4 / 2 / 4 and 1 / 1 / 2 epochs as the release trains the 3B model;
-  `max_steps` 600 / 500 / 2300 stop where the release handed each stage's checkpoint on. `tiny_stages`
-  adds an advance rule, since a tiny base either learns a form quickly or not at all.
-  train.py builds its own schedule from its flags (--stages, --group-size, --stage-steps, --advance-accuracy).
+- Judge and choice rows are derived from one open pool, as the paper's stages share their images and questions.
+- The judge is exactly balanced (positions alternate), rather than balanced by chance.
+- `replay` (not in the paper, off by default) rehearses the open form while judge and choice train.
+- paper_stages: G 4 / 2 / 4, epochs 1 / 1 / 2, max_steps 600 / 500 / 2300 (where the release handed stages on).
+- tiny_stages adds an advance rule, since a tiny base learns a form quickly or not at all.
 """
 import argparse
 import dataclasses

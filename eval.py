@@ -1,64 +1,44 @@
 """
 eval.py: held-out evaluation of Curr-ReFT checkpoints, in-domain and out of domain, side by side.
 
-Every row is answered with greedy decoding (rollout.generate, batched) and scored from its answer block
-only. Several checkpoints go into one markdown table (one row per model) and one JSON file.
+Rows are answered greedily (rollout.generate, batched); several checkpoints share one markdown table and JSON file.
 
     python eval.py --model runs/tiny/stages/0_judge_start,runs/tiny/stages/3_final     # synthetic test + ood
-    python eval.py --model DIR --data synthetic --n 300 --stages judge,choice,open     # + judge / choice rows
-    python eval.py --model DIR --data "test=test.jsonl;ood=superclevr.jsonl" --task math --out results.json
+    python eval.py --model DIR --n 300 --stages judge,choice,open                     # + judge / choice rows
+    python eval.py --model DIR --data "test=test.jsonl;ood=ood.jsonl" --task math --out results.json
     python eval.py --model DIR --samples 8 --pass-k 1,4                               # + pass@k from 8 samples
-    torchrun --nproc_per_node=8 eval.py --model DIR --rows 300   # rank r answers rows[r::W]; sums all-reduced
-                                                    # (--rows = --n: torchrun reads --n as its own flag)
+    torchrun --nproc_per_node=8 eval.py --model DIR --rows 300  # rank r: rows[r::W], sums all-reduced; --rows = --n
+    results = evaluate_models([("base", model, processor), "DIR"], eval_sets_synthetic(n=150))  # from Python
+    print(markdown_table(results)); results["base"]["ood"]["math"]["open"]   # {"n", "accuracy", ...}
 
-From Python (train.py prints one table of base, after each stage, final):
+Data: `synthetic` (the default) is data.make_split("test" | "ood", n), open questions, plus with --stages the
+same rows as yes/no claims and options A-D (curriculum.stage_rows); or `name=spec;name=spec`, data.load_mixture
+specs of Curr-ReFT JSONL files, with `--task` for rows that carry none. A row's stage is its `stage` field, else
+open; a problem without `<answer>` gets the stage's instruction line, as in training.
 
-    sets = eval_sets_synthetic(n=150, seed=0)                    # {"test": rows, "ood": rows}
-    results = evaluate_models([("base", model, processor), "runs/tiny/stages/3_final"], sets)
-    print(markdown_table(results))
-    results["base"]["ood"]["math"]["open"]        # {"n", "accuracy", "accuracy_se", "format", ...}
-
-Data (`--data`): `synthetic` (the default) is data.make_split("test", n) and ("ood", n), open questions,
-plus with `--stages judge,choice,open` the same rows asked as yes/no claims and as options A-D
-(curriculum.stage_rows). Or `name=spec;name=spec` where each spec is a data.load_mixture spec of Curr-ReFT
-JSONL files; `--task` is the task of rows that carry none (as some public test files; their bare-integer
-solutions load as they are). A row's stage is its `stage` field, else open; a problem that does not say how
-to answer (no `<answer>` in it) gets the stage's instruction line, as in training.
-
-Metrics of one (split, task, stage) cell over its n rows. A row's answer is the content of its single
-<answer>...</answer> block (rewards.split_completion); the think block never counts.
-    detection (open)  IoU of the last box of the answer with the true box (0 when none parses);
-                      acc@0.5 = 1[IoU >= 0.5], iou_mean = mean IoU;                accuracy = acc@0.5
-    classify (open)   P, G = label sets (rewards.parse_labels: whole names, lower case);
-                      exact = 1[P = G], f1 = 2|P & G| / (|P| + |G|) (0 when P does not parse); accuracy = exact
-    math (open)       1 if the final answer of the answer block (the last \\boxed{}, else the text after the
-                      last "=", holding exactly one number) equals the solution within 1e-6 relative
-                      (letters as sets when the solution is an option letter);    accuracy = that
-    judge             1 if the answer is exactly yes or no and equals the truth
-    choice            1 if the set of option letters equals the right set (no partial credit)
-    format            1 if the completion is exactly a think block then an answer block and the answer
-                      parses as the form's type (rewards.score's format)
-    pass@k            with n samples of a row, c of them right (accuracy 1):  1 - C(n-c, k) / C(n, k),
-                      computed as 1 - prod_{i=n-c+1}^{n} (1 - k/i) (Chen et al. 2021); mean over rows.
-                      Samples: temperature 1, no top-k / top-p, prompt i of a split sampled with a
-                      torch.Generator seeded by seed * 1_000_003 + i (the same on 1 or W ranks).
-    *_se              one standard error of the mean over the cell's rows: sqrt((mean(x^2) - mean(x)^2) / n),
-                      which is sqrt(p (1 - p) / n) for a 0/1 metric (0 when every row agrees: then read n).
-                      A difference between two models under about 2 sqrt(se1^2 + se2^2) may be noise.
-    change            with several checkpoints, each one's change from the first on the same rows
-                      (paired_differences): the mean per-row difference ± sd(difference) / sqrt(n). Models
-                      trained from one base agree on most rows, so this paired se is much smaller than the
-                      unpaired bound above; a change beyond about 2 paired se is outside the noise.
+Metrics of a (split, task, stage) cell over its n rows, from the single <answer> block (rewards.split_completion):
+    detection  IoU of the answer's last box with the true box (0 when none parses); iou_mean = mean IoU,
+               accuracy = acc@0.5 = 1[IoU >= 0.5]
+    classify   P, G = label sets (rewards.parse_labels); accuracy = exact = 1[P = G], f1 = 2|P & G| / (|P| + |G|)
+               (0 when P does not parse)
+    math       1 if the final answer (the last \\boxed{}, else the text after the last "=", exactly one number)
+               equals the solution within 1e-6 relative (as letter sets when the solution is an option letter)
+    judge      1 if the answer is exactly yes or no and equals the truth
+    choice     1 if the set of option letters equals the right set (no partial credit)
+    format     1 if the completion is a think block then an answer block that parses as the form's type
+    pass@k     n samples, c right: 1 - C(n-c, k) / C(n, k) = 1 - prod_{i=n-c+1}^{n} (1 - k/i), mean over rows;
+               temperature 1, no top-k / top-p, prompt i seeded by seed * 1_000_003 + i (the same on 1 or W ranks)
+    *_se       sqrt((mean(x^2) - mean(x)^2) / n) = sqrt(p (1 - p) / n) for 0/1 (0 when all rows agree: read n);
+               a difference under about 2 sqrt(se1^2 + se2^2) may be noise
+    change     each checkpoint minus the first on the same rows (paired_differences): mean(d) ± sd(d) / sqrt(n),
+               far under the unpaired bound when the models agree on most rows; beyond about 2 se is not noise
 The markdown table shows percentages, mean ± se, splits side by side; a note under it gives every n.
 
 Departures from the paper's release, and why:
-- The release's evaluation counts a superset of the true labels as right and, for counting, a number
-  appearing anywhere in the output (reasoning included) as right. Ours scores the answer block only, with
-  exact label sets (F1 beside it) and one parsed final number: the lenient rules pay for guessing.
-- Detection accuracy is IoU >= 0.5 (the usual detection convention; the release's reward uses > 0.5;
-  they differ only at exactly 0.5), reported with the mean IoU.
-- The release reports benchmark numbers (AI2D, MMVet, ...) from a GPT judge; those need outside services
-  and are not reproduced here. We report the three tasks in and out of domain, each with its standard error.
+- Only the answer block, exact label sets and one parsed number count (the release takes a superset of the
+  labels, or any number in the output, reasoning included, as right): lenient rules pay for guessing.
+- Detection accuracy is IoU >= 0.5, the usual convention (the release's reward: > 0.5; they differ only at 0.5).
+- The release's benchmarks (AI2D, MMVet, ...) are graded by a GPT judge, an outside service: not reproduced.
 """
 import argparse
 import json

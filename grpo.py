@@ -1,54 +1,42 @@
 """
-GRPO, the policy update of Curr-ReFT (arXiv 2503.07065), as two pure tensor functions.
+grpo.py: GRPO, the policy update of Curr-ReFT, as two pure tensor functions.
 
-Group Relative Policy Optimisation samples G completions per prompt, scores them, and uses the score
-relative to the group as the advantage, so no value network is needed:
+G completions per prompt are scored, and the score relative to the group is the advantage (no value network):
 
-    A_i = (r_i - mean_g(r)) / (std_g(r) + eps)         i in group g, eps = 1e-4 (the release)
+    A_i = (r_i - mean_g(r)) / (std_g(r) + eps)      i in group g; std unbiased (G - 1) and eps = 1e-4, as the release
 
-std is the UNBIASED group standard deviation (divide by G - 1), torch.std's default, as in the official
-code and TRL. The per-token loss is the PPO clipped surrogate plus a KL penalty to the frozen reference:
+The per-token loss is the PPO clipped surrogate plus a KL penalty to the frozen reference, the k3 estimator
+(>= 0 per token, unbiased for KL(pi || ref) under samples of pi; http://joschu.net/blog/kl-approx.html):
 
     ratio_t = exp(logp_t - old_logp_t)
     L_t     = -min(ratio_t * A, clip(ratio_t, 1 - eps_low, 1 + eps_high) * A) + beta * KL_t
     KL_t    = exp(ref_logp_t - logp_t) - (ref_logp_t - logp_t) - 1
 
-the k3 estimator: >= 0 per token, unbiased for KL(pi || ref) under samples of pi
-(http://joschu.net/blog/kl-approx.html). The token losses are aggregated over the completion tokens
-(mask = 1) of the N = B * G completions, with T_max = max_len or the mask width:
+aggregated over the completion tokens (mask = 1) of the N = B * G completions, T_max = max_len or the mask width:
 
     seq      (paper)     1/N * sum_i ( 1/|o_i| * sum_t L_it )     mean per completion, then over completions
     token    (DAPO)      sum_it L_it / sum_i |o_i|                 every token weighs the same
     dr_grpo  (Dr. GRPO)  sum_it L_it / (N * T_max)                 no length normalisation
 
-Usage (one optimizer step, see train.py):
-
     adv = group_advantages(rewards, G)                              # (N,)
     loss, stats = grpo_loss(logp, old_logp, ref_logp, adv, mask)    # logp etc. (N, T), mask (N, T)
     loss.backward()
 
-Distributed / micro-batched use: each call divides by a LOCAL count (N sequences, or the masked tokens).
-To make the result independent of how the batch is split, pass the GLOBAL count (summed over all
-micro-batches and ranks, e.g. with an all-reduce) as `num_seqs` (seq, dr_grpo) or `num_tokens` (token),
-and a fixed `max_len` for dr_grpo; then the SUM of the micro-batch losses over micro-batches and ranks is
-exactly the full-batch loss. If gradients are then averaged over ranks (all_reduce with mean), multiply
-each loss by the world size, or sum the gradients instead.
+Micro-batches and ranks: a call divides by its LOCAL count (N sequences, or the masked tokens) unless given the
+GLOBAL one, summed over all micro-batches and ranks: `num_seqs` (seq, dr_grpo) or `num_tokens` (token), and a
+fixed `max_len` for dr_grpo. Then the SUM of the losses over micro-batches and ranks is exactly the full-batch
+loss; gradients averaged over ranks (all_reduce mean) need each loss times the world size, or sum them instead.
 
-Masked positions (mask = 0) never contribute: logp, old_logp and ref_logp are replaced by 0 there with
-torch.where BEFORE any arithmetic, so even NaN or inf garbage at padded positions changes neither the loss
-nor any gradient.
+Masking: where mask = 0, logp, old_logp and ref_logp are replaced by 0 (torch.where) BEFORE any arithmetic, so
+NaN or inf at padded positions changes neither the loss nor any gradient.
 
 Departures from the paper's release, and why:
-- The release takes one gradient step per rollout batch, so ratio = exp(logp - logp.detach()) = 1 and the
-  clip never acts. We keep the clip (with an optional asymmetric eps_high, DAPO's "clip higher") so that
-  several updates per batch are possible. With old_logp = logp.detach(), agg="seq", beta=0.04, the loss
-  and its gradient equal the release's objective (tested).
-- scale: "group" (paper), "batch" (divide by the std of the whole batch) or "none" (Dr. GRPO: only
-  mean-centred), and the agg modes token / dr_grpo: published fixes of the length and difficulty biases
-  of the per-group std and the per-sequence mean; options, off by default.
-- A group whose rewards are all equal (group size 1 included, where the unbiased std is NaN) gets
-  advantage exactly 0: it holds no comparison, so no learning signal. The formula would give 0 up to
-  rounding of the mean (and NaN for G = 1 or eps = 0); we make it exact and never NaN.
+- The ratio clip is kept (eps_low = clip_eps; eps_high = clip_eps_high, DAPO's "clip higher", default clip_eps)
+  so that several updates per rollout are possible; the release takes one (ratio = 1, the clip inert), and
+  old_logp = logp.detach(), agg="seq", beta=0.04 give its loss and gradient exactly.
+- scale "batch" (std of the whole batch) or "none" (Dr. GRPO: mean-centred only) and agg token / dr_grpo: options,
+  off by default, the published fixes of the length and difficulty biases of the group std and sequence mean.
+- A group whose rewards are all equal (G = 1 included) gets advantage exactly 0, never NaN: it holds no comparison.
 - A completion with no tokens (all mask 0) contributes 0 to the seq mean but still counts in N.
 """
 

@@ -1,60 +1,44 @@
 """
-Phase 2 of Curr-ReFT (arXiv 2503.07065): rejection-sampling SFT, and the supervised loop `sft` it shares with
-the tiny base's warm-start (tiny_base.py).
+reject_sample.py: phase 2 of Curr-ReFT, rejection-sampling SFT, and the supervised loop `sft` it shares with the
+tiny base's warm-start (tiny_base.py).
 
-After the curriculum GRPO (judge -> choice -> open, train.py), the paper samples answers from the RL model,
-keeps only the good ones and fine-tunes on them with a plain supervised loss and a tiny learning rate (2e-7
-for the 3B model; 1,520 samples kept at a judge score >= 85/100). The abstract's reason: selective learning
-from high-quality multimodal and language examples keeps the model's general abilities after RL.
+After the curriculum GRPO (train.py), the paper samples answers from the RL model, keeps only the good ones and
+fine-tunes on them with a plain supervised loss and a tiny learning rate, to keep the model's general abilities.
 
     python reject_sample.py --model runs/tiny/checkpoints/step_000180 --data synthetic --out runs/phase2  # CPU
     python reject_sample.py --model tiny --data "pool.jsonl:random:2000" --bar 0 --out runs/p2   # a smoke test
-    python reject_sample.py --model /ckpt/rl-open --data pool.jsonl --judge /ckpt/Qwen2.5-VL-7B-Instruct \\
-        --lr 2e-7 --device cuda --out runs/phase2                                                   # 1 GPU
+    python reject_sample.py --model RL --data pool.jsonl --judge QWEN_VL --lr 2e-7 --device cuda --out OUT  # 1 GPU
     torchrun --nproc_per_node=8 reject_sample.py --model ... --data ... --out ...                 # N GPUs
 
 The algorithm (`phase2` = `rejection_sample` -> `write_sft_file` -> `sft`):
-1. pool: the prompts (image rows and text-only rows), each (image, problem) once: a prompt that appears
-   twice is sampled once.
-2. sample: N answers per prompt, y_1..y_N ~ pi(. | x, I) at temperature tau (rollout.generate with
-   group_size = N; one generator per prompt seeded by (seed, the prompt's index in the pool), so the
-   answers do not depend on the batch or on the number of processes).
-3. score: s_j = accuracy(y_j) + format(y_j) (rewards.score, the rule rewards of the RL stages), or, with
-   a judge model, the 0-100 grade the judge writes greedily for y_j against the reference answer.
-4. keep: j* = argmax_j s_j (ties: the first sampled); (x, y_j*) is kept if it passes the bar: s_j* >= bar
-   (default 2, i.e. accuracy == 1 and format == 1) or, with the judge, s_j* >= 85 (the paper's threshold).
-   `per_prompt` > 1 keeps the k best distinct passing answers; a repeated answer counts once.
-5. write: one JSON per line in the Curr-ReFT SFT format (images of in-memory rows saved as PNGs in
-   images/ beside the file, so data.load_rows reads it back), plus kept / total per task.
-6. fine-tune: `epochs` passes over the kept rows, in a fresh seeded order each epoch, global batches of
-   `batch_size`:
+1. pool: the prompts (image and text-only rows), each (image, problem) once.
+2. sample: N answers per prompt, y_1..y_N ~ pi(. | x, I) at temperature tau (rollout.generate, group_size = N),
+   one generator per prompt seeded by (seed, its pool index): independent of the batch and the process count.
+3. score: s_j = accuracy(y_j) + format(y_j) (rewards.score, the RL stages' rule rewards), or with a judge model
+   the 0-100 grade it writes greedily for y_j against the reference answer.
+4. keep: j* = argmax_j s_j (ties: the first sampled); (x, y_j*) is kept if s_j* >= bar (default 2: accuracy 1
+   and format 1), or with the judge s_j* >= 85. `per_prompt` k > 1 keeps the k best distinct passing answers.
+5. write: one JSON per line in the Curr-ReFT SFT format (images of in-memory rows as PNGs in images/ beside the
+   file, so data.load_rows reads it back), plus kept / total per task.
+6. fine-tune: `epochs` passes over the kept rows, a fresh seeded order each epoch, global batches of `batch_size`:
        L = - sum_i sum_t m_it log pi(y_it | x_i, I_i, y_i<t) / sum_i sum_t m_it
-   a token-level mean over the assistant tokens of the global batch (the target ends with <|im_end|>, so
-   the model learns to stop; the prompt and the image are never in the loss). The count is all-reduced
-   and the loss summed over micro-batches and ranks, so results do not change with the world size.
+   a token mean over the assistant tokens of the global batch (the target ends with <|im_end|>, so the model
+   learns to stop; prompt and image are never in the loss).
 
-Distributed (runtime.py's helpers, no framework): rank r samples the prompts pool[r::W]; the kept rows are
-gathered to every rank with all_gather_object (only when W > 1) and ordered by pool index, so rank 0 writes
-the file and every rank trains on the same kept set, each rank taking its slice of every global batch.
-
-Outputs in --out: sft.jsonl (+ images/), phase2_report.json (kept / total per task, the SFT losses, the
-config), model/ (the fine-tuned model, model.save; not written when nothing was kept).
+Distributed (runtime.py's helpers): rank r samples pool[r::W]; the kept rows are gathered to every rank
+(all_gather_object, when W > 1) in pool order; rank 0 writes the file; each rank trains on its slice of every
+global batch, the token count all-reduced and the loss summed over micro-batches and ranks: W changes nothing.
+Outputs in --out: sft.jsonl (+ images/), phase2_report.json (kept / total per task, SFT losses, the config),
+model/ (the fine-tuned model; not written when nothing was kept).
 
 Departures from the paper, and why:
-- Default scorer: the rule rewards of the RL stages with the bar accuracy == 1 and format == 1, not a judge
-  model: offline, deterministic and free on a CPU, and exact for the synthetic world's answers. A judge
-  (--judge) is a local Qwen-VL checkpoint prompted for a 0-100 grade against the reference, with the
-  paper's 85 threshold; its prompt is ours (the paper's judge prompt is not reproduced).
-- One answer per prompt (the best) by default, and exact duplicates dropped: the paper does not say how many
-  answers per prompt it kept; one avoids over-weighting easy prompts.
-- An answer kept without a think block is trained as `<think></think><answer>...</answer>` (the file
-  stores it as data.load_rows normalises it), as target_text does for every row without reasoning.
-- Pool: the paper's mixes multimodal and language examples of its domains; the tiny preset samples the
-  synthetic world's questions (open by default, --stages for the others); any Curr-ReFT file, text-only
-  rows included, loads through --data.
-- Learning rate: the paper's 2e-7 is for 3B; the tiny default is 1e-4 (a 0.35 M-parameter model moves
-  nowhere at 2e-7). AdamW (0.9, 0.95), clip 1.0, constant by default: the release's SFT ran with ms-swift,
-  whose other settings we do not reproduce.
+- Default scorer: the rule rewards (accuracy 1, format 1), not a judge model: offline, deterministic, exact here.
+- --judge: a local Qwen-VL checkpoint, the paper's threshold 85 (--judge-threshold); the judge prompt is ours.
+- One answer per prompt (the best), duplicates dropped: the paper does not say; several over-weight easy prompts.
+- A kept answer without a think block trains as `<think></think><answer>...</answer>`, as target_text does.
+- Pool: the synthetic world's questions (open; --stages for others) stand in for the paper's domain mix on a CPU.
+- lr 1e-4 by default (the paper's 2e-7 is for 3B; the tiny model does not move at it); AdamW (0.9, 0.95), clip
+  1.0, constant: the release's SFT ran with ms-swift, whose other settings are not reproduced.
 """
 import argparse
 import hashlib

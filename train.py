@@ -65,12 +65,12 @@ from runtime import (all_reduce_grads, all_reduce_sum, barrier, lr_factor, resol
                      setup_dist, world_size, write_atomic)
 
 
+# -----------------------------------------------------------------------------
+# Checkpoints: atomic, complete, resumable
+
 def param_checksum(model):
     return sum(p.detach().double().sum().item() for p in model.parameters())
 
-
-# -----------------------------------------------------------------------------
-# Checkpoints: atomic, complete, resumable
 
 def save_checkpoint(out, step, policy, processor, state, keep, rank):
     """Rank 0 writes checkpoints/step_XXXXXX (via a temporary folder + rename) and points `latest` at it."""
