@@ -1,105 +1,44 @@
 """
-Data: Curr-ReFT rows from JSONL/JSON files, data mixtures, and a synthetic world of coloured shapes.
+data.py: Curr-ReFT rows from JSONL/JSON files, data mixtures, and a synthetic world of coloured shapes.
 
-A row is a plain dict, the unit every other file passes around:
+A row is a plain dict: {"image": path | PIL image | None (text-only), "problem": the full user text, with
+instructions, "solution": "<answer>2</answer>", "task": detection | classify | math, "meta": the scene and
+its truth (synthetic rows only), "stage": judge | choice | open (optional)}.
 
-    {"image": "imgs/0001.png" | PIL.Image.Image | None,   # None: a text-only row
-     "problem": "How many circles are there?\\nThink in ...",  # the full user text, instructions included
-     "solution": "<answer>2</answer>",
-     "task": "detection" | "classify" | "math",
-     "meta": {...},            # synthetic rows only: the scene and the question's ground truth
-     "stage": "open"}          # optional: judge | choice | open
-
-Use it:
-
-    import data
-    rows = data.load_rows("train.jsonl", default_task="math")          # a Rows list; rows.skipped == 0
-    rows = data.load_rows("train.jsonl", on_error="skip")              # bad rows skipped, counted, logged
+    rows = data.load_rows("train.jsonl", default_task="math", on_error="skip")  # Rows: .skipped, .errors
     rows = data.load_mixture("a.jsonl:all,b.jsonl:random:500,c.jsonl:30%", seed=0)
-    rows = data.make_split("train", 3000, seed=0)                       # synthetic, PIL images in memory
-    image = data.open_image(rows[0])                                    # always an RGB PIL image
-
+    rows = data.make_split("train", 3000, seed=0)    # synthetic, PIL images; data.open_image(row): RGB PIL
     python curriculum.py --out synth --split train --n 3000 --seed 0   # synth/train.jsonl + synth/images/
-    python curriculum.py --out synth --split ood --n 300 --stage judge # synth/ood_judge.jsonl (stage questions)
 
-Files (the Curr-ReFT format). JSONL, one object per line, or a JSON list of objects:
-- `image`: a path relative to `image_root`, or absolute. With `image_root=None` a relative path is relative
-  to the folder of the data file (so a folder of JSONL + images moves as a unit). Missing or null: text-only.
-  An SFT-style `images: [path]` list of one path is accepted too.
-- `problem`: the user text. `solution`: `<answer>...</answer>` (a think block before it is kept as is), or a
-  bare string, number, label list or box, which is wrapped as `<answer>...</answer>` (a box as
-  `[x1, y1, x2, y2]`, labels comma-separated). `task`: detection, classify or math; when missing,
-  `default_task`, else the row is bad.
-- Curr-ReFT SFT rows (`messages`: a user turn and an assistant turn) are read as problem = the user text
-  (an `<image>` placeholder removed), solution = the assistant text.
-A bad row (malformed JSON, a missing field, an unknown task, a missing or unreadable image: every image is
-checked at load time with PIL's `verify()`) raises `DataError("file:line: problem")`. With
-`on_error="skip"` it is dropped, never replaced: the returned `Rows` list carries `.skipped` (the count) and
-`.errors` (the messages), and one warning line goes to the `data` logger.
+Files (the Curr-ReFT format): JSONL, one object per line, or a JSON list of objects.
+- `image`: relative to `image_root` (None: the data file's folder) or absolute; missing or null: text-only.
+- `problem`: the user text. `solution`: `<answer>...</answer>` kept as is (with any think block before it),
+  or a bare string, number, label list or box, wrapped in answer tags (a box as `[x1, y1, x2, y2]`, labels
+  comma-separated). `task`: detection, classify or math; when missing, `default_task`, else a bad row.
+- SFT rows: problem, solution = the user, assistant turns of `messages` (`<image>` removed); `images: [p]`: p.
+- A bad row (malformed JSON, a missing field, an unknown task, a missing or unreadable image: all checked at
+  load, images with PIL's verify()) raises DataError("file:line: problem"). on_error="skip" drops it (never
+  replaced), counts it in `.skipped`, keeps its message in `.errors` and logs one warning (`data` logger).
 
-Mixtures, for the command line: comma-separated items `path[:rule]`, rule one of `all` (the default),
-`first:N`, `last:N`, `random:N`, `N%` (= `random:N%`; first/last accept N% too). Or a JSON file holding a
-list of `{"path": ..., "rule": ..., "image_root": ..., "task": ...}` (paths relative to that file). Items are
-concatenated in order; `first`/`last` keep file order, `random` samples without replacement, keeps file
-order, and is deterministic for a seed. Asking for more rows than a file has is an error. (A `:` inside a
-path, as in Windows drive letters, is not supported in the string form; use the JSON form.)
+Mixtures: comma-separated `path[:rule]`, rule all (the default) | first:N | last:N | random:N | N% (=
+random:N%; first and last take N% too); or a JSON file listing {"path", "rule", "image_root", "task"}
+(paths relative to it; the only form for paths holding ":"). Items are concatenated in order, each in
+file order; random samples without replacement, deterministic for a seed. Too few rows in a file: an error.
 
-The synthetic world (what a tiny randomly initialised VLM can learn on a 2-core CPU; the choices follow
-measurements on such a CPU):
-- Images are `size` px square, default 112 (a multiple of 28, the Qwen-VL patch-merge unit: 112 px is an
-  8x8 patch grid, 16 image tokens). The image is a 7x7 grid of cells of size/7 px (16 px at 112).
-- Scenes hold 1-4 shapes from 5 (circle, square, triangle, diamond, cross) in 5 colours (red, green, blue,
-  yellow, purple). Colours are unique within a scene, so "the red circle" names one object and "the red
-  one" is unambiguous. 5 labels of each kind, with at most 4 objects, leave an absent shape and an absent
-  colour in every scene, so a false yes/no claim and a multi-select distractor always exist.
-- Every shape fills a square box of 1, 2 or 3 cells (16, 32 or 48 px at 112; the size drawn uniformly per
-  object), on cell boundaries, never overlapping (they may touch). So every box answer is a multiple of
-  16 px (0, 16, ..., 112 at 112 px): a coarse grid with 8 values per coordinate. Boxes never learned at 56 px
-  nor on a fine grid.
-- The base's world (BASE_CELLS, BASE_KINDS): the tiny base's first warm-start phases see only 2- and 3-cell
-  shapes and the first six question kinds (no geometry); it meets one-cell shapes and geometry in a short
-  last phase (tiny_base.py). Why: a world the base has fully learned leaves RL nothing to gain. In the
-  first version of this world (2-3-cell shapes, no geometry) the shipped base reached 98% on classification
-  and sat at a capacity limit on counting, and 300 GRPO steps moved neither (training accuracy flat,
-  sampling entropy collapsing). One-cell shapes and geometry are skills the base has only begun to learn,
-  like an instruct model meeting a new domain; `make_rows(..., cells=, kinds=)` draws the base's world.
-- Boxes are [x1, y1, x2, y2] in pixels of the image the model sees; x2, y2 are the right and bottom edges
-  (the shape's last pixel column is x2 - 1), so width = x2 - x1. The box tightly contains the drawn pixels.
-- Flat colours, no anti-aliasing, a light-grey background: clean, cheap to draw (about 0.1 ms an image).
-- Tasks and question kinds (all derived from the scene, stored in `meta`):
-    detection  locate      "Where is the red circle?"                    [16, 32, 64, 80]
-    classify   colours     "Which colours are there?"                    red, blue   (palette order)
-               shapes      "Which shapes are there?"                     circle, cross
-               shape_of    "What shape is the red one?"                  circle
-    math       count_all   "How many shapes are there?"                  3
-               count_shape "How many circles are there?"                 2 (0 when absent)
-               sum_shapes  "How many circles plus squares are there?"    3
-               width       "How wide is the red circle in pixels?"       32   (geometry: 16, 32 or 48)
-               left        "How far is the red circle from the left edge in pixels?"   64   (geometry: x1)
-  The task of row i is TASKS[i % 3], the kind is drawn at random within it.
-- `reference_completion(row)` is the answer a model should write, for warm-start SFT and the tokenizer:
-  `<think>red circle, blue square; so 2</think><answer>...</answer>`, the think block listing the scene in
-  reading order, then the answer to the open question. A yes/no claim or options A-D are then judged by
-  comparing with that stated answer; without it the judge and choice forms stayed at chance for thousands
-  of warm-start steps.
-- Token lengths with the tiny model's 512-token BPE trained on `tokenizer_corpus()` (digits are single
-  tokens under Qwen's pre-tokenizer): prompts 25-45 tokens, except choice-stage detection (~100: four
-  boxes of ~15 tokens each); completions 15-35 tokens (a box answer alone is ~16). Add the 16 image tokens.
-- Splits: `train`, `test` (in-domain) and `ood`. A scene's layout (shapes, colours, boxes) is hashed into
-  one of 10 buckets: bucket 0 is held out for test and ood, buckets 1-9 feed train, so train never shares
-  a scene with test or ood. Each split also seeds its own generator.
-  ood = the test distribution on a light-blue background instead of light grey. Every question stays
-  answerable (no colour of the palette is close to the new background). TINY_WORLD.md measured this shift
-  as a meaningful middle range for a tiny model, where a dark noisy background gave 0-30% (too strong).
-  `ood_small` (an extra, optional split) makes every shape one cell (16 px), the other mild shift
-  measured there.
+The synthetic world: `size` px square images (default 112, 16 image tokens; a multiple of 28), a 7x7 grid of
+size/7 px cells, flat colours, no anti-aliasing. 1-4 shapes of 5 (circle, square, triangle, diamond, cross)
+in unique colours of 5 (red, green, blue, yellow, purple), so every scene lacks a shape and a colour. A shape
+fills a 1-, 2- or 3-cell square on cell boundaries, never overlapping; its box is the tight [x1, y1, x2, y2]
+in pixels, x2, y2 exclusive. Row i asks a TASKS[i % 3] question of a random kind: detection locate; classify
+colours, shapes (palette order), shape_of; math count_all, count_shape (0 when absent), sum_shapes, width
+(x2 - x1), left (x1). BASE_CELLS (2, 3) and BASE_KINDS (no width, left): the tiny base's early warm-start
+world. Splits: train, test, ood (test on light blue, not light grey), ood_small (every shape one cell); a
+layout hashes into 10 buckets, 0 for test and ood, 1-9 for train; each split seeds its own generator.
+reference_completion: `<think>red circle, blue square; so 2</think><answer>2</answer>` (reading order).
 
 Departures from the paper, and why:
-- A synthetic world instead of RefCOCO (detection), COCO labels (classification) and Math360K/Geo170K
-  (math), with RefGTA / Pascal VOC / SuperCLEVR as OOD sets: a tiny model must learn on a CPU in minutes.
-  The three tasks keep their answer forms (pixel box, label list, number); real files load through the same
-  `load_rows`.
-- Classification answers are whole label names (palette order), not free text.
+- A synthetic world, not RefCOCO, COCO, Math360K/Geo170K or the OOD sets: a tiny model must learn on a CPU.
+- Classification answers are whole label names (palette order), not free text: they are scored as label sets.
 """
 import hashlib
 import json

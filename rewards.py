@@ -1,102 +1,44 @@
 """
-Rewards for Curr-ReFT (arXiv 2503.07065): one pure function from (completion, solution) to a score.
+rewards.py: the rewards of Curr-ReFT, one pure function from (completion, solution) to a score.
 
-Every completion must read
-
-    <think> reasoning </think> <answer> final answer </answer>
-
-(whitespace allowed around and between the blocks, nothing else). The reward of one completion is
-
-    total = accuracy_weight * accuracy + format_weight * format          (paper: both weights 1)
-
-with accuracy and format in [0, 1]. What counts as a right answer depends on the curriculum stage and, in
-the last stage, on the task:
-
-    stage   task        answer type           accuracy
-    judge   any         yes / no              1 if the word equals the solution's
-    choice  any         option letters        1 if the letter sets are equal (partial credit optional)
-    open    detection   box [x1, y1, x2, y2]  hard: 1[IoU > 0.5] | iou: IoU | giou: (GIoU + 1) / 2
-    open    classify    category names        jaccard: |P ∩ G| / |P ∪ G| | exact: 1[P = G]
-                                                  | f1: 2 |P ∩ G| / (|P| + |G|)
-    open    math        a number (or letters  1 if |p - g| <= max(rel_tol * max(|p|, |g|), abs_tol)
-                        when the solution is  (letters: equal sets; other solutions: equal normalised text)
-                        a letter)
-
-    IoU  = area(P ∩ G) / area(P ∪ G)
-    GIoU = IoU - (area(C) - area(P ∪ G)) / area(C),   C = the smallest box enclosing P and G
-
-format = 1 when the whole completion is exactly one think block then one answer block (an empty think
-block is allowed, as in the release) AND the answer parses as the stage's answer type: yes/no, letters,
-a valid box, a label list, a number (in math: letters when the solution is a letter, any non-empty text
-when the solution is neither a number nor letters); else 0.
-
-Usage:
-
-    from rewards import score
-    r = score(completion, row["solution"], task="detection", stage="open", box_mode="iou")
+    r = rewards.score(completion, row["solution"], task="detection", stage="open", box_mode="iou")
     r["total"], r["accuracy"], r["format"], r["answer"], r["parsed"]   # + r["iou"] for open detection
 
-Which text is the answer:
-- The answer is the content of the single <answer>…</answer> block. No answer (accuracy 0) when the
-  completion holds zero or several <answer> or </answer> tags, when the block sits inside a think block
-  (`<think>… <answer>…</answer> …</think>` or an unclosed <think> before it), or when a think tag follows
-  it. The think block never counts: a box or number written only there earns nothing. A non-string
-  completion scores 0.
-- Accuracy does not require the exact think+answer layout (as in the release, where accuracy only looks
-  for the answer block); format does.
-- Completions longer than `max_chars` (default 20,000; the paper samples at most 256 tokens) score 0
-  without being parsed, so the cost of a reward is bounded. All parsing is linear: str methods, hand
-  scanners and regexes without nested or overlapping quantifiers. Nothing is eval-ed, not even with
-  ast.literal_eval. No completion string can raise; an unknown task, stage or option is a programming
-  error and raises ValueError.
+total = accuracy_weight * accuracy + format_weight * format (paper: both weights 1), each in [0, 1]:
 
-Solutions (ground truth), as `score` accepts them, per stage and task:
-- any string; if it holds <answer>…</answer> the first such block is the solution (a think block before
-  it is ignored); otherwise, text after a final </think>; otherwise the whole string. Then:
-- judge: "yes" / "no" (also "Yes.", "true", "false"), or a bool.
-- choice: letters "A", "A, C", "A and C", "(A)(C)", "AC" (runs of distinct capitals are allowed in the
-  solution only), or a list ["A", "C"].
-- open detection: "[x1, y1, x2, y2]" or '{"bbox_2d": [x1, y1, x2, y2]}' (the last box is used; pixels,
-  plain decimal ints or floats, no exponent), or a list/tuple of 4 numbers.
-- open classify: "cat, dog", "cat; dog", one per line, "['cat', 'dog']", or a list ["cat", "dog"].
-- open math: "12", "-3.5", "1,234", "3/4", "\\frac{3}{4}", "\\boxed{12}", "50%", "5 cm", "$3"; an int or
-  float; a capital option letter "B" (then the answer is compared as letters, and "(B) 12" or "B. 12"
-  from the model counts as B); anything else (e.g.
-  "\\sqrt{2}") is compared as whitespace-free, case-free text.
-An unusable solution (empty, no box, ...) scores accuracy 0 for every completion; it never raises.
+    judge   any        yes/no    1 if the word equals the solution's
+    choice  any        letters   1 if the sets are equal; a proper subset: choice_partial (default 0; paper 0.2)
+    open    detection  box       hard: 1[IoU > 0.5] | iou: IoU | giou: (GIoU + 1) / 2
+    open    classify   labels    jaccard: |P ∩ G| / |P ∪ G| | exact: 1[P = G] | f1: 2 |P ∩ G| / (|P| + |G|)
+    open    math       number    1 if |p - g| <= max(rel_tol * max(|p|, |g|), abs_tol)
+    GIoU = IoU - (area(C) - area(P ∪ G)) / area(C),   C = the smallest box enclosing P and G
 
-Parsing rules we had to decide (the paper does not say):
-- judge: after stripping surrounding spaces, punctuation, quotes, brackets and `*`, the whole answer must
-  be yes/no/true/false (any case). "yes and no", "Yes, it is." and sentences parse as nothing.
-- choice: separators , ; / & | + . : ( ) [ ] { }, whitespace and the word "and" split the answer; every
-  remaining token must be a single letter (either case). So "A, C" = "C A" = "(A)(C)" = "a and c" = {A, C},
-  while "A circle is red" is not a choice (other words are present) and "AC" from the model is not
-  either (it reads as a word; the prompt asks for separated letters).
-- classify: a [..] list or text split at , ; newlines and the word "and"; each label is lower-cased, its
-  spaces collapsed, quotes, bullets and numbering ("1.", "-", "*") stripped. Names match whole and exact,
-  no stemming: "cats" != "cat" (COCO/VOC names are singular and stemming breaks names such as "bus" or
-  "skis"). A label longer than 5 words is a sentence, not a label list.
-- math: the final answer is the content of the last \\boxed{} if any, else the text after the last "=";
-  it must then hold exactly ONE number (a fraction a/b or \\frac{a}{b} counts as one). Two numbers
-  ("3 and 4") or an expression (+, *, ^, \\sqrt, π, ...) do not parse; "x = 3, y = 4" parses as 4, the
-  text after the last "=". Thousands separators ("1,234"), units ("5 cm", "12 cm^2"), "$" and surrounding words
-  ("the answer is 5") are ignored; "50%" parses as 50, and matches 0.5 only when exactly one side has the
-  percent sign. Numeric tokens longer than 50 characters are unparseable.
+The answer is the content of the single <answer>…</answer> block; none with zero or several <answer> or
+</answer> tags, inside a think block, after an unclosed <think> or before a think tag. The think block never counts.
+format = 1 when the completion is exactly `<think>…</think><answer>…</answer>` (spaces around and between; the
+think may be empty) and the answer parses as the stage's type (math: the solution's), else 0; accuracy needs
+only the answer. Totality: a non-string completion or one over max_chars (default 20,000) scores 0 unparsed;
+parsing is linear, no eval; no completion or solution raises; a bad task, stage or option raises ValueError.
 
-Departures from the paper's release, and why (see shared/PAPER_NOTES.md):
-- judge: the release lets "yes" win whenever both "yes" and "no" appear; we need exactly one word.
-- choice: the release compares an order-sensitive letter string and counts an article "A" as a letter;
-  we compare sets and require the answer to be letters only. Optional partial credit (`choice_partial`,
-  the paper mentions 0.2) for a non-empty proper subset; off by default.
-- classify: the release scores token-level Jaccard and gives 0 to list-style answers (missing import);
-  we parse lists and text and score whole names. A superset is never full credit.
-- math: the release pays full credit when neither side holds a letter (any wrong number, even an empty
-  answer, scores 1) and uses math_verify; our own dependency-free parser never matches two empty or
-  unparseable strings and pays only for a number equal to the solution within tolerance.
-- format: the release applies the detection format (an integer box in braces) in every stage; ours
-  follows each stage's answer type.
-- detection: besides the paper's hard IoU > 0.5 reward we offer continuous IoU and GIoU; degenerate,
-  non-finite or absurd boxes (|coord| > max_coord) score 0 and earn no format reward.
+Parsing, of answers and solutions alike (the paper does not say; no math_verify). A solution string is its
+first <answer> block, else the text after a final </think>, else all; or a bool, list, number; unusable: accuracy 0.
+- judge: stripped of spaces, punctuation, quotes, brackets and `*`, the whole answer is yes/no/true/false, any case.
+- choice: , ; / & | + . : ( ) [ ] { }, whitespace and "and" split; each token is one letter, any case ("a and
+  c" = {A, C}; "A circle is red" and "AC" are none); in a solution a run of distinct capitals counts ("AC").
+- box: the last [x1, y1, x2, y2] (bare or in {"bbox_2d": ...}), plain decimals; degenerate or |c| > max_coord: none.
+- labels: a [..] list or text split at , ; newlines and " and "; lower-cased, spaces collapsed, quotes, bullets,
+  numbering stripped; whole names, no stemming ("cats" != "cat"); a label over 5 words or with no letter: none.
+- number: the last \\boxed{}, else the text after the last "=", holding one number (a/b, \\frac{a}{b}, "1,234"
+  count; "3 and 4", +, *, ^, \\sqrt, π do not; units, "$", words ignored; > 50 characters: none); "50%" is 50,
+  or 0.5 if one side alone has "%". Letter solutions: letter sets ("(B) 12" is B); else case-, space-free text.
+
+Departures from the paper's release, and why:
+- judge: the release lets "yes" win when both words appear; we need exactly one word, an unambiguous answer.
+- choice: the release compares an order-sensitive string and reads an article "A" as a letter; we use sets.
+- classify: the release scores token Jaccard and gives lists 0 (a missing import); we score whole-name sets.
+- math: the release pays 1 when neither side has a letter (any wrong number); we pay an equal number only.
+- format: the release checks the detection format (an integer box in braces) in every stage; ours, the stage's.
+- detection: graded IoU and GIoU rewards as options beside the paper's hard IoU > 0.5, which stays the default.
 """
 
 import math
