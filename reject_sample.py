@@ -36,7 +36,7 @@ Departures from the paper, and why:
 - --judge: a local Qwen-VL checkpoint, the paper's threshold 85 (--judge-threshold); the judge prompt is ours.
 - One answer per prompt (the best), duplicates dropped: the paper does not say; several over-weight easy prompts.
 - A kept answer without a think block trains as `<think></think><answer>...</answer>`, as target_text does.
-- Pool: the synthetic world's questions (open; --stages for others) stand in for the paper's domain mix on a CPU.
+- Pool: the synthetic world's questions, every task in every form, stand in for the paper's domain mix on a CPU.
 - lr 1e-4 by default (the paper's 2e-7 is for 3B; the tiny model does not move at it); AdamW (0.9, 0.95), clip
   1.0, constant: the release's SFT ran with ms-swift, whose other settings are not reproduced.
 """
@@ -58,6 +58,7 @@ from tqdm import tqdm
 
 import curriculum
 import data
+from config import Phase2Config
 import model as M
 import rewards
 from rollout import generate
@@ -347,7 +348,11 @@ def write_sft_file(kept, path):
     return path
 
 
-def phase2(model, processor, pool_rows, out_dir, n_samples=4, lr=1e-4, epochs=3, batch_size=8, bar=2.0,
+P2 = Phase2Config()  # one set of phase-2 defaults, for train.py and this command line
+
+
+def phase2(model, processor, pool_rows, out_dir, n_samples=P2.phase2_samples, lr=P2.phase2_lr,
+           epochs=P2.phase2_epochs, batch_size=P2.phase2_batch, bar=P2.phase2_bar,
            scorer=None, per_prompt=1, sample_batch=8, max_new_tokens=64, temperature=1.0, top_p=1.0, top_k=0,
            warmup=0, schedule="constant", clip=1.0, weight_decay=0.0, micro_batch=None, seed=0, rank=0,
            device=None):
@@ -400,12 +405,23 @@ def phase2(model, processor, pool_rows, out_dir, n_samples=4, lr=1e-4, epochs=3,
     return report
 
 
-def load_pool(spec, pool_size=300, seed=0, stages=("open",), image_size=112, image_root=None, default_task=None):
-    """The prompt pool: 'synthetic' (pool_size synthetic train scenes, asked in each of `stages`) or a mixture
+def phase2_prompts(rows, seed=0):
+    """Synthetic open rows as phase 2's prompts: each task's rows asked in judge, choice and open form in turn,
+    so every (task, form) cell gets a near-equal share and the SFT keeps every answer form of every task."""
+    out, seen = [], {}  # rows of each task so far
+    for i, row in enumerate(rows):
+        k = seen.get(row["task"], 0)                               # this row is its task's k-th
+        seen[row["task"]] = k + 1
+        rng = random.Random(f"phase2:{seed}:{i}")
+        out.append(curriculum.make_stage_row(row, curriculum.STAGES[k % 3], rng, truth=(k // 3) % 2 == 0))
+    return out
+
+
+def load_pool(spec, pool_size=300, seed=0, image_size=112, image_root=None, default_task=None):
+    """The prompt pool: 'synthetic' (pool_size synthetic train scenes, as phase2_prompts asks them) or a mixture
     spec of Curr-ReFT files (data.load_mixture; a problem without the instruction line gets its stage's)."""
     if spec == "synthetic":
-        rows = data.make_split("train", pool_size, seed=seed, size=image_size)
-        return [r for stage in stages for r in curriculum.stage_rows(rows, stage, seed=seed)]
+        return phase2_prompts(data.make_split("train", pool_size, seed=seed, size=image_size), seed)
     rows = data.load_mixture(spec, seed=seed, image_root=image_root, default_task=default_task)
     return [curriculum.prepare_stage_rows([r], r.get("stage") or "open")[0] for r in rows]
 
@@ -415,32 +431,30 @@ def build_parser():
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--out", default=None, help="output folder (required)")
     p.add_argument("--seed", type=int, default=0, help="seed of the pool, the sampling and the SFT order")
-    p.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate (the paper used 2e-7 for 3B)")
+    p.add_argument("--lr", type=float, default=P2.phase2_lr, help="AdamW learning rate (the paper used 2e-7 for 3B)")
     g = p.add_argument_group("phase 2")
     g.add_argument("--model", default=None, help="the checkpoint to start from (a Qwen-VL folder, e.g. the open "
                                                  "stage's last checkpoint), or a preset: tiny, small (random)")
     g.add_argument("--data", default="synthetic", help="prompt pool: a mixture spec of Curr-ReFT files "
                                                        "('a.jsonl,b.jsonl:random:500', see data.py) or 'synthetic'")
-    g.add_argument("--pool-size", type=int, default=300, help="synthetic pool: scenes (one question each)")
-    g.add_argument("--stages", default="open", help="synthetic pool: the forms each scene is asked in, "
-                                                    "comma-separated (judge, choice, open)")
+    g.add_argument("--pool-size", type=int, default=P2.phase2_prompts, help="synthetic pool: scenes (one question each)")
     g.add_argument("--image-size", type=int, default=112, help="synthetic image side in pixels (multiple of 28)")
     g.add_argument("--image-root", default=None, help="folder that relative image paths in --data start from")
     g.add_argument("--default-task", default=None, choices=data.TASKS, help="task of rows that name none")
-    g.add_argument("--n-samples", type=int, default=4, help="answers sampled per prompt")
+    g.add_argument("--n-samples", type=int, default=P2.phase2_samples, help="answers sampled per prompt")
     g.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
     g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling")
     g.add_argument("--top-k", type=int, default=0, help="top-k sampling (0: off)")
     g.add_argument("--max-new-tokens", type=int, default=64, help="answer length limit")
     g.add_argument("--sample-batch", type=int, default=8, help="prompts per generation batch (memory only)")
-    g.add_argument("--bar", type=float, default=2.0, help="rule scorer: keep an answer when accuracy + format >= "
+    g.add_argument("--bar", type=float, default=P2.phase2_bar, help="rule scorer: keep an answer when accuracy + format >= "
                                                           "bar (2: both 1; 0: keep every prompt's best)")
     g.add_argument("--judge", default=None, help="score with this local Qwen-VL checkpoint (0-100) instead of "
                                                  "the rule rewards")
     g.add_argument("--judge-threshold", type=float, default=85.0, help="judge: keep an answer scored >= this")
     g.add_argument("--per-prompt", type=int, default=1, help="distinct passing answers kept per prompt, best first")
-    g.add_argument("--epochs", type=int, default=3, help="SFT passes over the kept rows")
-    g.add_argument("--batch-size", type=int, default=8, help="SFT rows per optimizer step, over all ranks")
+    g.add_argument("--epochs", type=int, default=P2.phase2_epochs, help="SFT passes over the kept rows")
+    g.add_argument("--batch-size", type=int, default=P2.phase2_batch, help="SFT rows per optimizer step, over all ranks")
     g.add_argument("--micro-batch", type=int, default=None, help="SFT rows per forward/backward on one rank")
     g.add_argument("--warmup", type=int, default=0, help="SFT warm-up steps")
     g.add_argument("--schedule", default="constant", choices=("constant", "linear", "cosine"), help="SFT lr decay")
@@ -456,7 +470,6 @@ def build_parser():
 
 def check_phase2_args(args):
     """One clear line for a bad flag, a missing model folder or a missing data file, before any work."""
-    stages = [s.strip() for s in args.stages.split(",") if s.strip()]
     checks = [
         (args.out is not None, "--out: give the output folder"),
         (args.model is not None, "--model: give the checkpoint folder to start from (or 'tiny')"),
@@ -465,7 +478,6 @@ def check_phase2_args(args):
                                                                                 "--sample-batch must be >= 1"),
         (args.temperature > 0 and 0 < args.top_p <= 1 and args.top_k >= 0, "need temperature > 0, 0 < top-p <= 1"),
         (args.max_new_tokens >= 1 and args.pool_size >= 1, "--max-new-tokens and --pool-size must be >= 1"),
-        (stages and all(s in curriculum.STAGES for s in stages), f"--stages {args.stages!r}: judge, choice, open"),
         (args.lr > 0, "--lr must be > 0"),
     ]
     for ok, message in checks:
@@ -482,12 +494,11 @@ def check_phase2_args(args):
                     raise data.DataError(f"data file not found: {item.path}")
         except data.DataError as e:
             raise SystemExit(f"error: --data {args.data!r}: {e}")
-    return stages
 
 
 def run_phase2(args):
     """`python reject_sample.py --model DIR --data SPEC|synthetic --out DIR`: phase 2 alone, then model.save."""
-    stages = check_phase2_args(args)
+    check_phase2_args(args)
     rank, _, W, device = setup_dist(None if args.device == "auto" else args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -497,7 +508,7 @@ def run_phase2(args):
         os.makedirs(args.out, exist_ok=True)
         print(json.dumps(config, indent=1), flush=True)
     try:
-        pool = load_pool(args.data, args.pool_size, args.seed, stages, args.image_size, args.image_root,
+        pool = load_pool(args.data, args.pool_size, args.seed, args.image_size, args.image_root,
                          args.default_task)
         model, processor = M.load(args.model, device=device, dtype=dtype, max_pixels=args.max_pixels, seed=args.seed)
         scorer = RuleScorer(args.bar)

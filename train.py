@@ -55,12 +55,12 @@ import data
 import eval as E
 import grpo
 import model as M
+import reject_sample as R
 import rewards
 import rollout
 import tiny_base
 from config import ModelConfig, as_dict, make_config, replay_ratios, validate
 from report import plot_rewards, stage_summary
-from reject_sample import phase2
 from runtime import (all_reduce_grads, all_reduce_sum, barrier, lr_factor, resolve_dtype, save_atomically,
                      setup_dist, world_size, write_atomic)
 
@@ -343,18 +343,11 @@ def resume(ckpt, out, cur, policy, rank, device, dtype):
 
 
 def phase2_prompts(cfg, pool):
-    """Phase 2's prompts: the user's files, or the last rows of the synthetic pool, each task's rows asked in
-    judge, choice and open form in turn: every (task, form) cell in near-equal shares, so the SFT keeps every
-    answer form of every task."""
+    """Phase 2's prompts: the user's files, or the last phase2_prompts rows of the synthetic pool, each task
+    asked in every form in turn (reject_sample.phase2_prompts)."""
     if cfg.phase2.phase2_data:
         return data.load_mixture(cfg.phase2.phase2_data, seed=cfg.run.seed, image_root=cfg.data.image_root or None)
-    out, seen = [], {}  # rows of each task so far: each task is asked in every form in turn
-    for i, row in enumerate(pool[-cfg.phase2.phase2_prompts:]):
-        k = seen.get(row["task"], 0)                               # this row is its task's k-th
-        seen[row["task"]] = k + 1
-        rng = random.Random(f"phase2:{cfg.run.seed}:{i}")
-        out.append(curriculum.make_stage_row(row, curriculum.STAGES[k % 3], rng, truth=(k // 3) % 2 == 0))
-    return out
+    return R.phase2_prompts(pool[-cfg.phase2.phase2_prompts:], cfg.run.seed)
 
 
 def evaluate_stages(cfg, named_dirs, out, rank, device, dtype):
@@ -428,7 +421,7 @@ def main(argv=None):
         t0 = time.time()
         final_dir = os.path.join(out, "stages", f"{len(stages) + 1}_phase2")
         if not os.path.isdir(final_dir):
-            phase2(policy, processor, phase2_prompts(cfg, pool), os.path.join(out, "phase2"), device=device,
+            R.phase2(policy, processor, phase2_prompts(cfg, pool), os.path.join(out, "phase2"), device=device,
                    rank=rank, seed=cfg.run.seed, max_new_tokens=cfg.rl.max_new_tokens, n_samples=p2.phase2_samples,
                    bar=p2.phase2_bar, lr=p2.phase2_lr, epochs=p2.phase2_epochs, batch_size=p2.phase2_batch)
             if rank == 0:
