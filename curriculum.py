@@ -51,21 +51,13 @@ from fractions import Fraction
 
 import data
 from data import COLOURS, GEOMETRY, SHAPES, STAGES, build_problem, format_value, has_instruction
+from rewards import box_iou
 
 LETTERS = "ABCD"
 
 
 # -----------------------------------------------------------------------------
 # Deriving judge and choice questions from an open row's ground truth
-
-def iou(a, b):
-    """Intersection over union of two [x1, y1, x2, y2] boxes."""
-    w = min(a[2], b[2]) - max(a[0], b[0])
-    h = min(a[3], b[3]) - max(a[1], b[1])
-    inter = max(w, 0) * max(h, 0)
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
-
 
 def wrong_boxes(meta, rng):
     """Plausible wrong boxes, all with IoU < 0.5 to the truth: (other objects' boxes, moved true boxes)."""
@@ -75,7 +67,7 @@ def wrong_boxes(meta, rng):
     for dy in range(-3, 4):
         for dx in range(-3, 4):
             box = [truth[0] + dx * cell, truth[1] + dy * cell, truth[2] + dx * cell, truth[3] + dy * cell]
-            if min(box) >= 0 and max(box) <= size and iou(box, truth) < 0.5 and box not in others:
+            if min(box) >= 0 and max(box) <= size and box_iou(box, truth)[0] < 0.5 and box not in others:
                 moved.append(box)
     rng.shuffle(others)
     rng.shuffle(moved)

@@ -17,7 +17,7 @@ for _row in POOL:
 
 
 def test_iou_hand_values():
-    """curriculum.iou on hand-computed boxes, and rewards.box_iou (the reward's IoU) agreeing on each."""
+    """rewards.box_iou (the IoU the curriculum's distractors and the reward share) on hand-computed boxes."""
     a = [0, 0, 10, 10]
     cases = [(a, [5, 0, 15, 10], 1 / 3),     # overlap 5 x 10 = 50, union 100 + 100 - 50 = 150
              (a, a, 1.0),                     # a box with itself
@@ -27,9 +27,8 @@ def test_iou_hand_values():
              (a, [20, 20, 30, 30], 0.0),      # disjoint along both axes (two negative overlaps must not multiply)
              (a, [0, 20, 10, 30], 0.0)]       # disjoint along one axis
     for x, y, expected in cases:
-        assert curriculum.iou(x, y) == pytest.approx(expected), f"iou({x}, {y}) must be {expected}"
-        assert curriculum.iou(y, x) == pytest.approx(expected), "IoU is symmetric"
-        assert rewards.box_iou(x, y)[0] == pytest.approx(expected), "the reward's IoU uses the same convention"
+        assert rewards.box_iou(x, y)[0] == pytest.approx(expected), f"iou({x}, {y}) must be {expected}"
+        assert rewards.box_iou(y, x)[0] == pytest.approx(expected), "IoU is symmetric"
 
 
 def _grid_move(box, truth, cell):
