@@ -422,8 +422,9 @@ def main(argv=None):
         final_dir = os.path.join(out, "stages", f"{len(stages) + 1}_phase2")
         if not os.path.isdir(final_dir):
             R.phase2(policy, processor, phase2_prompts(cfg, pool), os.path.join(out, "phase2"), device=device,
-                   rank=rank, seed=cfg.run.seed, max_new_tokens=cfg.rl.max_new_tokens, n_samples=p2.phase2_samples,
-                   bar=p2.phase2_bar, lr=p2.phase2_lr, epochs=p2.phase2_epochs, batch_size=p2.phase2_batch)
+                     rank=rank, seed=cfg.run.seed, max_new_tokens=cfg.rl.max_new_tokens,
+                     n_samples=p2.phase2_samples, bar=p2.phase2_bar, lr=p2.phase2_lr, epochs=p2.phase2_epochs,
+                     batch_size=p2.phase2_batch)
             if rank == 0:
                 save_atomically(final_dir, lambda tmp: M.save(policy, processor, tmp))
             barrier()
