@@ -68,11 +68,16 @@ class GradientRecorder:
         self.model.zero_grad(set_to_none=set_to_none)
 
 
+def hand_scores(rows, texts, cfg, stage="choice"):
+    """rewards.score of each answer in its row's form (a replayed row by the open rules), with cfg's options."""
+    return [rewards.score(t, rows[n // G]["solution"], rows[n // G]["task"],
+                          "open" if rows[n // G].get("replay") else stage,
+                          choice_partial=cfg.rl.choice_partial, box_mode=cfg.rl.box_reward)
+            for n, t in enumerate(texts)]
+
+
 def hand_rewards(rows, texts, cfg, stage="choice"):
-    return torch.tensor([rewards.score(t, rows[n // G]["solution"], rows[n // G]["task"],
-                                       "open" if rows[n // G].get("replay") else stage,
-                                       choice_partial=cfg.rl.choice_partial, box_mode=cfg.rl.box_reward)["total"]
-                         for n, t in enumerate(texts)])
+    return torch.tensor([s["total"] for s in hand_scores(rows, texts, cfg, stage)])
 
 
 def hand_step(policy, ref, processor, rows, ro, cfg):
@@ -133,9 +138,7 @@ def test_the_step_statistics_are_hand_values(setup, monkeypatch):
     policy, ref, processor, rows, ro = setup
     cfg = config()
     stats, samples = run_step(monkeypatch, policy, ref, processor, rows, ro, cfg, GradientRecorder(policy))
-    parts = [rewards.score(t, rows[n // G]["solution"], rows[n // G]["task"],
-                           "open" if rows[n // G].get("replay") else "choice", choice_partial=cfg.rl.choice_partial)
-             for n, t in enumerate(ro.texts)]
+    parts = hand_scores(rows, ro.texts, cfg)
     own, replayed = parts[:3 * G], parts[3 * G:]          # rows 0-2 are choice questions, row 3 replayed
     for key in ("total", "accuracy", "format"):
         assert stats[f"reward_{key}"] == pytest.approx(sum(s[key] for s in own) / len(own)), \
@@ -272,9 +275,7 @@ def test_the_configured_reward_options_and_gradient_clip_are_used(setup, monkeyp
     cfg = config(choice_partial=0.5, box_reward="iou", grad_clip=0.01)
     opt = GradientRecorder(policy)
     stats, _ = run_step(monkeypatch, policy, ref, processor, rows, ro, cfg, opt)
-    parts = [rewards.score(t, rows[n // G]["solution"], rows[n // G]["task"],
-                           "open" if rows[n // G].get("replay") else "choice", choice_partial=0.5, box_mode="iou")
-             for n, t in enumerate(ro.texts)]
+    parts = hand_scores(rows, ro.texts, cfg)                # choice_partial 0.5, box_reward iou
     assert stats["reward_total"] == pytest.approx(sum(s["total"] for s in parts[:3 * G]) / (3 * G))
     assert stats["replay_accuracy"] == pytest.approx(sum(s["accuracy"] for s in parts[3 * G:]) / G)
     assert 0 < stats["replay_accuracy"] < 1 and stats["replay_accuracy"] not in (0.25, 0.5, 0.75), \
