@@ -49,26 +49,18 @@ class RLConfig:
     stages: str = arg("judge,choice,open", "the curriculum, in order ('open' alone = RL without curriculum)")
     group_size: str = arg("8", "G answers per prompt: one value, or one per stage ('4,2,4')")
     stage_steps: str = arg("100,100,200", "optimizer steps per stage: one value or one per stage")
-    advance_accuracy: float = arg(0.0, "leave a stage early when the mean training accuracy of the last "
-                                       "advance_window steps reaches this (0: off)")
-    advance_window: int = arg(20, "steps the advance rule averages over")
     prompts_per_step: int = arg(32, "prompts per optimizer step, over all ranks")
     micro_batch: int = arg(16, "prompts per forward/backward pass on one rank (memory only)")
     max_new_tokens: int = arg(64, "answer length limit")
     temperature: float = arg(1.0, "sampling temperature")
-    top_p: float = arg(1.0, "nucleus sampling")
-    top_k: int = arg(0, "top-k sampling (0: off)")
     lr: float = arg(3e-4, "AdamW learning rate")
     schedule: str = arg("linear", "learning-rate decay within each stage: constant | linear | cosine")
     warmup: int = arg(5, "warm-up steps at the start of each stage")
-    weight_decay: float = arg(0.0, "AdamW weight decay")
     grad_clip: float = arg(1.0, "gradient norm clip")
     beta: float = arg(0.04, "KL coefficient (k3 estimator)")
     clip_eps: float = arg(0.2, "PPO ratio clip")
-    clip_eps_high: float = arg(0.0, "upper clip (DAPO 'clip higher'); 0: same as clip_eps")
     mu: int = arg(1, "optimizer steps per rollout batch (1: the release, ratio = 1)")
     agg: str = arg("seq", "loss aggregation: seq (paper) | token (DAPO) | dr_grpo")
-    adv_scale: str = arg("group", "advantage scale: group (paper) | batch | none (Dr. GRPO)")
     ref: str = arg("stage", "reference model: stage (each stage's starting weights, the release) | base")
     replay: str = arg("0", "open questions rehearsed per judge/choice prompt, added to its batches (not in the "
                               "paper: 0); one value for the stages of a schedule with an open stage, or one per stage")
@@ -97,10 +89,8 @@ class RunConfig:
     resume: bool = arg(False, "continue from the latest checkpoint in --out")
     ckpt_every: int = arg(20, "steps between checkpoints (and at every stage end)")
     keep: int = arg(2, "checkpoints kept")
-    eval_every: int = arg(0, "steps between held-out evaluations during a stage (0: only between stages)")
     sample_every: int = arg(10, "steps between dumps of sampled answers to samples.jsonl")
     max_bad_steps: int = arg(5, "consecutive non-finite steps before the run stops")
-    baseline: bool = arg(False, "also run the same number of RL steps without the curriculum (open only)")
     threads: int = arg(0, "torch CPU threads (0: torch's default)")
 
 
@@ -121,12 +111,12 @@ PRESETS = {
                "max_new_tokens": 256, "lr": 1e-6, "schedule": "linear", "warmup": 0, "beta": 0.04, "mu": 1,
                "choice_partial": 0.0, "box_reward": "hard"},
         "phase2": {"phase2_lr": 2e-7, "phase2_samples": 4, "phase2_epochs": 1, "phase2_batch": 8},
-        "run": {"out": "runs/qwen2.5-vl-3b", "ckpt_every": 100, "eval_every": 0, "sample_every": 20},
+        "run": {"out": "runs/qwen2.5-vl-3b", "ckpt_every": 100, "sample_every": 20},
     },
 }
 CHOICES = {"device": None, "dtype": ("auto", "float32", "bfloat16", "float16"),
            "schedule": ("constant", "linear", "cosine"), "agg": ("seq", "token", "dr_grpo"),
-           "adv_scale": ("group", "batch", "none"), "ref": ("stage", "base"), "box_reward": ("hard", "iou", "giou")}
+           "ref": ("stage", "base"), "box_reward": ("hard", "iou", "giou")}
 
 
 def build_parser():
@@ -211,10 +201,9 @@ def validate(cfg):
         (all(s >= 1 for s in steps), "--stage-steps must be >= 1"),
         (rl.prompts_per_step >= 1 and rl.micro_batch >= 1, "--prompts-per-step and --micro-batch must be >= 1"),
         (rl.max_new_tokens >= 1, "--max-new-tokens must be >= 1"),
-        (rl.temperature > 0 and 0 < rl.top_p <= 1 and rl.top_k >= 0, "need temperature > 0, 0 < top-p <= 1, top-k >= 0"),
-        (rl.lr > 0 and rl.beta >= 0 and rl.clip_eps > 0 and rl.clip_eps_high >= 0, "need lr > 0, beta >= 0, clip-eps > 0"),
+        (rl.temperature > 0, "--temperature must be > 0"),
+        (rl.lr > 0 and rl.beta >= 0 and rl.clip_eps > 0, "need lr > 0, beta >= 0, clip-eps > 0"),
         (rl.mu >= 1 and rl.warmup >= 0 and rl.grad_clip > 0, "need mu >= 1, warmup >= 0, grad-clip > 0"),
-        (0 <= rl.advance_accuracy <= 2 and rl.advance_window >= 1, "need 0 <= advance-accuracy and advance-window >= 1"),
         (run.ckpt_every >= 1 and run.keep >= 1 and run.max_bad_steps >= 1, "need ckpt-every, keep, max-bad-steps >= 1"),
         (cfg.phase2.phase2_prompts >= 1 and cfg.phase2.phase2_samples >= 1 and cfg.phase2.phase2_epochs >= 1
          and cfg.phase2.phase2_batch >= 1 and cfg.phase2.phase2_lr > 0, "phase-2 sizes must be >= 1 and its lr > 0"),

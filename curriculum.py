@@ -6,12 +6,13 @@ The stages share their images and questions; only the answer form (and so its re
     choice  options A-D (multi-select for classify)  "How many circles are there?\\nA. 1 ..."  -> B | A, C
     open    the question itself                     "How many circles are there?"            -> 2
 
-    cur = curriculum.Curriculum(curriculum.paper_stages(), pool=data.make_split("train", 3000), seed=0)
+    stages = [curriculum.StageSpec(name, group_size=8, steps=100) for name in ("judge", "choice", "open")]
+    cur = curriculum.Curriculum(stages, pool=data.make_split("train", 3000), seed=0)
     while not cur.done:
         stage = cur.current_stage()                  # StageSpec: name, group_size, ...
         rows = cur.next_batch(8)                     # the stage's rows, deterministic, resumable
         ...                                          # rollout G = stage.group_size per row, reward, update
-        cur.record(mean_accuracy)                    # True when the schedule moved on
+        cur.record()                                 # True when the schedule moved on
     state = cur.state_dict()                         # cur.load_state_dict(state) resumes exactly
 
 A stage row from an open synthetic row and its `meta` (`make_stage_row(row, stage, rng)`); open: the row itself.
@@ -25,20 +26,17 @@ Every prompt ends with one INSTRUCTIONS line: think in <think></think>, then say
 Stage files (`data`: a data.py mixture spec, set by `assign_stage_data(stages, {"judge": "j.jsonl:all"})`) are
 used as they are: only a problem without `<answer>` gets the instruction line; `stage` is set where missing.
 
-The schedule runs its StageSpecs in order. A stage ends at the first of: `steps` optimizer steps; `epochs` passes
-over its pool (counted in rows drawn); the mean training accuracy of the last `advance_window` steps reaching
-`advance_accuracy`; `max_steps`. Each epoch draws a permutation seeded by (seed, stage, epoch), with the tasks in
+The schedule runs its StageSpecs in order, each for `steps` optimizer steps. Each epoch draws a permutation seeded by (seed, stage, epoch), with the tasks in
 near-equal shares in every batch (`balanced_order`); a derived row is seeded by (seed, stage, data position).
 `replay` r adds floor(n * r) open-stage rows along a stage's first n (0.25: 8 to a batch of 32), scored by open
-rules; the stage's own rows are unchanged. The state (`state_dict()`): a few integers and the recent accuracies,
-so a resumed run draws exactly the batches of an uninterrupted one.
+rules; the stage's own rows are unchanged. The state (`state_dict()`): a few integers, so a resumed run draws exactly the batches of an uninterrupted one.
 
 Departures from the paper, and why:
 - Judge and choice rows are derived from one open pool, as the paper's stages share their images and questions.
 - The judge is exactly balanced (positions alternate), rather than balanced by chance.
 - `replay` (not in the paper, off by default) rehearses the open form while judge and choice train.
-- paper_stages: G 4 / 2 / 4, epochs 1 / 1 / 2, max_steps 600 / 500 / 2300 (where the release handed stages on).
-- tiny_stages adds an advance rule, since a tiny base learns a form quickly or not at all.
+- Stages end after a fixed number of steps (the release hands stages on after 1 / 1 / 2 epochs, about 600 /
+  500 / 2300 steps at 3B, which the qwen2.5-vl-3b preset of config.py writes as --stage-steps).
 """
 import argparse
 import dataclasses
@@ -197,20 +195,14 @@ class StageSpec:
     name: str                               # judge | choice | open
     data: str | list | None = None          # a mixture spec of this stage's files; None = derive from the pool
     group_size: int = 4                     # G completions per prompt
-    steps: int | None = None                # stage length in optimizer steps
-    epochs: float | None = None             # ... or in passes over the stage's pool
-    advance_accuracy: float | None = None   # move on once the mean accuracy of the last K steps reaches this
-    advance_window: int = 20                # K
-    max_steps: int | None = None            # a hard cap on the stage's steps
+    steps: int = 100                        # stage length in optimizer steps
     replay: float = 0.0                     # open questions rehearsed per row of the stage (added to a batch)
 
     def __post_init__(self):
         if self.name not in STAGES:
             raise ValueError(f"unknown stage {self.name!r}; expected one of {', '.join(STAGES)}")
-        if self.steps is None and self.epochs is None and self.max_steps is None:
-            raise ValueError(f"stage {self.name!r} needs steps, epochs or max_steps, or it never ends")
-        if self.group_size < 1 or self.advance_window < 1:
-            raise ValueError(f"stage {self.name!r}: group_size and advance_window must be >= 1")
+        if self.group_size < 1 or self.steps < 1:
+            raise ValueError(f"stage {self.name!r}: group_size and steps must be >= 1")
         if not 0.0 <= self.replay <= 4.0:
             raise ValueError(f"stage {self.name!r}: replay is open questions per stage row, in [0, 4]; "
                              f"got {self.replay}")
@@ -220,22 +212,6 @@ def replay_count(n, ratio):
     """Open questions replayed along the first n rows of a stage with replay `ratio`: floor(n * ratio), exact
     for ratios like 0.25 or 1/3 (as a fraction), so a resumed run replays the same rows."""
     return math.floor(n * Fraction(ratio).limit_denominator(1000))
-
-
-def paper_stages():
-    """The release's 3B recipe: G = 4 / 2 / 4, 1 / 1 / 2 epochs, handed on at steps ~600 / ~500 / ~2300."""
-    return [StageSpec("judge", group_size=4, epochs=1, max_steps=600),
-            StageSpec("choice", group_size=2, epochs=1, max_steps=500),
-            StageSpec("open", group_size=4, epochs=2, max_steps=2300)]
-
-
-def tiny_stages(steps=200, group_size=8):
-    """A CPU schedule: each stage at most `steps`, leaving early at 90% mean accuracy over 20 steps."""
-    return [StageSpec(name, group_size=group_size, max_steps=steps, advance_accuracy=0.9, advance_window=20)
-            for name in STAGES]
-
-
-PRESETS = {"paper": paper_stages, "tiny": tiny_stages}
 
 
 def assign_stage_data(stages, mapping):
@@ -303,7 +279,6 @@ class Curriculum:
         if self.replay_pool is None and any(s.replay > 0 for s in self.stages):
             raise ValueError("replay asks open questions in earlier stages; the schedule needs an open stage")
         self.stage_index, self.step, self.position, self.global_step = 0, 0, 0, 0
-        self.recent = []           # accuracies of the stage's last advance_window steps
         self._perms = {}           # tag -> ((stage index, epoch), permutation) of the epoch being drawn
 
     @property
@@ -350,35 +325,21 @@ class Curriculum:
         self.position += n
         return rows
 
-    def _stage_finished(self):
-        spec = self.stages[self.stage_index]
-        if spec.steps is not None and self.step >= spec.steps:
-            return True
-        if spec.max_steps is not None and self.step >= spec.max_steps:
-            return True
-        if spec.epochs is not None and self.position >= spec.epochs * len(self.pools[self.stage_index]):
-            return True
-        return (spec.advance_accuracy is not None and len(self.recent) >= spec.advance_window
-                and sum(self.recent) / len(self.recent) >= spec.advance_accuracy)
-
-    def record(self, accuracy):
-        """Count one optimizer step with its mean training accuracy; True when this moved to the next stage."""
+    def record(self):
+        """Count one optimizer step; True when it ended the stage (the next one starts on the next batch)."""
         if self.done:
             raise RuntimeError("the curriculum has finished")
         self.step += 1
         self.global_step += 1
-        window = self.stages[self.stage_index].advance_window
-        self.recent = (self.recent + [float(accuracy)])[-window:]
-        if not self._stage_finished():
+        if self.step < self.stages[self.stage_index].steps:
             return False
         self.stage_index += 1
-        self.step, self.position, self.recent = 0, 0, []
+        self.step, self.position = 0, 0
         return True
 
     def state_dict(self):
         return {"stages": [s.name for s in self.stages], "seed": self.seed, "stage_index": self.stage_index,
-                "step": self.step, "position": self.position, "global_step": self.global_step,
-                "recent": list(self.recent)}
+                "step": self.step, "position": self.position, "global_step": self.global_step}
 
     def load_state_dict(self, state):
         names = [s.name for s in self.stages]
@@ -387,7 +348,6 @@ class Curriculum:
                              f"this one {names} seed {self.seed}: its batches would differ")
         self.stage_index, self.step = state["stage_index"], state["step"]
         self.position, self.global_step = state["position"], state["global_step"]
-        self.recent = list(state["recent"])
 
     def __repr__(self):
         if self.done:

@@ -9,7 +9,7 @@ The per-token loss is the PPO clipped surrogate plus a KL penalty to the frozen 
 (>= 0 per token, unbiased for KL(pi || ref) under samples of pi; http://joschu.net/blog/kl-approx.html):
 
     ratio_t = exp(logp_t - old_logp_t)
-    L_t     = -min(ratio_t * A, clip(ratio_t, 1 - eps_low, 1 + eps_high) * A) + beta * KL_t
+    L_t     = -min(ratio_t * A, clip(ratio_t, 1 - eps, 1 + eps) * A) + beta * KL_t
     KL_t    = exp(ref_logp_t - logp_t) - (ref_logp_t - logp_t) - 1
 
 aggregated over the completion tokens (mask = 1) of the N = B * G completions, T_max = max_len or the mask width:
@@ -31,43 +31,28 @@ Masking: where mask = 0, logp, old_logp and ref_logp are replaced by 0 (torch.wh
 NaN or inf at padded positions changes neither the loss nor any gradient.
 
 Departures from the paper's release, and why:
-- The ratio clip is kept (eps_low = clip_eps; eps_high = clip_eps_high, DAPO's "clip higher", default clip_eps)
-  so that several updates per rollout are possible; the release takes one (ratio = 1, the clip inert), and
-  old_logp = logp.detach(), agg="seq", beta=0.04 give its loss and gradient exactly.
-- scale "batch" (std of the whole batch) or "none" (Dr. GRPO: mean-centred only) and agg token / dr_grpo: options,
-  off by default, the published fixes of the length and difficulty biases of the group std and sequence mean.
+- The ratio clip is kept so that several updates per rollout are possible (mu > 1); the release takes one
+  (ratio = 1, the clip inert), and old_logp = logp.detach(), agg="seq", beta=0.04 give its loss exactly.
+- agg token / dr_grpo: options, off by default, the published fixes of the sequence mean's length bias.
 - A group whose rewards are all equal (G = 1 included) gets advantage exactly 0, never NaN: it holds no comparison.
 - A completion with no tokens (all mask 0) contributes 0 to the seq mean but still counts in N.
 """
 
 import torch
 
-SCALES = ("group", "batch", "none")
 AGGS = ("seq", "token", "dr_grpo")
 
 
-def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-4, scale: str = "group") -> torch.Tensor:
-    """(N,) rewards, groups contiguous -> (N,) advantages (r - group mean) / (unbiased std + eps).
-
-    scale: group (paper) | batch (std of all N rewards) | none (Dr. GRPO, mean-centred only).
-    """
+def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-4) -> torch.Tensor:
+    """(N,) rewards, groups contiguous -> (N,) advantages (r - group mean) / (unbiased std + eps)."""
     if rewards.dim() != 1:
         raise ValueError(f"rewards must be 1-D (N,), got shape {tuple(rewards.shape)}")
     if group_size < 1 or rewards.numel() % group_size != 0:
         raise ValueError(f"N = {rewards.numel()} rewards cannot be split into groups of {group_size}")
-    if scale not in SCALES:
-        raise ValueError(f"scale must be one of {SCALES}, got {scale!r}")
     r = rewards if rewards.is_floating_point() else rewards.float()
     r = r.view(-1, group_size)  # (B, G)
-    centred = r - r.mean(dim=1, keepdim=True)  # (B, G)
-    if scale == "group":
-        std = r.std(dim=1, keepdim=True) if group_size > 1 else torch.zeros_like(r[:, :1])  # (B, 1), unbiased
-        adv = centred / (std + eps)
-    elif scale == "batch":
-        std = r.std() if r.numel() > 1 else torch.zeros((), dtype=r.dtype)  # (), unbiased over the batch
-        adv = centred / (std + eps)
-    else:
-        adv = centred
+    std = r.std(dim=1, keepdim=True) if group_size > 1 else torch.zeros_like(r[:, :1])  # (B, 1), unbiased
+    adv = (r - r.mean(dim=1, keepdim=True)) / (std + eps)  # (B, G)
     constant = (r.max(dim=1, keepdim=True).values == r.min(dim=1, keepdim=True).values)  # (B, 1)
     return torch.where(constant, torch.zeros_like(adv), adv).view(-1)  # (N,), exactly 0 for equal rewards
 
@@ -87,7 +72,6 @@ def grpo_loss(
     adv: torch.Tensor,
     mask: torch.Tensor,
     clip_eps: float = 0.2,
-    clip_eps_high: float | None = None,
     beta: float = 0.04,
     agg: str = "seq",
     num_seqs: float | None = None,
@@ -97,7 +81,7 @@ def grpo_loss(
     """Clipped GRPO surrogate + beta * k3 KL, aggregated by `agg`. Returns (scalar loss, stats of floats).
 
     logp, old_logp, ref_logp, mask: (N, T) per-token log-probs of the sampled tokens and the completion
-    mask; adv: (N,). ref_logp may be None when beta == 0. clip_eps_high defaults to clip_eps.
+    mask; adv: (N,). ref_logp may be None when beta == 0.
     num_seqs / num_tokens / max_len replace the local counts (see the module docstring).
     """
     if agg not in AGGS:
@@ -108,7 +92,6 @@ def grpo_loss(
         raise ValueError(f"expected logp, mask (N, T) and adv (N,), got {tuple(logp.shape)}, "
                          f"{tuple(mask.shape)}, {tuple(adv.shape)}")
     N, T = logp.shape
-    eps_low, eps_high = clip_eps, clip_eps if clip_eps_high is None else clip_eps_high
 
     keep = mask.bool()  # (N, T)
     zero = torch.zeros_like(logp)
@@ -117,7 +100,7 @@ def grpo_loss(
     A = adv.detach().to(logp.dtype).unsqueeze(1)  # (N, 1)
 
     ratio = torch.exp(logp - old_logp)  # (N, T), 1 at masked positions
-    surrogate = torch.min(ratio * A, ratio.clamp(1 - eps_low, 1 + eps_high) * A)  # (N, T)
+    surrogate = torch.min(ratio * A, ratio.clamp(1 - clip_eps, 1 + clip_eps) * A)  # (N, T)
     per_token = -surrogate
     if ref_logp is not None:
         d = torch.where(keep, ref_logp.detach(), zero) - logp  # (N, T), 0 at masked positions
@@ -147,8 +130,8 @@ def grpo_loss(
             "loss": loss.item(),
             "kl": token_mean(kl),
             "ratio": token_mean(ratio),
-            "clip_low": token_mean((ratio < 1 - eps_low) & (A < 0)),
-            "clip_high": token_mean((ratio > 1 + eps_high) & (A > 0)),
+            "clip_low": token_mean((ratio < 1 - clip_eps) & (A < 0)),
+            "clip_high": token_mean((ratio > 1 + clip_eps) & (A > 0)),
             "adv_abs": adv.detach().abs().float().mean().item(),
         }
     return loss, stats

@@ -38,7 +38,6 @@ Departures from the paper's release, and why:
   0.4 M-parameter model on a 2-core CPU learns in minutes (the README's design notes say why these values).
 """
 import copy
-import dataclasses
 import json
 import os
 import random
@@ -126,7 +125,7 @@ def grpo_step(policy, ref, processor, rows, stage, G, cfg, opt, rank, device, gl
     policy.eval()
     gens = rollout.prompt_generators(cfg.run.seed, global_step, rank * P, P, device)
     ro = rollout.generate(policy, processor, data.samples_of(local), group_size=G, max_new_tokens=rl.max_new_tokens,
-                          temperature=rl.temperature, top_p=rl.top_p, top_k=rl.top_k, generator=gens)  # N = P * G
+                          temperature=rl.temperature, generator=gens)  # N = P * G
     t_gen = time.time() - t0
 
     # 2. Reward, each answer in its row's form (a replayed open question, curriculum.StageSpec.replay, by open rules).
@@ -137,7 +136,7 @@ def grpo_step(policy, ref, processor, rows, stage, G, cfg, opt, rank, device, gl
     r = torch.tensor([s["total"] for s in scores], dtype=torch.float32)     # (N,)
 
     # 3. Advantage, relative to the group.
-    adv = grpo.group_advantages(r, G, scale=rl.adv_scale).to(device)       # (N,)
+    adv = grpo.group_advantages(r, G).to(device)                          # (N,)
 
     # 4. Update: mu passes over micro-batches of whole groups, losses divided by global counts, gradients
     #    averaged over ranks, clipped, one optimizer step per pass (skipped when not finite).
@@ -151,7 +150,7 @@ def grpo_step(policy, ref, processor, rows, stage, G, cfg, opt, rank, device, gl
         for batch, ids, mask, a, ref_logp, old_logp in chunks:
             logp = M.completion_logprobs(policy, batch, ids, mask)                                  # (n, T)
             loss, st = grpo.grpo_loss(logp, logp.detach() if old_logp is None else old_logp, ref_logp, a, mask,
-                                      clip_eps=rl.clip_eps, clip_eps_high=rl.clip_eps_high or None, beta=rl.beta,
+                                      clip_eps=rl.clip_eps, beta=rl.beta,
                                       agg=rl.agg, num_seqs=num_seqs, num_tokens=num_tokens,
                                       max_len=rl.max_new_tokens)
             (loss * W).backward()                                  # gradients are averaged over ranks below
@@ -253,21 +252,17 @@ def load_base(cfg, device, dtype, rank):
     return model, processor
 
 
-def run_rl(cfg, stages, groups, steps, out, rank, device, dtype, policy, processor, base, pool, tag=""):
+def run_rl(cfg, stages, groups, steps, out, rank, device, dtype, policy, processor, base, pool):
     """The curriculum GRPO loop: for each stage, for each step: grpo_step (rollout -> reward -> advantage ->
     update), then the log and the checkpoint. Returns every stage's starting folder, then the final one."""
     rl = cfg.rl
-    specs = [curriculum.StageSpec(name, group_size=g, steps=n, advance_window=rl.advance_window,
-                                  advance_accuracy=rl.advance_accuracy or None, replay=r)
+    specs = [curriculum.StageSpec(name, group_size=g, steps=n, replay=r)
              for name, g, n, r in zip(stages, groups, steps, replay_ratios(rl, stages))]
     stage_data = curriculum.parse_stage_data(cfg.data.stage_data) if cfg.data.stage_data else {}
     specs = curriculum.assign_stage_data(specs, {k: v for k, v in stage_data.items() if k in stages})
     cur = curriculum.Curriculum(specs, pool=pool, seed=cfg.run.seed, image_root=cfg.data.image_root or None)
     ckpt = latest_checkpoint(out) if cfg.run.resume else None
     resumed_opt = resume(ckpt, out, cur, policy, rank, device, dtype) if ckpt else None
-    held_out = None
-    if cfg.run.eval_every:  # a small in-domain set for the periodic quick evaluation (rank 0)
-        held_out = data.make_split("test", 48, seed=cfg.run.seed, size=cfg.data.image_size)
     # Every stage's starting model, whichever stages this process runs (a resumed run starts past some).
     stage_dirs = [os.path.join(out, "stages", f"{k}_{s.name}_start") for k, s in enumerate(specs)]
     bad_in_row = 0
@@ -280,7 +275,7 @@ def run_rl(cfg, stages, groups, steps, out, rank, device, dtype, policy, process
         barrier()
         ref = base if rl.ref == "base" else M.load(start_dir, device=device, dtype=dtype)[0]
         ref.eval().requires_grad_(False)
-        opt = torch.optim.AdamW(policy.parameters(), lr=rl.lr, weight_decay=rl.weight_decay, betas=(0.9, 0.99))
+        opt = torch.optim.AdamW(policy.parameters(), lr=rl.lr, weight_decay=0.0, betas=(0.9, 0.99))
         if resumed_opt is not None:  # resumed inside this stage
             opt.load_state_dict(resumed_opt)
             resumed_opt = None
@@ -299,14 +294,9 @@ def run_rl(cfg, stages, groups, steps, out, rank, device, dtype, policy, process
             if stats["skipped"] and rank == 0:
                 bar.write(f"step {cur.step + 1}: non-finite loss or gradient, update skipped ({bad_in_row} in a row)")
             step, global_step = cur.step + 1, cur.global_step + 1
-            if cfg.run.eval_every and step % cfg.run.eval_every == 0 and rank == 0:
-                acc = E.evaluate(policy, processor, curriculum.stage_rows(held_out, spec.name, seed=cfg.run.seed),
-                                 max_new_tokens=rl.max_new_tokens)
-                stats["eval"] = {f"{t}/{s}": round(v["accuracy"], 3) for (t, s), v in sorted(acc.items())}
-                bar.write(f"eval at {spec.name} step {step}: {stats['eval']}")
             if rank == 0:
                 bar.update(1)
-                bar.write(tag + log_line(spec.name, step, spec.steps, stats, lr))
+                bar.write(log_line(spec.name, step, spec.steps, stats, lr))
                 append_jsonl(os.path.join(out, "metrics.jsonl"),
                              [{"stage": spec.name, "step": step, "global_step": global_step, "lr": lr, **stats}])
                 if cfg.run.sample_every and step % cfg.run.sample_every == 1:
@@ -315,7 +305,7 @@ def run_rl(cfg, stages, groups, steps, out, rank, device, dtype, policy, process
             if bad_in_row >= cfg.run.max_bad_steps:   # after the log, so the step that stops the run is in it
                 raise RuntimeError(f"{bad_in_row} steps in a row had a non-finite loss or gradient (stage "
                                    f"{spec.name}, step {step}): lower --lr, check --dtype, and look at samples.jsonl")
-            advanced = cur.record(stats["reward_accuracy"])
+            advanced = cur.record()
             if advanced or global_step % cfg.run.ckpt_every == 0:  # at a stage's end the next starts afresh
                 state = {"curriculum": cur.state_dict(), "optimizer": None if advanced else opt.state_dict(),
                          "config": as_dict(cfg)}
@@ -405,7 +395,7 @@ def main(argv=None):
     random.seed(cfg.run.seed)
     timings = {}
     policy, processor = load_base(cfg, device, dtype, rank)
-    base = copy.deepcopy(policy).eval().requires_grad_(False) if cfg.rl.ref == "base" or cfg.run.baseline else None
+    base = copy.deepcopy(policy).eval().requires_grad_(False) if cfg.rl.ref == "base" else None
     pool = data.make_split("train", cfg.data.pool_size, seed=cfg.run.seed, size=cfg.data.image_size)
 
     # Phase 1: curriculum GRPO.
@@ -430,17 +420,6 @@ def main(argv=None):
             barrier()
         named.append(("final (+ phase 2)", final_dir))
         timings["phase2"] = time.time() - t0
-
-    # The same number of RL steps without the curriculum (open stage only), from the same base.
-    if cfg.run.baseline:
-        t0 = time.time()
-        policy.load_state_dict(base.state_dict())
-        b_out = os.path.join(out, "baseline")
-        b_dirs = run_rl(dataclasses.replace(cfg, rl=dataclasses.replace(cfg.rl, advance_accuracy=0.0)),
-                        ["open"], [groups[-1]], [sum(steps)], b_out, rank, device, dtype, policy, processor, base,
-                        pool, tag="[open only] ")
-        named.append((f"open only, {sum(steps)} steps", b_dirs[-1]))
-        timings["baseline"] = time.time() - t0
 
     if rank == 0:
         metrics = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]

@@ -152,7 +152,7 @@ def test_replay_ratios(monkeypatch):
 
 
 # -----------------------------------------------------------------------------
-# Whole runs in this process: a resume past the first stage, phase 2, the baseline
+# Whole runs in this process: a resume past the first stage, phase 2
 
 class Killed(Exception):
     """A stand-in for SIGKILL: raised from inside the run, after the step it names was logged."""
@@ -242,10 +242,10 @@ def test_phase2_prompts_cover_every_task_and_form():
             assert abs(sum(truths) - len(truths) / 2) <= 1, f"{task}: judge claims half true, half false"
 
 
-def test_phase2_and_the_baseline_through_train_py(tmp_path):
+def test_phase2_through_train_py(tmp_path):
     import json
     out = str(tmp_path / "run")
-    flags = QUICK[:2] + ["--stages", "judge,open", "--stage-steps", "1,2", "--baseline", "--phase2-prompts", "12",
+    flags = QUICK[:2] + ["--stages", "judge,open", "--stage-steps", "1,2", "--phase2-prompts", "12",
                          "--phase2-samples", "3", "--phase2-epochs", "2", "--phase2-batch", "4", "--phase2-lr", "5e-4",
                          "--eval-n", "3", "--eval-stages", "open"] + QUICK[4:8] + ["--max-new-tokens", "24"]
     train.main(flags + ["--out", out])
@@ -261,15 +261,9 @@ def test_phase2_and_the_baseline_through_train_py(tmp_path):
     assert any(not torch.equal(rl_final[k], p2[k]) for k in p2), "phase 2 fine-tunes the RL model"
     assert len(open(os.path.join(out, "phase2", "sft.jsonl")).read().splitlines()) == kept, "one line per kept answer"
 
-    b_metrics = [json.loads(line) for line in open(os.path.join(out, "baseline", "metrics.jsonl"))]
-    assert [(m["stage"], m["step"]) for m in b_metrics] == [("open", 1), ("open", 2), ("open", 3)], \
-        "the baseline takes as many RL steps as the curriculum, open questions only"
-    base, b_start = weights(BASE), weights(os.path.join(out, "baseline", "stages", "0_open_start"))
-    assert all(torch.equal(base[k], b_start[k]) for k in base), "the baseline starts from the base, not phase 2's model"
     models = eval_json(out)["models"]
-    assert list(models) == ["base", "after judge", "after open", "final (+ phase 2)", "open only, 3 steps"]
+    assert list(models) == ["base", "after judge", "after open", "final (+ phase 2)"]
     assert models["final (+ phase 2)"] == os.path.join(stages, "3_phase2")
-    assert models["open only, 3 steps"] == os.path.join(out, "baseline", "stages", "1_final")
 
 
 def metrics_of(out):
@@ -308,34 +302,3 @@ def test_too_many_non_finite_steps_stop_the_run(tmp_path, non_finite_loss):
     with pytest.raises(RuntimeError, match="2 steps in a row had a non-finite loss"):
         train.main(QUICK + ["--stage-steps", "5", "--max-bad-steps", "2", "--out", str(tmp_path)])
     assert len(metrics_of(str(tmp_path))) == 2, "each skipped step is logged, then the run stops"
-
-
-def test_the_periodic_evaluation_scores_the_model_of_its_step(tmp_path):
-    import curriculum
-    import data
-    import eval as E
-    import model as M
-    out = str(tmp_path / "evals")
-    train.main(STAGED[:3] + ["judge", "--stage-steps", "2"] + STAGED[6:] + ["--eval-every", "2", "--eval-n", "0",
-                                                                            "--out", out])
-    ms = metrics_of(out)
-    assert "eval" not in ms[0], "--eval-every 2: no evaluation at step 1"
-    model, processor = M.load(os.path.join(out, "checkpoints", "step_000002"))
-    rows = curriculum.stage_rows(data.make_split("test", 48, seed=0), "judge", seed=0)
-    want = E.evaluate(model, processor, rows, max_new_tokens=40)
-    assert ms[1]["eval"] == {f"{t}/{s}": round(v["accuracy"], 3) for (t, s), v in sorted(want.items())}, \
-        "the evaluation at step 2 is the step-2 model's held-out accuracy in the stage's form"
-    assert 0 < sum(ms[1]["eval"].values()) < 3
-
-
-def test_the_advance_rule_ends_a_stage_early(tmp_path):
-    out = str(tmp_path / "advance")
-    train.main(STAGED[:3] + ["judge,choice", "--stage-steps", "6", "--advance-accuracy", "0.8", "--advance-window", "2",
-                             "--eval-n", "0"] + STAGED[6:] + ["--out", out])
-    ms = metrics_of(out)
-    for stage in ("judge", "choice"):
-        acc = [m["reward_accuracy"] for m in ms if m["stage"] == stage]
-        fired = [k for k in range(2, len(acc) + 1) if sum(acc[k - 2:k]) / 2 >= 0.8]
-        assert len(acc) == (fired[0] if fired else 6), \
-            f"{stage}: the stage ends at the first step whose last-2 mean accuracy reaches 0.8 ({acc})"
-    assert len([m for m in ms if m["stage"] == "judge"]) < 6, "the rule fired at least once"
