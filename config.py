@@ -119,20 +119,36 @@ CHOICES = {"device": None, "dtype": ("auto", "float32", "bfloat16", "float16"),
            "ref": ("stage", "base"), "box_reward": ("hard", "iou", "giou")}
 
 
+def add_flags(parser, group, fields=None):
+    """One flag per field of Config's `group` (or of those named in `fields`), stored as "group.field"; None
+    when not given, so that a preset's value is kept."""
+    g = parser.add_argument_group(group)
+    for f in dataclasses.fields(type(getattr(Config(), group))):
+        if fields is not None and f.name not in fields:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        kw = dict(dest=f"{group}.{f.name}", default=None, help=f"{f.metadata['help']} (default: {f.default})")
+        if isinstance(f.default, bool):
+            g.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
+        else:
+            g.add_argument(flag, type=type(f.default), choices=CHOICES.get(f.name), metavar=f.name.upper(), **kw)
+
+
 def build_parser():
-    p = argparse.ArgumentParser(description="Curr-ReFT: curriculum GRPO + rejection-sampling SFT for Qwen-VL.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description="Curr-ReFT: curriculum GRPO + rejection-sampling SFT for Qwen-VL.")
     p.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="named recipe the flags override")
     for group in dataclasses.fields(Config):
-        g = p.add_argument_group(group.name)
-        for f in dataclasses.fields(group.type):
-            flag = "--" + f.name.replace("_", "-")
-            kw = dict(dest=f"{group.name}.{f.name}", default=None, help=f.metadata["help"])
-            if isinstance(f.default, bool):
-                g.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
-            else:
-                g.add_argument(flag, type=type(f.default), choices=CHOICES.get(f.name), **kw)
+        add_flags(p, group.name)
     return p
+
+
+def apply_flags(cfg, args):
+    """cfg with every "group.field" value of the parsed `args` that was given."""
+    for key, value in vars(args).items():
+        if "." in key and value is not None:
+            group, name = key.split(".")
+            setattr(cfg, group, dataclasses.replace(getattr(cfg, group), **{name: value}))
+    return cfg
 
 
 def make_config(argv=None):
@@ -141,11 +157,7 @@ def make_config(argv=None):
     cfg = Config()
     for group, values in PRESETS[args.preset].items():
         setattr(cfg, group, dataclasses.replace(getattr(cfg, group), **values))
-    for key, value in vars(args).items():
-        if "." in key and value is not None:
-            group, name = key.split(".")
-            setattr(cfg, group, dataclasses.replace(getattr(cfg, group), **{name: value}))
-    validate(cfg)
+    validate(apply_flags(cfg, args))
     return cfg
 
 
