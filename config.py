@@ -6,8 +6,7 @@ checks that turn a bad value into one clear error before any work starts.
     cfg = make_config(["--preset", "qwen2.5-vl-3b", "--model", "/ckpt/Qwen2.5-VL-3B-Instruct"])
     stages, groups, steps = validate(cfg)          # per-stage values resolved; ValueError on a bad config
 
-Precedence: the dataclass defaults (the tiny preset) <- the preset <- the flags. The resolved config is printed
-at the start of a run and saved in every checkpoint (as_dict).
+Precedence: defaults (the tiny preset) <- preset <- flags; the resolved config is printed and checkpointed (as_dict).
 """
 import argparse
 import dataclasses
@@ -64,16 +63,14 @@ class RLConfig:
     ref: str = arg("stage", "reference model: stage (each stage's starting weights, the release) | base")
     replay: str = arg("0", "open questions rehearsed per judge/choice prompt, added to its batches (not in the "
                               "paper: 0); one value for the stages of a schedule with an open stage, or one per stage")
-    choice_partial: float = arg(0.2, "choice reward of a non-empty proper subset of the right letters (the "
-                                     "paper mentions 0.2; the release pays the exact set only: 0)")
+    choice_partial: float = arg(0.2, "reward of a non-empty proper subset of the right letters (paper 0.2, release 0)")
     box_reward: str = arg("hard", "open detection reward: hard (1 if IoU > 0.5, the paper) | iou | giou")
 
 
 @dataclass
 class Phase2Config:
     phase2: bool = arg(True, "run rejection-sampling SFT after the open stage")
-    phase2_data: str = arg("", "prompts for phase 2 (a mixture spec); empty: the last phase2_prompts rows of the "
-                               "synthetic pool, each task's rows asked in the three stage forms in turn")
+    phase2_data: str = arg("", "phase-2 prompts (a mixture spec); empty: the last phase2_prompts pool rows, all forms")
     phase2_prompts: int = arg(300, "prompts sampled in phase 2 (synthetic pool)")
     phase2_samples: int = arg(4, "answers sampled per prompt")
     phase2_bar: float = arg(2.0, "keep the best answer of a prompt when its reward (accuracy + format) >= this")
@@ -114,9 +111,8 @@ PRESETS = {
         "run": {"out": "runs/qwen2.5-vl-3b", "ckpt_every": 100, "sample_every": 20},
     },
 }
-CHOICES = {"device": None, "dtype": ("auto", "float32", "bfloat16", "float16"),
-           "schedule": ("constant", "linear", "cosine"), "agg": ("seq", "token", "dr_grpo"),
-           "ref": ("stage", "base"), "box_reward": ("hard", "iou", "giou")}
+CHOICES = {"dtype": ("auto", "float32", "bfloat16", "float16"), "schedule": ("constant", "linear", "cosine"),
+           "agg": ("seq", "token", "dr_grpo"), "ref": ("stage", "base"), "box_reward": ("hard", "iou", "giou")}
 
 
 def add_flags(parser, group, fields=None):
@@ -124,22 +120,13 @@ def add_flags(parser, group, fields=None):
     when not given, so that a preset's value is kept."""
     g = parser.add_argument_group(group)
     for f in dataclasses.fields(type(getattr(Config(), group))):
-        if fields is not None and f.name not in fields:
-            continue
-        flag = "--" + f.name.replace("_", "-")
-        kw = dict(dest=f"{group}.{f.name}", default=None, help=f"{f.metadata['help']} (default: {f.default})")
-        if isinstance(f.default, bool):
-            g.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
-        else:
-            g.add_argument(flag, type=type(f.default), choices=CHOICES.get(f.name), metavar=f.name.upper(), **kw)
-
-
-def build_parser():
-    p = argparse.ArgumentParser(description="Curr-ReFT: curriculum GRPO + rejection-sampling SFT for Qwen-VL.")
-    p.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="named recipe the flags override")
-    for group in dataclasses.fields(Config):
-        add_flags(p, group.name)
-    return p
+        if fields is None or f.name in fields:
+            flag = "--" + f.name.replace("_", "-")
+            kw = dict(dest=f"{group}.{f.name}", default=None, help=f"{f.metadata['help']} (default: {f.default})")
+            if isinstance(f.default, bool):
+                g.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
+            else:
+                g.add_argument(flag, type=type(f.default), choices=CHOICES.get(f.name), metavar=f.name.upper(), **kw)
 
 
 def apply_flags(cfg, args):
@@ -153,7 +140,11 @@ def apply_flags(cfg, args):
 
 def make_config(argv=None):
     """Defaults <- preset <- flags, then validated. Invalid values raise ValueError before any work."""
-    args = build_parser().parse_args(argv)
+    p = argparse.ArgumentParser(description="Curr-ReFT: curriculum GRPO + rejection-sampling SFT for Qwen-VL.")
+    p.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="named recipe the flags override")
+    for group in dataclasses.fields(Config):
+        add_flags(p, group.name)
+    args = p.parse_args(argv)
     cfg = Config()
     for group, values in PRESETS[args.preset].items():
         setattr(cfg, group, dataclasses.replace(getattr(cfg, group), **values))
@@ -164,22 +155,19 @@ def make_config(argv=None):
 def per_stage(text, stages, name, cast=int):
     """'4' -> [4] * len(stages); '4,2,4' -> one value per stage. Three values name the judge, choice and open
     stages, so a run of some of them (--stages open) takes theirs: '100,100,150' -> [150] for 'open'."""
-    order = curriculum.STAGES  # judge, choice, open
     values = [cast(v) for v in str(text).split(",") if v.strip()]
     if len(values) == 1:
         values = values * len(stages)
-    elif len(values) == len(order) != len(stages) and all(s in order for s in stages):
-        values = [values[order.index(s)] for s in stages]
+    elif len(values) == len(curriculum.STAGES) != len(stages) and all(s in curriculum.STAGES for s in stages):
+        values = [values[curriculum.STAGES.index(s)] for s in stages]
     if len(values) != len(stages):
         raise ValueError(f"--{name.replace('_', '-')} {text!r}: give one value or one per stage ({len(stages)})")
     return values
 
 
 def replay_ratios(rl, stages):
-    """Per-stage replay ratios (curriculum.StageSpec.replay). One value applies to every stage but open (which
-    asks open questions anyway), and to none when the schedule has no open stage to rehearse. A step's batch
-    is prompts_per_step + ratio * prompts_per_step prompts: that must be whole and split evenly over the
-    processes."""
+    """Per-stage replay ratios (curriculum.StageSpec.replay); one value applies to every stage but open, and to none
+    without an open stage. Each stage's extra ratio * prompts_per_step prompts must be whole, the sum split evenly."""
     ratios = per_stage(rl.replay, stages, "replay", cast=float)
     if len(str(rl.replay).split(",")) == 1:
         ratios = [0.0 if name == "open" or "open" not in stages else v for name, v in zip(stages, ratios)]
@@ -197,18 +185,18 @@ def replay_ratios(rl, stages):
 
 
 def validate(cfg):
-    rl, run = cfg.rl, cfg.run
+    """(stages, group sizes, steps), one value per stage; a ValueError naming the flag to fix on a bad config."""
+    rl, run, p2, model = cfg.rl, cfg.run, cfg.phase2, cfg.model
     stages = [s.strip() for s in rl.stages.split(",") if s.strip()]
-    bad = [s for s in stages if s not in curriculum.STAGES]
-    if not stages or bad:
+    if not stages or any(s not in curriculum.STAGES for s in stages):
         raise ValueError(f"--stages {rl.stages!r}: use judge, choice and open, comma-separated")
-    groups = per_stage(rl.group_size, stages, "group_size")
-    steps = per_stage(rl.stage_steps, stages, "stage_steps")
+    groups, steps = per_stage(rl.group_size, stages, "group_size"), per_stage(rl.stage_steps, stages, "stage_steps")
     replay_ratios(rl, stages)
     bad_forms = [s for s in cfg.data.eval_stages.split(",") if s not in curriculum.STAGES]
+    W = int(os.environ.get("WORLD_SIZE", 1))
     checks = [
         (not bad_forms, f"--eval-stages: unknown forms {bad_forms}; use judge, choice and open"),
-        (cfg.model.model != "", "--model: give the folder of a Qwen2.5-VL / Qwen2-VL checkpoint"),
+        (model.model != "", "--model: give the folder of a Qwen2.5-VL / Qwen2-VL checkpoint"),
         (all(g >= 2 for g in groups), "--group-size must be >= 2: a group of one has no relative advantage"),
         (all(s >= 1 for s in steps), "--stage-steps must be >= 1"),
         (rl.prompts_per_step >= 1 and rl.micro_batch >= 1, "--prompts-per-step and --micro-batch must be >= 1"),
@@ -216,23 +204,21 @@ def validate(cfg):
         (rl.temperature > 0, "--temperature must be > 0"),
         (rl.lr > 0 and rl.beta >= 0 and rl.clip_eps > 0, "need lr > 0, beta >= 0, clip-eps > 0"),
         (rl.mu >= 1 and rl.warmup >= 0 and rl.grad_clip > 0, "need mu >= 1, warmup >= 0, grad-clip > 0"),
-        (run.ckpt_every >= 1 and run.keep >= 1 and run.max_bad_steps >= 1, "need ckpt-every, keep, max-bad-steps >= 1"),
-        (cfg.phase2.phase2_prompts >= 1 and cfg.phase2.phase2_samples >= 1 and cfg.phase2.phase2_epochs >= 1
-         and cfg.phase2.phase2_batch >= 1 and cfg.phase2.phase2_lr > 0, "phase-2 sizes must be >= 1 and its lr > 0"),
+        (min(run.ckpt_every, run.keep, run.max_bad_steps) >= 1, "need ckpt-every, keep, max-bad-steps >= 1"),
+        (min(p2.phase2_prompts, p2.phase2_samples, p2.phase2_epochs, p2.phase2_batch) >= 1 and p2.phase2_lr > 0,
+         "phase-2 sizes must be >= 1 and its lr > 0"),
         (cfg.data.image_size % 28 == 0 and cfg.data.pool_size >= 1, "--image-size must be a multiple of 28"),
-        (cfg.model.device in ("auto", "cpu") or cfg.model.device.startswith("cuda"), "--device: auto, cpu or cuda"),
+        (model.device in ("auto", "cpu") or model.device.startswith("cuda"), "--device: auto, cpu or cuda"),
+        (not model.device.startswith("cuda") or torch.cuda.is_available(),
+         "--device cuda, but torch sees no GPU (on a CPU machine use --device cpu)"),
+        (model.model in ("tiny", "small", ModelConfig.model) or os.path.isdir(model.model),
+         f"--model {model.model!r} is neither 'tiny' nor a folder"),
+        (rl.prompts_per_step % W == 0,
+         f"--prompts-per-step {rl.prompts_per_step} must split evenly over {W} processes"),
     ]
     for ok, message in checks:
         if not ok:
             raise ValueError(message)
-    if cfg.model.device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError("--device cuda, but torch sees no GPU (on a CPU machine use --device cpu)")
-    if cfg.model.model not in ("tiny", "small") and not os.path.isdir(cfg.model.model) \
-            and cfg.model.model != ModelConfig.model:
-        raise ValueError(f"--model {cfg.model.model!r} is neither 'tiny' nor a folder")
-    W = int(os.environ.get("WORLD_SIZE", 1))
-    if rl.prompts_per_step % W:
-        raise ValueError(f"--prompts-per-step {rl.prompts_per_step} must split evenly over {W} processes")
     return stages, groups, steps
 
 

@@ -6,37 +6,27 @@ The stages share their images and questions; only the answer form (and so its re
     choice  options A-D (multi-select for classify)  "How many circles are there?\\nA. 1 ..."  -> B | A, C
     open    the question itself                     "How many circles are there?"            -> 2
 
-    stages = [curriculum.StageSpec(name, group_size=8, steps=100) for name in ("judge", "choice", "open")]
-    cur = curriculum.Curriculum(stages, pool=data.make_split("train", 3000), seed=0)
+    cur = curriculum.Curriculum([curriculum.StageSpec(s, group_size=8, steps=100) for s in curriculum.STAGES],
+                                pool=data.make_split("train", 3000), seed=0)    # cur.state_dict() resumes it
     while not cur.done:
-        stage = cur.current_stage()                  # StageSpec: name, group_size, ...
-        rows = cur.next_batch(8)                     # the stage's rows, deterministic, resumable
-        ...                                          # rollout G = stage.group_size per row, reward, update
-        cur.record()                                 # True when the schedule moved on
-    state = cur.state_dict()                         # cur.load_state_dict(state) resumes exactly
+        rows = cur.next_batch(8)  # of cur.current_stage(): G = its group_size rollouts a row, then one update
+        cur.record()              # True when the stage ended
+    python curriculum.py --out synth --split ood --stage judge  # a split as Curr-ReFT JSONL + PNGs
 
-A stage row from an open synthetic row and its `meta` (`make_stage_row(row, stage, rng)`); open: the row itself.
-- judge: the claim is true half of the time (exactly: at even data positions, in `Curriculum` and `stage_rows`),
-  else a near miss: a count off by 1-2 (never negative; a pixel answer by 1-2 grid cells); a label set with one
-  label swapped for, or joined by, a palette label absent from the scene, or one dropped; another shape; another
-  object's box, or the true one moved until IoU < 0.5.
-- choice: options A-D, shuffled; one right (other or moved boxes with IoU < 0.5; numbers within 3 of the truth,
-  never negative, grid steps for pixels; other shapes), or 1-3 present labels for "which colours / shapes".
-Every prompt ends with one INSTRUCTIONS line: think in <think></think>, then say the answer in <answer></answer>.
-Stage files (`data`: a data.py mixture spec, set by `assign_stage_data(stages, {"judge": "j.jsonl:all"})`) are
-used as they are: only a problem without `<answer>` gets the instruction line; `stage` is set where missing.
-
-The schedule runs its StageSpecs in order, each for `steps` optimizer steps. Each epoch draws a permutation seeded by (seed, stage, epoch), with the tasks in
-near-equal shares in every batch (`balanced_order`); a derived row is seeded by (seed, stage, data position).
-`replay` r adds floor(n * r) open-stage rows along a stage's first n (0.25: 8 to a batch of 32), scored by open
-rules; the stage's own rows are unchanged. The state (`state_dict()`): a few integers, so a resumed run draws exactly the batches of an uninterrupted one.
+Judge and choice rows derive from an open synthetic row's `meta` (`make_stage_row`). A judge claim is true at
+even data positions, else a near miss: a count off by 1-2 (pixels: by 1-2 cells), a label swapped, added or
+dropped, another shape, another object's box or the true one moved to IoU < 0.5. Choice: A-D, shuffled, one
+right among such distractors, or 1-3 present labels for "which colours / shapes". Stage files (StageSpec.data,
+a mixture spec) are used as they are; a problem without `<answer>` gets its instruction line.
+Each stage runs `steps` optimizer steps over epochs of task-interleaved permutations seeded by (seed, stage,
+epoch); `replay` r adds floor(n * r) open rows along a stage's first n. The state is a few integers: a resumed
+run draws the same batches.
 
 Departures from the paper, and why:
 - Judge and choice rows are derived from one open pool, as the paper's stages share their images and questions.
 - The judge is exactly balanced (positions alternate), rather than balanced by chance.
 - `replay` (not in the paper, off by default) rehearses the open form while judge and choice train.
-- Stages end after a fixed number of steps (the release hands stages on after 1 / 1 / 2 epochs, about 600 /
-  500 / 2300 steps at 3B, which the qwen2.5-vl-3b preset of config.py writes as --stage-steps).
+- Stages end after a fixed number of steps (the release hands on after 1 / 1 / 2 epochs: --stage-steps).
 """
 import argparse
 import dataclasses
@@ -48,14 +38,11 @@ from dataclasses import dataclass
 from fractions import Fraction
 
 import data
-from data import COLOURS, GEOMETRY, SHAPES, STAGES, build_problem, format_value, has_instruction
+from data import COLOURS, GEOMETRY, SHAPES, STAGES, build_problem, format_value
 from rewards import box_iou
 
 LETTERS = "ABCD"
 
-
-# -----------------------------------------------------------------------------
-# Deriving judge and choice questions from an open row's ground truth
 
 def wrong_boxes(meta, rng):
     """Plausible wrong boxes, all with IoU < 0.5 to the truth: (other objects' boxes, moved true boxes)."""
@@ -79,8 +66,7 @@ def wrong_labels(meta, rng):
         return [rng.choice([s for s in SHAPES if s != labels[0]])]
     palette = list(COLOURS) if meta["kind"] == "colours" else list(SHAPES)
     absent = [x for x in palette if x not in labels]
-    moves = ["swap", "add"] + (["drop"] if len(labels) > 1 else [])
-    move = rng.choice(moves)
+    move = rng.choice(["swap", "add"] + (["drop"] if len(labels) > 1 else []))
     wrong = set(labels)
     if move in ("swap", "drop"):
         wrong.discard(rng.choice(labels))
@@ -90,21 +76,20 @@ def wrong_labels(meta, rng):
 
 
 def near_numbers(meta, reach):
-    """Wrong numbers within `reach` steps of the true one: steps of 1 for counts, of one grid cell for the
-    pixel answers of geometry questions (a width is never 0 px nor wider than the image)."""
+    """Wrong numbers within `reach` steps of the truth: steps of 1 for counts, of one cell for pixel answers
+    (a width is never 0 px, a left edge leaves a cell of room, nothing leaves the image)."""
     truth = meta["answer"]
     if meta.get("kind") in GEOMETRY:
         step, low, high = meta["cell"], (meta["cell"] if meta["kind"] == "width" else 0), meta["size"]
-        high -= step if meta["kind"] == "left" else 0  # a shape's left edge is at most one cell from the right
+        high -= step if meta["kind"] == "left" else 0
     else:
-        step, low, high = 1, 0, None
+        step, low, high = 1, 0, math.inf
     values = [truth + k * step for k in range(-reach, reach + 1) if k]
-    return [v for v in values if v >= low and (high is None or v <= high)]
+    return [v for v in values if low <= v <= high]
 
 
 def near_miss(meta, task, rng):
     """A false answer value close to the truth (for a judge claim)."""
-    truth = meta["answer"]
     if task == "detection":
         others, moved = wrong_boxes(meta, rng)
         return others[0] if others and rng.random() < 0.5 else moved[0]
@@ -125,8 +110,7 @@ def choice_options(meta, task, rng):
     elif task == "math":
         options, right = [truth] + rng.sample(near_numbers(meta, 3), 3), [truth]
     elif task == "classify" and meta["kind"] == "shape_of":
-        right = [truth]
-        options = right + [[s] for s in rng.sample([s for s in SHAPES if s != truth[0]], 3)]
+        options, right = [truth] + [[s] for s in rng.sample([s for s in SHAPES if s != truth[0]], 3)], [truth]
     elif task == "classify":
         palette = list(COLOURS) if meta["kind"] == "colours" else list(SHAPES)
         absent = [x for x in palette if x not in truth]
@@ -136,16 +120,12 @@ def choice_options(meta, task, rng):
     else:
         raise ValueError(f"unknown task {task!r}")
     rng.shuffle(options)
-    letters = [LETTERS[i] for i, v in enumerate(options) if v in right]
-    return options, letters
+    return options, [LETTERS[i] for i, v in enumerate(options) if v in right]
 
 
 def make_stage_row(row, stage, rng, truth=None):
-    """An open synthetic row (with `meta`) as `stage` asks it; a new dict, the input is left alone.
-
-    truth: for judge, whether the claim is true (None: a coin flip from rng). The derived form is recorded
-    in meta["judge"] = {"claim", "truth"} or meta["choice"] = {"options", "letters"}.
-    """
+    """An open synthetic row (with `meta`) as `stage` asks it, a new dict; truth: whether a judge claim is true
+    (None: a coin flip). Kept in meta["judge"] = {"claim", "truth"} or meta["choice"] = {"options", "letters"}."""
     if stage not in STAGES:
         raise ValueError(f"unknown stage {stage!r}; expected one of {', '.join(STAGES)}")
     if stage == "open":
@@ -179,16 +159,12 @@ def prepare_stage_rows(rows, stage):
     """Rows of a stage's own files: unchanged, except the instruction line when the problem lacks one."""
     out = []
     for row in rows:
-        row = dict(row)
-        if not has_instruction(row["problem"]):
+        row = {**row, "stage": row.get("stage", stage)}
+        if "<answer>" not in row["problem"].lower():  # the problem does not say how to answer
             row["problem"] = build_problem(row["problem"], row["task"], stage)
-        row.setdefault("stage", stage)
         out.append(row)
     return out
 
-
-# -----------------------------------------------------------------------------
-# The schedule
 
 @dataclass
 class StageSpec:
@@ -209,8 +185,8 @@ class StageSpec:
 
 
 def replay_count(n, ratio):
-    """Open questions replayed along the first n rows of a stage with replay `ratio`: floor(n * ratio), exact
-    for ratios like 0.25 or 1/3 (as a fraction), so a resumed run replays the same rows."""
+    """Open questions replayed along the first n rows of a stage: floor(n * ratio), exact for ratios like 0.25
+    or 1/3 (as a fraction), so a resumed run replays the same rows."""
     return math.floor(n * Fraction(ratio).limit_denominator(1000))
 
 
@@ -234,20 +210,15 @@ def parse_stage_data(text):
 
 
 def balanced_order(pool, rng):
-    """A shuffled order of the pool's indices that interleaves the tasks (each task's rows shuffled, then taken
-    in turn), so every batch holds the tasks in near-equal shares: the per-step training reward then moves
-    with learning, not with the batch's task mix."""
+    """A shuffled order of the pool's indices that takes the tasks in turn (each task's rows shuffled), so that
+    every batch holds them in near-equal shares and the training reward moves with learning, not the task mix."""
     by_task = {}
     for i, row in enumerate(pool):
         by_task.setdefault(row.get("task"), []).append(i)
     queues = [by_task[t] for t in sorted(by_task, key=str)]
     for q in queues:
         rng.shuffle(q)
-    order, k = [], 0
-    while len(order) < len(pool):
-        order += [q[k] for q in queues if k < len(q)]
-        k += 1
-    return order
+    return [q[k] for k in range(max(map(len, queues), default=0)) for q in queues if k < len(q)]
 
 
 class Curriculum:
@@ -258,7 +229,7 @@ class Curriculum:
         if not self.stages:
             raise ValueError("a curriculum needs at least one stage")
         self.seed = seed
-        self.pools = []
+        self.pools, self.replay_pool = [], None  # replay asks the (last) open stage's rows
         for spec in self.stages:
             if spec.data is not None:
                 rows = data.load_mixture(spec.data, seed=seed, image_root=image_root, on_error=on_error)
@@ -273,13 +244,12 @@ class Curriculum:
             if not rows:
                 raise ValueError(f"stage {spec.name!r} has no rows")
             self.pools.append(rows)
-        # Replay draws open questions from the schedule's open stage (its files or the synthetic pool).
-        opens = [i for i, s in enumerate(self.stages) if s.name == "open"]
-        self.replay_pool = self.pools[opens[-1]] if opens else None
+            if spec.name == "open":
+                self.replay_pool = rows
         if self.replay_pool is None and any(s.replay > 0 for s in self.stages):
             raise ValueError("replay asks open questions in earlier stages; the schedule needs an open stage")
         self.stage_index, self.step, self.position, self.global_step = 0, 0, 0, 0
-        self._perms = {}           # tag -> ((stage index, epoch), permutation) of the epoch being drawn
+        self._perms = {}  # tag -> ((stage index, epoch), permutation) of the epoch being drawn
 
     @property
     def done(self):
@@ -290,8 +260,7 @@ class Curriculum:
         return None if self.done else self.stages[self.stage_index]
 
     def _pick(self, pool, index, tag):
-        """pool[the index-th row of the epoch's task-interleaved permutation], seeded by (seed, stage, tag, epoch);
-        the permutation of the epoch being drawn is cached per tag."""
+        """pool[the index-th row of the epoch's task-interleaved permutation, seeded by (seed, stage, tag, epoch)]."""
         epoch, k = divmod(index, len(pool))
         key = (self.stage_index, epoch)
         if self._perms.get(tag, (None,))[0] != key:
@@ -308,18 +277,15 @@ class Curriculum:
         rng = random.Random(f"curriculum:{self.seed}:{self.stage_index}:row:{position}")
         return make_stage_row(row, spec.name, rng, truth=position % 2 == 0)
 
-    def _replay_row(self, j):
-        """Replayed open question number j of the current stage: its own task-interleaved order of the open pool."""
-        return {**self._pick(self.replay_pool, j, "replay:"), "stage": "open", "replay": True}
-
     def next_batch(self, n):
-        """The next n rows of the current stage (a global batch: ranks slice it), plus the open questions its
-        replay adds, spread evenly among them. Advances the data position (which counts the stage's rows)."""
+        """The next n rows of the current stage (a global batch: ranks slice it), with the open questions its
+        replay adds spread evenly among them. Advances the data position (which counts the stage's rows)."""
         if self.done:
             raise RuntimeError("the curriculum has finished; no stage is left to draw from")
         rows = [self._row_at(self.position + i) for i in range(n)]
         ratio, p = self.stages[self.stage_index].replay, self.position
-        replayed = [self._replay_row(j) for j in range(replay_count(p, ratio), replay_count(p + n, ratio))]
+        replayed = [{**self._pick(self.replay_pool, j, "replay:"), "stage": "open", "replay": True}
+                    for j in range(replay_count(p, ratio), replay_count(p + n, ratio))]
         for i, row in enumerate(replayed):  # evenly: the i-th after (i + 1) / k of the stage's rows
             rows.insert((i + 1) * n // len(replayed) + i, row)
         self.position += n
@@ -329,12 +295,10 @@ class Curriculum:
         """Count one optimizer step; True when it ended the stage (the next one starts on the next batch)."""
         if self.done:
             raise RuntimeError("the curriculum has finished")
-        self.step += 1
-        self.global_step += 1
+        self.step, self.global_step = self.step + 1, self.global_step + 1
         if self.step < self.stages[self.stage_index].steps:
             return False
-        self.stage_index += 1
-        self.step, self.position = 0, 0
+        self.stage_index, self.step, self.position = self.stage_index + 1, 0, 0
         return True
 
     def state_dict(self):
@@ -356,14 +320,9 @@ class Curriculum:
                 f"step {self.step}, position {self.position})")
 
 
-# -----------------------------------------------------------------------------
-# The tiny tokenizer's corpus
-
 def tokenizer_corpus(n=1000, seed=0, size=112):
-    """n texts 'problem\\ncompletion' covering every task and stage of the base's world (data.BASE_CELLS,
-    data.BASE_KINDS; no images drawn), the corpus the tiny model's BPE is trained on. The base's world, not the
-    full one, so that the tokenizer (and with it the tiny model and the base built from it) stays the one
-    the shipped base was built with; geometry questions are encoded with the same merges."""
+    """n texts 'problem\\ncompletion', every task in every stage, that the tiny model's BPE is trained on: the
+    base's world (BASE_CELLS, BASE_KINDS, no images), so the tokenizer stays the one the shipped base has."""
     texts = []
     rows = data.make_rows("train", n, seed, size, draw=False, cells=data.BASE_CELLS, kinds=data.BASE_KINDS)
     for i, row in enumerate(rows):
@@ -372,9 +331,6 @@ def tokenizer_corpus(n=1000, seed=0, size=112):
         texts.append(staged["problem"] + "\n" + data.reference_completion(staged))
     return texts
 
-
-# -----------------------------------------------------------------------------
-# Writing a split as a Curr-ReFT file
 
 def write_split(out, split="train", n=300, seed=0, size=112, stage="open"):
     """Write `out/{split}.jsonl` (or `{split}_{stage}.jsonl`) and PNGs under `out/images/`; returns the path."""

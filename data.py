@@ -1,40 +1,26 @@
 """
 data.py: Curr-ReFT rows from JSONL/JSON files, data mixtures, and a synthetic world of coloured shapes.
 
-A row is a plain dict: {"image": path | PIL image | None (text-only), "problem": the full user text, with
-instructions, "solution": "<answer>2</answer>", "task": detection | classify | math, "meta": the scene and
-its truth (synthetic rows only), "stage": judge | choice | open (optional)}.
+A row is a dict: {"image": path | PIL image | None, "problem": the user text with its instruction line,
+"solution": "<answer>2</answer>", "task": detection | classify | math, "meta": the scene (synthetic), "stage"}.
 
     rows = data.load_rows("train.jsonl", default_task="math", on_error="skip")  # Rows: .skipped, .errors
     rows = data.load_mixture("a.jsonl:all,b.jsonl:random:500,c.jsonl:30%", seed=0)
     rows = data.make_split("train", 3000, seed=0)    # synthetic, PIL images; data.open_image(row): RGB PIL
-    python curriculum.py --out synth --split train --n 3000 --seed 0   # synth/train.jsonl + synth/images/
 
-Files (the Curr-ReFT format): JSONL, one object per line, or a JSON list of objects.
-- `image`: relative to `image_root` (None: the data file's folder) or absolute; missing or null: text-only.
-- `problem`: the user text. `solution`: `<answer>...</answer>` kept as is (with any think block before it),
-  or a bare string, number, label list or box, wrapped in answer tags (a box as `[x1, y1, x2, y2]`, labels
-  comma-separated). `task`: detection, classify or math; when missing, `default_task`, else a bad row.
-- SFT rows: problem, solution = the user, assistant turns of `messages` (`<image>` removed); `images: [p]`: p.
-- A bad row (malformed JSON, a missing field, an unknown task, a missing or unreadable image: all checked at
-  load, images with PIL's verify()) raises DataError("file:line: problem"). on_error="skip" drops it (never
-  replaced), counts it in `.skipped`, keeps its message in `.errors` and logs one warning (`data` logger).
+Files: JSONL or a JSON list. `image` is relative to `image_root` (default: the file's folder); none: text-only.
+A `solution` without `<answer>` (a number, text, labels, a box) is wrapped in answer tags; `task` defaults to
+`default_task`; SFT rows give `messages` (user, assistant) and `images: [path]`. A bad row (bad JSON, a missing
+field, an unknown task, a missing or unreadable image) raises DataError("file:line: problem") at load, or with
+on_error="skip" is dropped, its message kept in `.errors` (one warning logged).
+Mixtures: comma-separated `path[:rule]`, rule all | first:N | last:N | random:N | N% (any N may be N%), or a
+JSON file listing {"path", "rule", "image_root", "task"} (paths relative to it). Items are concatenated in
+order, rows in file order; random samples without replacement, seeded; a file too short for N is an error.
 
-Mixtures: comma-separated `path[:rule]`, rule all (the default) | first:N | last:N | random:N | N% (=
-random:N%; first and last take N% too); or a JSON file listing {"path", "rule", "image_root", "task"}
-(paths relative to it; the only form for paths holding ":"). Items are concatenated in order, each in
-file order; random samples without replacement, deterministic for a seed. Too few rows in a file: an error.
-
-The synthetic world: `size` px square images (default 112, 16 image tokens; a multiple of 28), a 7x7 grid of
-size/7 px cells, flat colours, no anti-aliasing. 1-4 shapes of 5 (circle, square, triangle, diamond, cross)
-in unique colours of 5 (red, green, blue, yellow, purple), so every scene lacks a shape and a colour. A shape
-fills a 1-, 2- or 3-cell square on cell boundaries, never overlapping; its box is the tight [x1, y1, x2, y2]
-in pixels, x2, y2 exclusive. Row i asks a TASKS[i % 3] question of a random kind: detection locate; classify
-colours, shapes (palette order), shape_of; math count_all, count_shape (0 when absent), sum_shapes, width
-(x2 - x1), left (x1). BASE_CELLS (2, 3) and BASE_KINDS (no width, left): the tiny base's early warm-start
-world. Splits: train, test, ood (test on light blue, not light grey), ood_small (every shape one cell); a
-layout hashes into 10 buckets, 0 for test and ood, 1-9 for train; each split seeds its own generator.
-reference_completion: `<think>red circle, blue square; so 2</think><answer>2</answer>` (reading order).
+Synthetic world: `size` px images (a multiple of 28), a 7x7 cell grid, flat colours; 1-4 of 5 shapes in unique
+colours of 5, 1-3 cell squares that never overlap; boxes tight (x2, y2 exclusive). Row i asks a TASKS[i % 3]
+question of a random KINDS kind. Splits: train, test, ood (light blue background), ood_small (one-cell shapes);
+a layout hash holds 1 layout in 10 out of train, for test and ood.
 
 Departures from the paper, and why:
 - A synthetic world, not RefCOCO, COCO, Math360K/Geo170K or the OOD sets: a tiny model must learn on a CPU.
@@ -68,11 +54,10 @@ INSTRUCTIONS = {
 
 def instruction(stage, task):
     """The instruction line of a stage and task."""
-    if stage not in STAGES:
-        raise ValueError(f"unknown stage {stage!r}; expected one of {', '.join(STAGES)}")
     text = INSTRUCTIONS.get(f"{stage}/{task}") or INSTRUCTIONS.get(stage)
-    if text is None:
-        raise ValueError(f"no instruction for stage {stage!r} and task {task!r}")
+    if stage not in STAGES or text is None:
+        raise ValueError(f"no instruction for stage {stage!r} and task {task!r}: stages are {', '.join(STAGES)}, "
+                         f"tasks {', '.join(TASKS)}")
     return text
 
 
@@ -81,26 +66,24 @@ def build_problem(question, task, stage):
     return f"{question}\n{instruction(stage, task)}"
 
 
-def has_instruction(problem):
-    """Whether a problem already says how to answer (it names the <answer> tag)."""
-    return "<answer>" in problem.lower()
-
-
 class DataError(ValueError):
     """A bad row or file; the message names the file, the line and the problem."""
 
 
 class Rows(list):
-    """A list of rows that also reports what was dropped: `skipped` (a count) and `errors` (messages)."""
+    """A list of rows that also reports the bad rows dropped: `errors` (their messages), `skipped` (a count)."""
 
-    def __init__(self, rows=(), skipped=0, errors=None):
+    def __init__(self, rows=(), errors=()):
         super().__init__(rows)
-        self.skipped = skipped
-        self.errors = list(errors or [])
+        self.errors = list(errors)
+
+    @property
+    def skipped(self):
+        return len(self.errors)
 
 
 # -----------------------------------------------------------------------------
-# Images
+# Reading Curr-ReFT files
 
 def samples_of(rows):
     """Rows -> the {"image", "problem"} samples rollout.generate and model.encode take (images opened)."""
@@ -109,37 +92,26 @@ def samples_of(rows):
 
 def open_image(row_or_path):
     """An RGB PIL image from a row (its `image`), a path or a PIL image; a clear DataError otherwise."""
+    image = row_or_path
     if isinstance(row_or_path, dict):
         image = row_or_path.get("image")
         if image is None:
             raise DataError(f"row has no image (text-only): problem {str(row_or_path.get('problem'))[:60]!r}")
-    else:
-        image = row_or_path
     if isinstance(image, Image.Image):
         return image if image.mode == "RGB" else image.convert("RGB")
-    path = os.fspath(image)
+    return _read_image(os.fspath(image))
+
+
+def _read_image(path, verify=False):
+    """The file as an RGB PIL image (convert() loads it, so the file can close); verify: only check it."""
     if not os.path.isfile(path):
         raise DataError(f"image not found: {path}")
     try:
         with Image.open(path) as im:
-            return im.convert("RGB")  # convert() loads the pixels, so the file can close
+            return im.verify() if verify else im.convert("RGB")
     except Exception as e:
         raise DataError(f"unreadable image {path}: {e}") from e
 
-
-def _check_image(path):
-    """Raise a DataError unless `path` is an image file PIL can read (verify() reads it without decoding)."""
-    if not os.path.isfile(path):
-        raise DataError(f"image not found: {path}")
-    try:
-        with Image.open(path) as im:
-            im.verify()
-    except Exception as e:
-        raise DataError(f"unreadable image {path}: {e}") from e
-
-
-# -----------------------------------------------------------------------------
-# Reading Curr-ReFT files
 
 def format_value(value):
     """An answer value as the model should write it: 3 -> '3', box -> '[1, 2, 3, 4]', labels -> 'a, b'."""
@@ -166,23 +138,20 @@ def normalize_solution(solution):
     return f"<answer>{format_value(solution)}</answer>"
 
 
-def _message_text(content):
-    """The text of a chat message's content (a string or a list of typed parts), image placeholders removed."""
-    if isinstance(content, list):
-        content = "".join(part.get("text", "") for part in content if isinstance(part, dict))
-    if not isinstance(content, str):
-        raise DataError("message content is neither text nor a list of parts")
-    return content.replace("<image>", "").strip()
-
-
-def _from_messages(obj):
-    """Problem and solution of an SFT row {"messages": [user, assistant]}."""
-    messages = obj["messages"]
-    user = [m for m in messages if isinstance(m, dict) and m.get("role") == "user"]
-    assistant = [m for m in messages if isinstance(m, dict) and m.get("role") == "assistant"]
-    if not user or not assistant:
+def _from_messages(messages):
+    """Problem and solution of an SFT row: the texts of its first user and last assistant turns."""
+    turns = {role: [m.get("content") for m in messages if isinstance(m, dict) and m.get("role") == role]
+             for role in ("user", "assistant")}
+    if not turns["user"] or not turns["assistant"]:
         raise DataError("`messages` needs a user turn and an assistant turn")
-    return _message_text(user[0].get("content")), _message_text(assistant[-1].get("content"))
+    texts = []
+    for content in (turns["user"][0], turns["assistant"][-1]):
+        if isinstance(content, list):  # typed parts: keep the text ones
+            content = "".join(part.get("text", "") for part in content if isinstance(part, dict))
+        if not isinstance(content, str):
+            raise DataError("message content is neither text nor a list of parts")
+        texts.append(content.replace("<image>", "").strip())
+    return texts
 
 
 def parse_row(obj, base_dir, default_task=None):
@@ -191,19 +160,18 @@ def parse_row(obj, base_dir, default_task=None):
         raise DataError(f"a row must be a JSON object, got {type(obj).__name__}")
     row = {k: v for k, v in obj.items() if k not in ("messages", "images")}
     if "problem" not in obj and isinstance(obj.get("messages"), list):
-        row["problem"], row["solution"] = _from_messages(obj)
+        row["problem"], row["solution"] = _from_messages(obj["messages"])
     for field in ("problem", "solution"):
         if row.get(field) is None:
             raise DataError(f"missing field `{field}`")
     if not isinstance(row["problem"], str) or not row["problem"].strip():
         raise DataError("`problem` must be non-empty text")
     row["solution"] = normalize_solution(row["solution"])
-    task = row.get("task") or default_task
-    if task is None:
+    row["task"] = row.get("task") or default_task
+    if row["task"] is None:
         raise DataError("missing field `task` and no default_task given")
-    if task not in TASKS:
-        raise DataError(f"unknown task {task!r}; expected one of {', '.join(TASKS)}")
-    row["task"] = task
+    if row["task"] not in TASKS:
+        raise DataError(f"unknown task {row['task']!r}; expected one of {', '.join(TASKS)}")
     image = row.get("image")
     if image is None and isinstance(obj.get("images"), list) and obj["images"]:
         if len(obj["images"]) > 1:
@@ -213,59 +181,46 @@ def parse_row(obj, base_dir, default_task=None):
         if not isinstance(image, str) or not image:
             raise DataError(f"`image` must be a path, got {image!r}")
         path = image if os.path.isabs(image) else os.path.join(base_dir, image)
-        _check_image(path)
+        _read_image(path, verify=True)  # verify() reads the file without decoding it
         image = os.path.normpath(path)
     row["image"] = image
     return row
 
 
-def _file_objects(path):
-    """(where, object or exception) for every row of a JSONL file or a JSON list; `where` is 'file:line N'."""
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
-    if text.lstrip().startswith("["):
-        try:
-            items = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}: malformed JSON list: {e}") from e
-        for i, obj in enumerate(items, 1):
-            yield f"{path}: item {i}", obj
-        return
-    for i, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            yield f"{path}:{i}", json.loads(line)
-        except json.JSONDecodeError as e:
-            yield f"{path}:{i}", DataError(f"malformed JSON: {e.msg} (column {e.colno})")
-
-
 def load_rows(path, image_root=None, default_task=None, on_error="raise"):
-    """All rows of one JSONL / JSON file (see the top docstring). Returns a `Rows` list.
-
-    image_root: folder that relative image paths start from; None = the data file's own folder.
-    on_error: "raise" (a DataError naming file and line) or "skip" (counted in `.skipped`, logged).
-    """
+    """All rows of one JSONL / JSON file, a `Rows` list. image_root: where relative image paths start (None:
+    the file's folder); on_error: "raise" a DataError naming file and line, or "skip" the row."""
     if on_error not in ("raise", "skip"):
         raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise DataError(f"data file not found: {path}")
     base_dir = image_root if image_root is not None else os.path.dirname(os.path.abspath(path))
-    rows, errors = [], []
-    for where, obj in _file_objects(path):
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    jsonl = not text.lstrip().startswith("[")
+    if jsonl:
+        items = [(f"{path}:{i}", line) for i, line in enumerate(text.splitlines(), 1) if line.strip()]
+    else:
         try:
-            if isinstance(obj, Exception):
-                raise obj
-            rows.append(parse_row(obj, base_dir, default_task))
+            items = [(f"{path}: item {i}", obj) for i, obj in enumerate(json.loads(text), 1)]
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}: malformed JSON list: {e}") from e
+    rows = Rows()
+    for where, obj in items:
+        try:
+            rows.append(parse_row(json.loads(obj) if jsonl else obj, base_dir, default_task))
+            continue
+        except json.JSONDecodeError as e:
+            error = f"{where}: malformed JSON: {e.msg} (column {e.colno})"
         except DataError as e:
-            message = f"{where}: {e}"
-            if on_error == "raise":
-                raise DataError(message) from e
-            errors.append(message)
-    if errors:
-        log.warning("skipped %d bad row(s) of %s; first: %s", len(errors), path, errors[0])
-    return Rows(rows, skipped=len(errors), errors=errors)
+            error = f"{where}: {e}"
+        if on_error == "raise":
+            raise DataError(error)
+        rows.errors.append(error)
+    if rows.errors:
+        log.warning("skipped %d bad row(s) of %s; first: %s", rows.skipped, path, rows.errors[0])
+    return rows
 
 
 # -----------------------------------------------------------------------------
@@ -292,21 +247,46 @@ def _parse_rule(text, where):
     raise DataError(f"{where}: bad sampling rule {text!r}; use all, first:N, last:N, random:N or N%")
 
 
+def _mixture_file(path):
+    """The entries of a JSON mixture file (a list of {"path": ...} objects, not rows), or None."""
+    if not (path.endswith(".json") and os.path.isfile(path)):
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            entries = json.load(f)
+    except (OSError, json.JSONDecodeError):
+        return None
+    if isinstance(entries, list) and entries and all(isinstance(d, dict) and "path" in d and "problem" not in d
+                                                     for d in entries):
+        return entries
+    return None
+
+
+def _mixture_items(entries, where, base_dir):
+    """MixtureItems of {"path", "rule", "image_root", "task"} dicts; base_dir: what relative paths start from."""
+    items = []
+    for i, d in enumerate(entries, 1):
+        if not isinstance(d, dict) or "path" not in d:
+            raise DataError(f"{where} {i}: a mixture entry needs a `path`")
+        path, image_root = d["path"], d.get("image_root")
+        if base_dir is not None:
+            path = os.path.join(base_dir, path)  # an absolute path stays as it is
+            image_root = None if image_root is None else os.path.join(base_dir, image_root)
+        rule = _parse_rule(d.get("rule", "all"), f"{where} {i}")
+        items.append(MixtureItem(path, *rule, image_root=image_root, task=d.get("task")))
+    return items
+
+
 def parse_mixture(spec):
     """A mixture spec (a string, a JSON mixture file, or a list of dicts) -> a list of MixtureItem."""
     if isinstance(spec, (list, tuple)):
-        return [_item_from_dict(d, f"mixture item {i}", base_dir=None) for i, d in enumerate(spec, 1)]
+        return _mixture_items(spec, "mixture item", None)
     spec = os.fspath(spec)
-    if spec.endswith(".json") and os.path.isfile(spec) and _is_mixture_file(spec):
-        with open(spec, encoding="utf-8") as f:
-            entries = json.load(f)
-        base_dir = os.path.dirname(os.path.abspath(spec))
-        return [_item_from_dict(d, f"{spec}: item {i}", base_dir) for i, d in enumerate(entries, 1)]
+    entries = _mixture_file(spec)
+    if entries is not None:
+        return _mixture_items(entries, f"{spec}: item", os.path.dirname(os.path.abspath(spec)))
     items = []
-    for text in spec.split(","):
-        text = text.strip()
-        if not text:
-            continue
+    for text in filter(None, (t.strip() for t in spec.split(","))):
         path, _, rule = text.partition(":")
         items.append(MixtureItem(path, *_parse_rule(rule, f"mixture item {text!r}")))
     if not items:
@@ -314,57 +294,28 @@ def parse_mixture(spec):
     return items
 
 
-def _is_mixture_file(path):
-    """A JSON file whose top level is a list of {"path": ...} objects (and not a list of rows)."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            entries = json.load(f)
-    except (OSError, json.JSONDecodeError):
-        return False
-    return (isinstance(entries, list) and len(entries) > 0
-            and all(isinstance(d, dict) and "path" in d and "problem" not in d for d in entries))
-
-
-def _item_from_dict(d, where, base_dir):
-    if not isinstance(d, dict) or "path" not in d:
-        raise DataError(f"{where}: a mixture entry needs a `path`")
-    path = d["path"] if base_dir is None or os.path.isabs(d["path"]) else os.path.join(base_dir, d["path"])
-    image_root = d.get("image_root")
-    if image_root is not None and base_dir is not None and not os.path.isabs(image_root):
-        image_root = os.path.join(base_dir, image_root)
-    return MixtureItem(path, *_parse_rule(d.get("rule", "all"), where), image_root=image_root, task=d.get("task"))
-
-
 def _select(rows, item, rng):
     """The rows a rule picks, in file order."""
     if item.rule == "all":
-        return list(rows)
-    if item.amount.endswith("%"):
-        count = round(float(item.amount[:-1]) / 100 * len(rows))
-    else:
-        count = int(item.amount)
+        return rows
+    count = round(float(item.amount[:-1]) / 100 * len(rows)) if item.amount.endswith("%") else int(item.amount)
     if count > len(rows):
         raise DataError(f"{item.path}: rule {item.rule}:{item.amount} asks for {count} rows, the file has {len(rows)}")
     if item.rule == "first":
-        return list(rows[:count])
+        return rows[:count]
     if item.rule == "last":
-        return list(rows[len(rows) - count:]) if count else []
-    picked = sorted(rng.sample(range(len(rows)), count))
-    return [rows[i] for i in picked]
+        return rows[len(rows) - count:]
+    return [rows[i] for i in sorted(rng.sample(range(len(rows)), count))]
 
 
 def load_mixture(spec, seed=0, image_root=None, default_task=None, on_error="raise"):
-    """Rows of every item of a mixture spec, concatenated in order; deterministic for a seed.
-
-    Returns a `Rows` list whose `.skipped` / `.errors` sum those of the files (on_error="skip").
-    """
+    """Rows of every item of a mixture spec, concatenated in order, deterministic for a seed; a `Rows` list
+    holding the `.errors` of every file (on_error="skip")."""
     out = Rows()
     for i, item in enumerate(parse_mixture(spec)):
         rows = load_rows(item.path, image_root=item.image_root or image_root,
                          default_task=item.task or default_task, on_error=on_error)
-        rng = random.Random(f"mixture:{seed}:{i}")
-        out.extend(_select(rows, item, rng))
-        out.skipped += rows.skipped
+        out.extend(_select(rows, item, random.Random(f"mixture:{seed}:{i}")))
         out.errors += rows.errors
     return out
 
@@ -382,11 +333,10 @@ BACKGROUNDS = {"light_grey": (224, 224, 224), "light_blue": (185, 215, 245)}
 KINDS = {"detection": ("locate",),
          "classify": ("colours", "shapes", "shape_of"),
          "math": ("count_all", "count_shape", "sum_shapes", "width", "left")}
-BASE_KINDS = {"detection": ("locate",),  # the kinds of the base's first warm-start phases (tiny_base.py)
-              "classify": ("colours", "shapes", "shape_of"),
-              "math": ("count_all", "count_shape", "sum_shapes")}
 GEOMETRY = ("width", "left")  # math kinds answered in pixels, on the cell grid
-HELD_OUT_BUCKETS = 10  # layouts hashing to bucket 0 (1 in 10) are held out of train
+# The base's first warm-start phases (tiny_base.py): no geometry questions, no one-cell shapes.
+BASE_KINDS = {task: tuple(k for k in kinds if k not in GEOMETRY) for task, kinds in KINDS.items()}
+BASE_CELLS = (2, 3)
 
 
 @dataclass(frozen=True)
@@ -402,17 +352,18 @@ SPLITS = {
     "ood": SplitStyle("light_blue", (1, 2, 3), held_out=True),     # the documented shift: the background
     "ood_small": SplitStyle("light_grey", (1,), held_out=True),    # optional: every shape one cell (16 px)
 }
-BASE_CELLS = (2, 3)  # the object sizes of the base's first warm-start phases (tiny_base.py)
 
 
 def _layout_bucket(objects):
-    """A stable hash of a scene's layout into HELD_OUT_BUCKETS buckets (independent of PYTHONHASHSEED)."""
+    """A stable hash of a scene's layout into 10 buckets (bucket 0: test and ood, 1-9: train)."""
     key = ";".join(f"{o['shape']},{o['colour']},{o['box']}" for o in objects)
-    return int(hashlib.md5(key.encode()).hexdigest(), 16) % HELD_OUT_BUCKETS
+    return int(hashlib.md5(key.encode()).hexdigest(), 16) % 10
 
 
 def _place(rng, style, size):
     """1-4 non-overlapping objects with unique colours on the cell grid, in reading order; None if stuck."""
+    if size % 28:
+        raise ValueError(f"size must be a multiple of 28 (the Qwen-VL patch-merge unit), got {size}")
     cell = size // GRID
     free = [[True] * GRID for _ in range(GRID)]  # free[row][col]
     objects = []
@@ -432,20 +383,6 @@ def _place(rng, style, size):
                 free[y + j][x + i] = False
         objects.append({"shape": shape, "colour": colour, "box": [x * cell, y * cell, (x + c) * cell, (y + c) * cell]})
     return sorted(objects, key=lambda o: (o["box"][1], o["box"][0]))
-
-
-def random_scene(rng, split="train", size=112, style=None):
-    """The objects of one scene of `split` (drawn with `style`, default the split's): a list of {"shape",
-    "colour", "box"} in reading order."""
-    if size % 28:
-        raise ValueError(f"size must be a multiple of 28 (the Qwen-VL patch-merge unit), got {size}")
-    style = style or SPLITS[split]
-    while True:
-        objects = _place(rng, style, size)
-        if objects is None:
-            continue
-        if (_layout_bucket(objects) == 0) == style.held_out:
-            return objects
 
 
 def draw_shape(draw, shape, box, fill):
@@ -479,22 +416,25 @@ def draw_scene(objects, size=112, background="light_grey"):
 
 
 def ask(rng, task, objects, kinds=None):
-    """A random question of `task` about the scene: (kind, question text, target, answer value). The kind is
-    drawn from `kinds[task]` (default KINDS)."""
+    """A random question of `task` (its kind drawn from `kinds`, default KINDS) about the scene: (kind,
+    question text, target, answer value)."""
     kind = rng.choice((kinds or KINDS)[task])
     present_shapes = [s for s in SHAPES if any(o["shape"] == s for o in objects)]
     count = {s: sum(o["shape"] == s for o in objects) for s in SHAPES}
-    if kind == "locate":
+    if kind in ("locate", "shape_of") + GEOMETRY:  # a question about one object
         o = rng.choice(objects)
-        target = {"colour": o["colour"], "shape": o["shape"]}
-        return kind, f"Where is the {o['colour']} {o['shape']}?", target, list(o["box"])
+        name, target = f"{o['colour']} {o['shape']}", {"colour": o["colour"], "shape": o["shape"]}
+        if kind == "locate":
+            return kind, f"Where is the {name}?", target, list(o["box"])
+        if kind == "shape_of":
+            return kind, f"What shape is the {o['colour']} one?", {"colour": o["colour"]}, [o["shape"]]
+        if kind == "width":
+            return kind, f"How wide is the {name} in pixels?", target, o["box"][2] - o["box"][0]
+        return kind, f"How far is the {name} from the left edge in pixels?", target, o["box"][0]
     if kind == "colours":
         return kind, "Which colours are there?", {}, [c for c in COLOURS if any(o["colour"] == c for o in objects)]
     if kind == "shapes":
         return kind, "Which shapes are there?", {}, present_shapes
-    if kind == "shape_of":
-        o = rng.choice(objects)
-        return kind, f"What shape is the {o['colour']} one?", {"colour": o["colour"]}, [o["shape"]]
     if kind == "count_all":
         return kind, "How many shapes are there?", {}, len(objects)
     if kind == "count_shape":
@@ -504,24 +444,14 @@ def ask(rng, task, objects, kinds=None):
         a = rng.choice(present_shapes)
         b = rng.choice([s for s in SHAPES if s != a])
         a, b = rng.sample([a, b], 2)
-        question = f"How many {PLURALS[a]} plus {PLURALS[b]} are there?"
-        return kind, question, {"shapes": [a, b]}, count[a] + count[b]
-    if kind in GEOMETRY:
-        o = rng.choice(objects)
-        target = {"colour": o["colour"], "shape": o["shape"]}
-        if kind == "width":
-            return kind, f"How wide is the {o['colour']} {o['shape']} in pixels?", target, o["box"][2] - o["box"][0]
-        return kind, f"How far is the {o['colour']} {o['shape']} from the left edge in pixels?", target, o["box"][0]
+        return kind, f"How many {PLURALS[a]} plus {PLURALS[b]} are there?", {"shapes": [a, b]}, count[a] + count[b]
     raise ValueError(f"unknown question kind {kind!r}")
 
 
 def make_rows(split, n, seed=0, size=112, tasks=TASKS, draw=True, cells=None, kinds=None):
-    """n open-form rows of a synthetic split; row i asks a `tasks[i % len(tasks)]` question.
-
-    draw=False leaves `image` None (the scene stays in `meta`): for tokenizer corpora, fast tests.
-    cells / kinds override the split's object sizes and the question kinds (the base's first warm-start
-    phases use BASE_CELLS and BASE_KINDS); the scenes are seeded by the split's name either way.
-    """
+    """n open-form rows of a synthetic split; row i asks a `tasks[i % len(tasks)]` question. draw=False leaves
+    `image` None (the scene stays in `meta`); cells / kinds override the split's object sizes and question
+    kinds (the base's warm-start uses BASE_CELLS, BASE_KINDS), the scenes still seeded by the split's name."""
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
     style = SPLITS[split] if cells is None else replace(SPLITS[split], cells=tuple(cells))
@@ -529,7 +459,10 @@ def make_rows(split, n, seed=0, size=112, tasks=TASKS, draw=True, cells=None, ki
     for i in range(n):
         rng = random.Random(f"{split}:{seed}:{i}")
         task = tasks[i % len(tasks)]
-        objects = random_scene(rng, split, size, style)
+        while True:  # a layout of the split's buckets
+            objects = _place(rng, style, size)
+            if objects is not None and (_layout_bucket(objects) == 0) == style.held_out:
+                break
         kind, question, target, answer = ask(rng, task, objects, kinds)
         meta = {"split": split, "seed": seed, "index": i, "size": size, "cell": size // GRID,
                 "background": style.background, "objects": objects,
@@ -541,24 +474,20 @@ def make_rows(split, n, seed=0, size=112, tasks=TASKS, draw=True, cells=None, ki
     return rows
 
 
-def make_split(split, n, seed=0, size=112, tasks=TASKS):
+def make_split(split, n, seed=0, size=112):
     """n synthetic rows of `split` (train, test, ood, ood_small) whose `image` is a PIL image."""
-    return make_rows(split, n, seed, size, tasks, draw=True)
-
-
-def describe_scene(meta):
-    """The objects in reading order, as the reference reasoning: 'red circle, blue square'."""
-    return ", ".join(f"{o['colour']} {o['shape']}" for o in meta["objects"])
+    return make_rows(split, n, seed, size)
 
 
 def reference_completion(row):
-    """The answer a model should write, reasoning first: '<think>{scene}; so {open answer}</think><answer>...
-    </answer>' (an empty think block without meta). The think block lists the objects, then states the answer
-    to the open question, so a yes/no claim or options A-D are judged by comparing with it: this chain of
-    thought is what lets a tiny model learn the judge and choice forms (asked without it, they stayed at
-    chance for thousands of steps in this project's first warm-start)."""
+    """The answer a model should write: '<think>red circle, blue square; so 2</think><answer>2</answer>' (the
+    objects in reading order, then the open answer, which a judge claim or options A-D are compared with: this
+    chain of thought lets a tiny model learn the judge and choice forms); an empty think block without meta."""
     answers = re.findall(r"<answer>.*?</answer>", row["solution"], flags=re.S)
     answer = answers[-1] if answers else f"<answer>{row['solution'].strip()}</answer>"
     meta = row.get("meta")
-    think = f"{describe_scene(meta)}; so {format_value(meta['answer'])}" if meta else ""
+    think = ""
+    if meta:
+        scene = ", ".join(f"{o['colour']} {o['shape']}" for o in meta["objects"])
+        think = f"{scene}; so {format_value(meta['answer'])}"
     return f"<think>{think}</think>{answer}"

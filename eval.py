@@ -1,7 +1,7 @@
 """
 eval.py: held-out evaluation of Curr-ReFT checkpoints, in-domain and out of domain, side by side.
 
-Rows are answered greedily (rollout.generate, batched); several checkpoints share one markdown table and JSON file.
+Greedy answers (rollout.generate, batched), scored on their one <answer> block; every checkpoint one table row.
 
     python eval.py --model runs/tiny/stages/0_judge_start,runs/tiny/stages/3_final     # synthetic test + ood
     python eval.py --model DIR --n 300 --stages judge,choice,open                     # + judge / choice rows
@@ -9,35 +9,21 @@ Rows are answered greedily (rollout.generate, batched); several checkpoints shar
     python eval.py --model DIR --samples 8 --pass-k 1,4                               # + pass@k from 8 samples
     torchrun --nproc_per_node=8 eval.py --model DIR --rows 300  # rank r: rows[r::W], sums all-reduced; --rows = --n
     results = evaluate_models([("base", model, processor), "DIR"], eval_sets_synthetic(n=150))  # from Python
-    print(markdown_table(results)); results["base"]["ood"]["math"]["open"]   # {"n", "accuracy", ...}
 
-Data: `synthetic` (the default) is data.make_split("test" | "ood", n), open questions, plus with --stages the
-same rows as yes/no claims and options A-D (curriculum.stage_rows); or `name=spec;name=spec`, data.load_mixture
-specs of Curr-ReFT JSONL files, with `--task` for rows that carry none. A row's stage is its `stage` field, else
-open; a problem without `<answer>` gets the stage's instruction line, as in training.
-
-Metrics of a (split, task, stage) cell over its n rows, from the single <answer> block (rewards.split_completion):
-    detection  IoU of the answer's last box with the true box (0 when none parses); iou_mean = mean IoU,
-               accuracy = acc@0.5 = 1[IoU >= 0.5]
-    classify   P, G = label sets (rewards.parse_labels); accuracy = exact = 1[P = G], f1 = 2|P & G| / (|P| + |G|)
-               (0 when P does not parse)
-    math       1 if the final answer (the last \\boxed{}, else the text after the last "=", exactly one number)
-               equals the solution within 1e-6 relative (as letter sets when the solution is an option letter)
-    judge      1 if the answer is exactly yes or no and equals the truth
-    choice     1 if the set of option letters equals the right set (no partial credit)
+Data: data.make_split("test" | "ood", n) rows, asked in each --stages form (curriculum.stage_rows), or --data files.
+Metrics of a (split, task, stage) cell, means over its n rows (a row's stage: its `stage` field, else open):
+    detection  accuracy = acc@0.5 = 1[IoU >= 0.5], iou_mean = IoU of the last box with the true one (0 if none)
+    classify   accuracy = exact = 1[P = G]; f1 = 2|P & G| / (|P| + |G|) for label sets P, G (0 if P does not parse)
+    math       1 if the last \\boxed{} (else the one number after the last "=") is the solution, within 1e-6 relative
+    judge      1 if the answer is exactly the right yes or no; choice: 1 if the option letters are the right set
     format     1 if the completion is a think block then an answer block that parses as the form's type
-    pass@k     n samples, c right: 1 - C(n-c, k) / C(n, k) = 1 - prod_{i=n-c+1}^{n} (1 - k/i), mean over rows;
-               temperature 1, no top-k / top-p, prompt i seeded by seed * 1_000_003 + i (the same on 1 or W ranks)
-    *_se       sqrt((mean(x^2) - mean(x)^2) / n) = sqrt(p (1 - p) / n) for 0/1 (0 when all rows agree: read n);
-               a difference under about 2 sqrt(se1^2 + se2^2) may be noise
-    change     each checkpoint minus the first on the same rows (paired_differences): mean(d) ± sd(d) / sqrt(n),
-               far under the unpaired bound when the models agree on most rows; beyond about 2 se is not noise
-The markdown table shows percentages, mean ± se, splits side by side; a note under it gives every n.
+    pass@k     1 - C(n-c, k) / C(n, k) for c right of n samples at temperature 1, row i seeded seed * 1_000_003 + i
+    *_se       sqrt((mean(x^2) - mean(x)^2) / n), which is sqrt(p (1 - p) / n) for 0/1 scores
+    change     each checkpoint minus the first on the same rows (paired_differences): mean(d) ± sd(d) / sqrt(n)
 
 Departures from the paper's release, and why:
-- Only the answer block, exact label sets and one parsed number count (the release takes a superset of the
-  labels, or any number in the output, reasoning included, as right): lenient rules pay for guessing.
-- Detection accuracy is IoU >= 0.5, the usual convention (the release's reward: > 0.5; they differ only at 0.5).
+- Only the answer block, exact label sets and one parsed number count (the release takes a label superset, or any
+  number in the output, as right): lenient rules pay for guessing. Detection: IoU >= 0.5 (the release: > 0.5).
 - The release's benchmarks (AI2D, MMVet, ...) are graded by a GPT judge, an outside service: not reproduced.
 """
 import argparse
@@ -59,15 +45,15 @@ from rollout import generate
 from runtime import all_reduce_sum, barrier, resolve_dtype, setup_dist, world_size
 
 IOU_THRESHOLD = 0.5
-TASK_METRICS = {("detection", "open"): ["acc@0.5", "iou_mean"], ("classify", "open"): ["exact", "f1"]}
+TASK_METRICS = {("detection", "open"): {"acc@0.5": "acc@0.5", "iou_mean": "IoU"},   # metric: column label
+                ("classify", "open"): {"exact": "exact", "f1": "F1"}}
 SHORT = {"detection": "det", "classify": "cls", "math": "math"}
 
 
 @torch.no_grad()
 def answers(model, processor, rows, batch_size=64, max_new_tokens=64, samples=0, seed=0, index=None):
-    """Texts answering each row: [greedy answer] (samples=0) or `samples` answers sampled at temperature 1,
-    those of row j from a generator seeded by seed * 1_000_003 + index[j] (default j): batch- and
-    rank-independent. A batch holds at most batch_size sequences (batch_size // samples prompts)."""
+    """Per row: [its greedy answer], or `samples` answers at temperature 1 from a generator seeded by
+    seed * 1_000_003 + index[j] (default j), so batch- and rank-independent. At most batch_size sequences a batch."""
     G = max(1, samples)
     step = max(1, batch_size // G)
     index = range(len(rows)) if index is None else index
@@ -85,8 +71,8 @@ def answers(model, processor, rows, batch_size=64, max_new_tokens=64, samples=0,
 
 @torch.no_grad()
 def evaluate(model, processor, rows, batch_size=64, max_new_tokens=64, reward_options=None):
-    """The quick evaluation: greedy answers scored by rewards.score with the training reward's options,
-    {(task, stage): {"accuracy", "format", "n", "iou" (open detection)}}; one process, no standard errors."""
+    """The quick evaluation: the training reward (rewards.score) of greedy answers, one process, no se:
+    {(task, stage): {"accuracy", "format", "n", "iou" (open detection)}}."""
     was_training = model.training
     model.eval()
     sums = defaultdict(lambda: defaultdict(float))
@@ -101,17 +87,8 @@ def evaluate(model, processor, rows, batch_size=64, max_new_tokens=64, reward_op
     return {key: {k: (v if k == "n" else v / cell["n"]) for k, v in cell.items()} for key, cell in sums.items()}
 
 
-# -----------------------------------------------------------------------------
-# Scores of one row, pass@k, and the metrics of a cell
-
 def pass_at_k(n, c, k):
-    """Unbiased pass@k from n samples with c right: 1 - C(n-c, k) / C(n, k), as a stable product.
-
-    >>> round(pass_at_k(5, 2, 1), 12)
-    0.4
-    >>> pass_at_k(5, 2, 5), pass_at_k(5, 0, 3)
-    (1.0, 0.0)
-    """
+    """Unbiased pass@k from n samples with c right: 1 - C(n-c, k) / C(n, k), as a stable product."""
     if not 0 <= c <= n or not 1 <= k <= n:
         raise ValueError(f"pass@k needs 0 <= c <= n and 1 <= k <= n, got n={n}, c={c}, k={k}")
     if n - c < k:
@@ -121,18 +98,11 @@ def pass_at_k(n, c, k):
 
 def metric_names(task, stage, ks=()):
     """The metrics of a (task, stage) cell, in table order."""
-    return ["accuracy", "format"] + TASK_METRICS.get((task, stage), []) + [f"pass@{k}" for k in ks]
+    return ["accuracy", "format"] + list(TASK_METRICS.get((task, stage), {})) + [f"pass@{k}" for k in ks]
 
 
 def score_answer(text, row):
-    """{"task", "stage", "accuracy", "format", + acc@0.5, iou_mean (open detection) | exact, f1 (open classify)}
-    of one answer, each value the row's own (0/1, or in [0, 1] for IoU and F1); see the top docstring.
-
-    >>> row = {"solution": "<answer>red, blue</answer>", "task": "classify"}
-    >>> s = score_answer("<think>red blue green</think><answer>red, blue, green</answer>", row)
-    >>> s["exact"], s["f1"], s["format"]
-    (0.0, 0.8, 1.0)
-    """
+    """{"task", "stage", + the row's own value of each of metric_names(task, stage)} for one answer."""
     task, stage, solution = row["task"], row.get("stage", "open"), row["solution"]
     s = rewards.score(text, solution, task, stage)
     out = {"task": task, "stage": stage, "accuracy": s["accuracy"], "format": s["format"]}
@@ -146,15 +116,6 @@ def score_answer(text, row):
     return out
 
 
-def score_row(row, split, greedy_text, sampled_texts=None, ks=()):
-    """The record of one row: its split, the greedy answer's scores and pass@k over the sampled answers."""
-    record = {"split": split, **score_answer(greedy_text, row)}
-    if ks:
-        c = sum(score_answer(t, row)["accuracy"] == 1.0 for t in sampled_texts)
-        record.update({f"pass@{k}": pass_at_k(len(sampled_texts), c, k) for k in ks})
-    return record
-
-
 def cells_of(eval_sets):
     """Every (split, task, stage) of the sets, in order: splits as given, then TASKS, then STAGES."""
     order = {(t, s): i for i, (t, s) in enumerate((t, s) for s in rewards.STAGES for t in rewards.TASKS)}
@@ -165,25 +126,17 @@ def cells_of(eval_sets):
     return cells
 
 
-def _no_reduce(x):
-    return x
-
-
-def metrics(records, cells=None, ks=(), reduce=_no_reduce):
-    """Per-row records (score_row) -> {split: {task: {stage: {"n", metric, metric + "_se", ...}}}}.
-
-    Each metric is the mean of the rows' values; se = sqrt((mean(x^2) - mean(x)^2) / n). The sums (n, sum x,
-    sum x^2 of every cell and metric) go through `reduce` as one tensor, so with runtime.all_reduce_sum every
-    rank gets the totals over all ranks; `cells` (default: those of the records) fixes the layout, and must
-    be the same on every rank."""
+def metrics(records, cells=None, ks=(), reduce=None):
+    """Per-row records (evaluate_models) -> {split: {task: {stage: {"n", metric, metric + "_se", ...}}}}. The sums
+    (n, sum x, sum x^2 of every cell and metric) pass through `reduce` as one tensor (runtime.all_reduce_sum: the
+    totals of all ranks); `cells` (default: the records') fixes that layout and must be the same on every rank."""
     if cells is None:
         cells = list(dict.fromkeys((r["split"], r["task"], r["stage"]) for r in records))
     layout = {cell: metric_names(cell[1], cell[2], ks) for cell in cells}
-    offset, at = 0, {}
+    at, size = {}, 0
     for cell, names in layout.items():           # per cell: n, then (sum x, sum x^2) per metric
-        at[cell] = offset
-        offset += 1 + 2 * len(names)
-    sums = torch.zeros(offset, dtype=torch.float64)
+        at[cell], size = size, size + 1 + 2 * len(names)
+    sums = torch.zeros(size, dtype=torch.float64)
     for r in records:
         cell = (r["split"], r["task"], r["stage"])
         i = at[cell]
@@ -191,13 +144,13 @@ def metrics(records, cells=None, ks=(), reduce=_no_reduce):
         for j, name in enumerate(layout[cell]):
             sums[i + 1 + 2 * j] += r[name]
             sums[i + 2 + 2 * j] += r[name] ** 2
-    sums = reduce(sums).tolist()
+    sums = (sums if reduce is None else reduce(sums)).tolist()
     out = {}
     for (split, task, stage), names in layout.items():
         i = at[(split, task, stage)]
         n = int(round(sums[i]))
         cell = {"n": n}
-        for j, name in enumerate(names):
+        for j, name in enumerate(names):   # se = sqrt((mean(x^2) - mean(x)^2) / n)
             mean = sums[i + 1 + 2 * j] / n if n else None
             var = max(0.0, sums[i + 2 + 2 * j] / n - mean ** 2) if n else None
             cell[name], cell[name + "_se"] = mean, (math.sqrt(var / n) if n else None)
@@ -205,12 +158,9 @@ def metrics(records, cells=None, ks=(), reduce=_no_reduce):
     return out
 
 
-# -----------------------------------------------------------------------------
-# Evaluation sets
-
 def eval_sets_synthetic(n=300, seed=0, stages=("open",), size=112):
-    """{"test": rows, "ood": rows}: n synthetic open rows per split (n/3 per task), each asked in every stage
-    of `stages` (judge and choice rows derived by curriculum.stage_rows), so n * len(stages) rows a split."""
+    """{"test": rows, "ood": rows}: n synthetic rows per split (n/3 per task), each asked in every stage of
+    `stages` (curriculum.stage_rows), so n * len(stages) rows a split."""
     sets = {}
     for split in ("test", "ood"):
         base = data.make_split(split, n, seed=seed, size=size)
@@ -246,20 +196,16 @@ def load_eval_sets(spec="synthetic", n=300, seed=0, stages=("open",), image_root
             rows = data.load_mixture(mixture, seed=seed, image_root=image_root, default_task=default_task)
         except data.DataError as e:
             raise data.DataError(f"--data {name}={mixture}: {e}") from e
-        out = []
-        for i, row in enumerate(rows):
+        if not rows:
+            raise data.DataError(f"--data {name}={mixture}: no rows")
+        sets[name] = []
+        for i, row in enumerate(rows, 1):
             stage = row.get("stage") or "open"
             if stage not in rewards.STAGES:
-                raise data.DataError(f"--data {name}: row {i + 1} has unknown stage {stage!r}")
-            out += curriculum.prepare_stage_rows([row], stage)   # the instruction line when the problem lacks one
-        if not out:
-            raise data.DataError(f"--data {name}={mixture}: no rows")
-        sets[name] = out
+                raise data.DataError(f"--data {name}: row {i} has unknown stage {stage!r}")
+            sets[name] += curriculum.prepare_stage_rows([row], stage)   # adds the instruction line if missing
     return sets
 
-
-# -----------------------------------------------------------------------------
-# Evaluating models
 
 def check_checkpoint(path):
     """Raise FileNotFoundError naming `path` unless it is a preset of model.load or a checkpoint folder."""
@@ -292,14 +238,10 @@ def _rank_world():
 
 def evaluate_models(models, eval_sets, batch_size=64, max_new_tokens=64, samples=0, pass_k=(), seed=0,
                     device=None, dtype=None, max_pixels=None, verbose=False, records_out=None):
-    """{model name: metrics(...)} for every model on every eval set: {name: {split: {task: {stage: cell}}}}.
-
-    models: paths, (name, path) pairs or (name, model, processor) triples (paths are loaded one at a time,
-    on `device` in `dtype`). eval_sets: {split: rows}. samples > 0 adds pass@k for k in pass_k (default 1
-    and samples). Under torchrun rank r answers rows[r::W] of each split and the sums are all-reduced:
-    every rank returns the same totals. verbose: rank 0 prints one progress line per model and split.
-    records_out: a dict that receives {name: this rank's per-row records} (rows in the same order for every
-    model), for `paired_differences`."""
+    """{name: metrics(...)} of every model (a path, a (name, path) pair, loaded one at a time, or a (name, model,
+    processor) triple) on every set of eval_sets {split: rows}; samples > 0 adds pass@k for k in pass_k (default
+    1 and samples). Under torchrun rank r answers rows[r::W] and every rank returns the all-reduced totals.
+    records_out: a dict to receive {name: this rank's per-row records}, for paired_differences."""
     rank, W = _rank_world()
     ks = tuple(sorted(set(pass_k or (1, samples)))) if samples else ()
     if any(not 1 <= k <= samples for k in ks):
@@ -320,7 +262,11 @@ def evaluate_models(models, eval_sets, batch_size=64, max_new_tokens=64, samples
             greedy = answers(model, processor, mine, batch_size, max_new_tokens)
             sampled = (answers(model, processor, mine, batch_size, max_new_tokens, samples, seed, index)
                        if samples else [None] * len(mine))
-            records += [score_row(row, split, g[0], s, ks) for row, g, s in zip(mine, greedy, sampled)]
+            for row, (text,), texts in zip(mine, greedy, sampled):   # a record per row: its scores, its pass@k
+                records.append({"split": split, **score_answer(text, row)})
+                if ks:
+                    c = sum(score_answer(t, row)["accuracy"] == 1.0 for t in texts)
+                    records[-1].update({f"pass@{k}": pass_at_k(len(texts), c, k) for k in ks})
             if verbose and rank == 0:
                 print(f"eval {name}: {split} {len(rows)} rows ({len(mine)} on rank 0) in {time.time() - t0:.1f}s",
                       file=sys.stderr, flush=True)
@@ -328,18 +274,14 @@ def evaluate_models(models, eval_sets, batch_size=64, max_new_tokens=64, samples
         if records_out is not None:
             records_out[name] = records
         results[name] = metrics(records, cells, ks, reduce=all_reduce_sum)
-        for split in results[name].values():
-            for task in split.values():
-                for cell in task.values():
-                    cell["samples"] = samples
+        for cell in (c for tasks in results[name].values() for stages in tasks.values() for c in stages.values()):
+            cell["samples"] = samples
     return results
 
 
-def paired_differences(records_a, records_b, cells, reduce=_no_reduce):
-    """metrics() of the per-row differences b - a of two models' records over the same rows (records from
-    evaluate_models(records_out=...)): each cell's mean change and its paired standard error,
-    sd(b - a) / sqrt(n). Two models trained from one base agree on most rows, so this se is far smaller
-    than the two unpaired ones combined: the right test of "did training change this cell"."""
+def paired_differences(records_a, records_b, cells, reduce=None):
+    """metrics() of the per-row differences b - a of two models' records of the same rows: each cell's mean
+    change and its paired se, sd(b - a) / sqrt(n), far under the unpaired one when the models agree on most rows."""
     if len(records_a) != len(records_b):
         raise ValueError(f"paired differences need the same rows: {len(records_a)} vs {len(records_b)} records")
     diffs = []
@@ -352,45 +294,34 @@ def paired_differences(records_a, records_b, cells, reduce=_no_reduce):
     return metrics(diffs, cells, reduce=reduce)
 
 
-def changes_from_first(records, eval_sets, reduce=_no_reduce):
-    """{"<name> − <first>": paired_differences(first, name)} for every model after the first one of
-    `records` (evaluate_models(records_out=...)): each checkpoint's paired change from the first."""
+def changes_from_first(records, eval_sets, reduce=None):
+    """{"<name> − <first>": paired_differences(first, name)} for every model after the first of `records`."""
     first, cells = next(iter(records)), cells_of(eval_sets)
     return {f"{name} − {first}": paired_differences(records[first], recs, cells, reduce=reduce)
             for name, recs in records.items() if name != first}
 
 
-# -----------------------------------------------------------------------------
-# The table
-
-def _columns(results):
-    """[(label, split, task, stage, metric)] of the main table: every (task, stage) form, its headline
-    metrics, then the splits side by side."""
-    splits, forms = {}, {}
-    for per_model in results.values():
-        for split, tasks in per_model.items():
-            splits[split] = True
-            for task, stages in tasks.items():
-                for stage in stages:
-                    forms[(task, stage)] = True
-    order = [(t, s) for s in ("open", "judge", "choice") for t in rewards.TASKS]
+def _columns(results, labels):
+    """([(label, split, task, stage, metric)], splits): for each form of the results, in table order, its metrics
+    labels(task, stage) = {metric: label}, each with the splits side by side."""
+    splits = list(dict.fromkeys(split for per_model in results.values() for split in per_model))
+    forms = {(task, stage) for per_model in results.values() for tasks in per_model.values()
+             for task, stages in tasks.items() for stage in stages}
     cols = []
-    for task, stage in [f for f in order if f in forms]:
-        if stage != "open":
-            metrics_, labels = ["accuracy"], [f"{SHORT[task]} {stage}"]
-        elif task == "detection":
-            metrics_, labels = ["acc@0.5", "iou_mean"], ["det acc@0.5", "det IoU"]
-        elif task == "classify":
-            metrics_, labels = ["exact", "f1"], ["cls exact", "cls F1"]
-        else:
-            metrics_, labels = ["accuracy"], [f"{SHORT[task]} acc"]
-        for metric, label in zip(metrics_, labels):
-            cols += [(f"{label} {split}", split, task, stage, metric) for split in splits]
-    return cols, list(splits)
+    for task, stage in [(t, s) for s in ("open", "judge", "choice") for t in rewards.TASKS if (t, s) in forms]:
+        for metric, label in labels(task, stage).items():
+            cols += [(f"{SHORT[task]} {label} {split}", split, task, stage, metric) for split in splits]
+    return cols, splits
 
 
 def _pct(mean, se, signed=False):
-    return "–" if mean is None else f"{100 * mean:{'+' if signed else ''}.1f} ± {100 * se:.1f}"
+    return f"{100 * mean:{'+' if signed else ''}.1f} ± {100 * se:.1f}"
+
+
+def _entry(per_model, split, task, stage, metric, signed=False):
+    """A cell's metric as "mean ± se" in percent, or – where the model has no rows."""
+    cell = per_model.get(split, {}).get(task, {}).get(stage)
+    return _pct(cell[metric], cell[metric + "_se"], signed) if cell and cell["n"] else "–"
 
 
 def _table(header, rows):
@@ -399,18 +330,14 @@ def _table(header, rows):
 
 
 def markdown_table(results, differences=False):
-    """One markdown table, one row per model: each form's headline metrics per split (splits side by side),
-    then the format rate of each split; a note with the n of every cell; a pass@k table when sampled.
-    differences=True: `results` are paired_differences (signed changes with their paired se; no format
-    columns)."""
-    cols, splits = _columns(results)
+    """A markdown table, one row per model: each form's headline metrics per split, then each split's format
+    rate; a note with the n of every cell; a pass@k table when sampled. differences=True: `results` are
+    paired_differences (signed changes with their paired se; no format columns)."""
+    cols, splits = _columns(results, lambda t, s: TASK_METRICS.get((t, s), {"accuracy": "acc" if s == "open" else s}))
     header = ["model"] + [c[0] for c in cols] + ([] if differences else [f"format {s}" for s in splits])
     body = []
     for name, per_model in results.items():
-        row = [name]
-        for _, split, task, stage, metric in cols:
-            cell = per_model.get(split, {}).get(task, {}).get(stage)
-            row.append(_pct(cell[metric], cell[metric + "_se"], differences) if cell and cell["n"] else "–")
+        row = [name] + [_entry(per_model, *c[1:], signed=differences) for c in cols]
         for split in [] if differences else splits:  # format over the split's rows: a 0/1 rate, se = sqrt(p(1-p)/N)
             cells = [c for stages in per_model.get(split, {}).values() for c in stages.values() if c["n"]]
             N = sum(c["n"] for c in cells)
@@ -430,22 +357,15 @@ def markdown_table(results, differences=False):
                    "per-row change / sqrt(n)). " if differences else
                    "Percentages, mean ± one standard error (sqrt(p(1-p)/n) for a rate). ")
               + "Rows per cell: " + "; ".join(notes) + "."]
-    ks = [m for m in next((c for t in first.values() for s in t.values() for c in s.values()), {})
-          if m.startswith("pass@") and not m.endswith("_se")]
+    cell = next((c for tasks in first.values() for stages in tasks.values() for c in stages.values()), {})
+    ks = [m for m in cell if m.startswith("pass@") and not m.endswith("_se")]
     if ks:
-        samples = next(c["samples"] for t in first.values() for s in t.values() for c in s.values())
-        pcols = [(f"{SHORT[t]}{'' if s == 'open' else ' ' + s} {k} {split}", split, t, s, k)
-                 for (t, s) in dict.fromkeys((c[2], c[3]) for c in cols) for k in ks for split in splits]
-        prow = [[name] + [_pct(per_model[sp][t][s][k], per_model[sp][t][s][k + "_se"])
-                          if per_model.get(sp, {}).get(t, {}).get(s, {}).get("n") else "–"
-                          for _, sp, t, s, k in pcols] for name, per_model in results.items()]
-        lines += ["", f"pass@k from {samples} samples per row at temperature 1 (unbiased estimator):", ""]
-        lines += _table(["model"] + [c[0] for c in pcols], prow)
+        pcols, _ = _columns(results, lambda task, stage: {k: k if stage == "open" else f"{stage} {k}" for k in ks})
+        lines += ["", f"pass@k from {cell['samples']} samples per row at temperature 1 (unbiased estimator):", ""]
+        lines += _table(["model"] + [c[0] for c in pcols],
+                        [[name] + [_entry(per_model, *c[1:]) for c in pcols] for name, per_model in results.items()])
     return "\n".join(lines)
 
-
-# -----------------------------------------------------------------------------
-# Command line
 
 def build_parser():
     p = argparse.ArgumentParser(description="Evaluate Curr-ReFT checkpoints in and out of domain.",

@@ -1,41 +1,32 @@
 """
 grpo.py: GRPO, the policy update of Curr-ReFT, as two pure tensor functions.
 
-G completions per prompt are scored, and the score relative to the group is the advantage (no value network):
+    adv = group_advantages(rewards, G)                              # (N,), N = B prompts * G completions
+    loss, stats = grpo_loss(logp, old_logp, ref_logp, adv, mask)    # logp etc. (N, T), mask (N, T)
 
-    A_i = (r_i - mean_g(r)) / (std_g(r) + eps)      i in group g; std unbiased (G - 1) and eps = 1e-4, as the release
-
-The per-token loss is the PPO clipped surrogate plus a KL penalty to the frozen reference, the k3 estimator
-(>= 0 per token, unbiased for KL(pi || ref) under samples of pi; http://joschu.net/blog/kl-approx.html):
+The advantage is the reward relative to its group (no value network), A_i = (r_i - mean_g(r)) / (std_g(r) + eps),
+std unbiased (G - 1), eps = 1e-4 as the release. The per-token loss is the PPO clipped surrogate plus a KL penalty
+to the frozen reference, the k3 estimator (>= 0, unbiased under samples of pi; http://joschu.net/blog/kl-approx.html):
 
     ratio_t = exp(logp_t - old_logp_t)
     L_t     = -min(ratio_t * A, clip(ratio_t, 1 - eps, 1 + eps) * A) + beta * KL_t
     KL_t    = exp(ref_logp_t - logp_t) - (ref_logp_t - logp_t) - 1
 
-aggregated over the completion tokens (mask = 1) of the N = B * G completions, T_max = max_len or the mask width:
+aggregated over the completion tokens (mask = 1), T_max = max_len or the mask width:
 
-    seq      (paper)     1/N * sum_i ( 1/|o_i| * sum_t L_it )     mean per completion, then over completions
+    seq      (paper)     1/N * sum_i ( 1/|o_i| * sum_t L_it )     per-completion mean (empty: 0), then mean over N
     token    (DAPO)      sum_it L_it / sum_i |o_i|                 every token weighs the same
     dr_grpo  (Dr. GRPO)  sum_it L_it / (N * T_max)                 no length normalisation
 
-    adv = group_advantages(rewards, G)                              # (N,)
-    loss, stats = grpo_loss(logp, old_logp, ref_logp, adv, mask)    # logp etc. (N, T), mask (N, T)
-    loss.backward()
-
-Micro-batches and ranks: a call divides by its LOCAL count (N sequences, or the masked tokens) unless given the
-GLOBAL one, summed over all micro-batches and ranks: `num_seqs` (seq, dr_grpo) or `num_tokens` (token), and a
-fixed `max_len` for dr_grpo. Then the SUM of the losses over micro-batches and ranks is exactly the full-batch
-loss; gradients averaged over ranks (all_reduce mean) need each loss times the world size, or sum them instead.
-
-Masking: where mask = 0, logp, old_logp and ref_logp are replaced by 0 (torch.where) BEFORE any arithmetic, so
-NaN or inf at padded positions changes neither the loss nor any gradient.
+Micro-batches and ranks: given the GLOBAL counts (`num_seqs`, `num_tokens`, a fixed `max_len`) for the local ones,
+the losses SUM to exactly the full-batch loss (all_reduce-mean gradients: scale each by the world size). Masking:
+where mask = 0, logp, old_logp, ref_logp become 0 (torch.where) BEFORE any arithmetic: NaN or inf there change nothing.
 
 Departures from the paper's release, and why:
 - The ratio clip is kept so that several updates per rollout are possible (mu > 1); the release takes one
   (ratio = 1, the clip inert), and old_logp = logp.detach(), agg="seq", beta=0.04 give its loss exactly.
 - agg token / dr_grpo: options, off by default, the published fixes of the sequence mean's length bias.
 - A group whose rewards are all equal (G = 1 included) gets advantage exactly 0, never NaN: it holds no comparison.
-- A completion with no tokens (all mask 0) contributes 0 to the seq mean but still counts in N.
 """
 
 import torch
@@ -49,8 +40,7 @@ def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-4) 
         raise ValueError(f"rewards must be 1-D (N,), got shape {tuple(rewards.shape)}")
     if group_size < 1 or rewards.numel() % group_size != 0:
         raise ValueError(f"N = {rewards.numel()} rewards cannot be split into groups of {group_size}")
-    r = rewards if rewards.is_floating_point() else rewards.float()
-    r = r.view(-1, group_size)  # (B, G)
+    r = (rewards if rewards.is_floating_point() else rewards.float()).view(-1, group_size)  # (B, G)
     std = r.std(dim=1, keepdim=True) if group_size > 1 else torch.zeros_like(r[:, :1])  # (B, 1), unbiased
     adv = (r - r.mean(dim=1, keepdim=True)) / (std + eps)  # (B, G)
     constant = (r.max(dim=1, keepdim=True).values == r.min(dim=1, keepdim=True).values)  # (B, 1)
@@ -65,25 +55,12 @@ def zero_variance_fraction(rewards: torch.Tensor, group_size: int) -> float:
     return (r.max(dim=1).values == r.min(dim=1).values).float().mean().item()
 
 
-def grpo_loss(
-    logp: torch.Tensor,
-    old_logp: torch.Tensor,
-    ref_logp: torch.Tensor | None,
-    adv: torch.Tensor,
-    mask: torch.Tensor,
-    clip_eps: float = 0.2,
-    beta: float = 0.04,
-    agg: str = "seq",
-    num_seqs: float | None = None,
-    num_tokens: float | None = None,
-    max_len: int | None = None,
-) -> tuple[torch.Tensor, dict]:
-    """Clipped GRPO surrogate + beta * k3 KL, aggregated by `agg`. Returns (scalar loss, stats of floats).
-
-    logp, old_logp, ref_logp, mask: (N, T) per-token log-probs of the sampled tokens and the completion
-    mask; adv: (N,). ref_logp may be None when beta == 0.
-    num_seqs / num_tokens / max_len replace the local counts (see the module docstring).
-    """
+def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor | None, adv: torch.Tensor,
+              mask: torch.Tensor, clip_eps: float = 0.2, beta: float = 0.04, agg: str = "seq",
+              num_seqs: float | None = None, num_tokens: float | None = None,
+              max_len: int | None = None) -> tuple[torch.Tensor, dict]:
+    """(scalar loss, stats of floats): the clipped surrogate + beta * k3 KL, aggregated by `agg`.
+    logp, old_logp, ref_logp (None when beta == 0), mask: (N, T); adv: (N,)."""
     if agg not in AGGS:
         raise ValueError(f"agg must be one of {AGGS}, got {agg!r}")
     if ref_logp is None and beta != 0:
@@ -100,15 +77,13 @@ def grpo_loss(
     A = adv.detach().to(logp.dtype).unsqueeze(1)  # (N, 1)
 
     ratio = torch.exp(logp - old_logp)  # (N, T), 1 at masked positions
-    surrogate = torch.min(ratio * A, ratio.clamp(1 - clip_eps, 1 + clip_eps) * A)  # (N, T)
-    per_token = -surrogate
+    per_token = -torch.min(ratio * A, ratio.clamp(1 - clip_eps, 1 + clip_eps) * A)  # (N, T)
+    kl = zero  # (N, T), 0 without a reference
     if ref_logp is not None:
         d = torch.where(keep, ref_logp.detach(), zero) - logp  # (N, T), 0 at masked positions
         kl = torch.exp(d) - d - 1  # (N, T), k3
         if beta != 0:
             per_token = per_token + beta * kl
-    else:
-        kl = zero
     per_token = torch.where(keep, per_token, zero)  # (N, T)
 
     tokens_per_seq = keep.sum(dim=1)  # (N,)

@@ -1,7 +1,6 @@
 """
-report.py: what a run prints and draws from its log at the end: the per-stage summary of training accuracy (a
-least-squares line through every step, so "did this stage learn" has a standard error) and the reward curve
-(a PNG drawn with pillow, no plotting library).
+report.py: what a run prints and draws from its metrics log at the end: the per-stage training accuracy (its change
+by a least-squares line through every step, with a standard error) and the reward curve (a PNG drawn with pillow).
 
     metrics = [json.loads(line) for line in open("runs/tiny/metrics.jsonl")]
     print(stage_summary(metrics))
@@ -11,16 +10,15 @@ from PIL import Image, ImageDraw
 
 
 def stage_summary(metrics):
-    """Training accuracy of each stage: the means of its first and last quarter of steps, and the change over the
-    stage by a least-squares line through every step's accuracy, with the standard error of that change (a rise
-    is a change above about twice its standard error)."""
+    """Per stage: the mean training accuracy of its first and last quarter of steps, and its change by a least-squares
+    line through every step, +- one standard error (a rise is a change above about twice that)."""
     lines = ["training accuracy per stage (mean of the first and last quarter of its steps; change over the "
              "stage by a least-squares line, +- one standard error):"]
+    mean = lambda xs: sum(xs) / len(xs)
     for stage in dict.fromkeys(m["stage"] for m in metrics):
         ms = [m for m in metrics if m["stage"] == stage]
         n, q = len(ms), max(1, len(ms) // 4)
         ys = [m["reward_accuracy"] for m in ms]
-        mean = lambda xs: sum(xs) / len(xs)
         change = se = 0.0
         if n >= 3:
             xm, ym = (n - 1) / 2, mean(ys)
@@ -35,7 +33,8 @@ def stage_summary(metrics):
         replay = [m["replay_accuracy"] for m in ms if "replay_accuracy" in m]
         if replay:
             r = max(1, len(replay) // 4)
-            lines.append(f"  {'':6s} replayed open questions | accuracy {mean(replay[:r]):.3f} -> {mean(replay[-r:]):.3f}")
+            lines.append(f"  {'':6s} replayed open questions | accuracy {mean(replay[:r]):.3f} -> "
+                         f"{mean(replay[-r:]):.3f}")
     return "\n".join(lines)
 
 
@@ -51,11 +50,10 @@ def plot_rewards(metrics, path, keys=("reward_total", "reward_accuracy"), width=
     for v in (0, 0.5, 1.0, 1.5, 2.0):
         d.line([(L, y(v)), (width - R, y(v))], fill=(230, 230, 230))
         d.text((8, y(v) - 6), f"{v:.1f}", fill="black")
-    for i, m in enumerate(metrics):                               # stage boundaries and names
-        if i == 0 or m["stage"] != metrics[i - 1]["stage"]:
-            d.line([(x(i), T), (x(i), height - B)], fill=(150, 150, 150))
-            d.text((x(i) + 4, T - 16), m["stage"], fill="black")
     starts = [i for i in range(n) if i == 0 or metrics[i]["stage"] != metrics[i - 1]["stage"]] + [n]
+    for i in starts[:-1]:                                         # stage boundaries and names
+        d.line([(x(i), T), (x(i), height - B)], fill=(150, 150, 150))
+        d.text((x(i) + 4, T - 16), metrics[i]["stage"], fill="black")
     for key in keys:
         c = colours.get(key, (0, 0, 0))
         light = tuple(min(255, 130 + ch // 2) for ch in c)
@@ -63,7 +61,7 @@ def plot_rewards(metrics, path, keys=("reward_total", "reward_accuracy"), width=
         for i, v in enumerate(vals):
             d.ellipse([x(i) - 1.5, y(v) - 1.5, x(i) + 1.5, y(v) + 1.5], fill=light)
         for a, b in zip(starts, starts[1:]):                     # moving average within each stage
-            seg = [sum(vals[max(a, i - 4):min(b, i + 5)]) / len(vals[max(a, i - 4):min(b, i + 5)]) for i in range(a, b)]
+            seg = [sum(w) / len(w) for w in (vals[max(a, i - 4):min(b, i + 5)] for i in range(a, b))]
             if len(seg) > 1:
                 d.line([(x(a + j), y(v)) for j, v in enumerate(seg)], fill=c, width=2)
     d.text((L, height - B + 12), "training step (all stages)   blue: reward (accuracy + format)   "

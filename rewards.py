@@ -1,5 +1,5 @@
 """
-rewards.py: the rewards of Curr-ReFT, one pure function from (completion, solution) to a score.
+rewards.py: the rule rewards of Curr-ReFT, one pure function from (completion, solution) to a score.
 
     r = rewards.score(completion, row["solution"], task="detection", stage="open", box_mode="iou")
     r["total"], r["accuracy"], r["format"], r["answer"], r["parsed"]   # + r["iou"] for open detection
@@ -13,24 +13,11 @@ total = accuracy_weight * accuracy + format_weight * format (paper: both weights
     open    math       number    1 if |p - g| <= max(rel_tol * max(|p|, |g|), abs_tol)
     GIoU = IoU - (area(C) - area(P ∪ G)) / area(C),   C = the smallest box enclosing P and G
 
-The answer is the content of the single <answer>…</answer> block; none with zero or several <answer> or
-</answer> tags, inside a think block, after an unclosed <think> or before a think tag. The think block never counts.
-format = 1 when the completion is exactly `<think>…</think><answer>…</answer>` (spaces around and between; the
-think may be empty) and the answer parses as the stage's type (math: the solution's), else 0; accuracy needs
-only the answer. Totality: a non-string completion or one over max_chars (default 20,000) scores 0 unparsed;
-parsing is linear, no eval; no completion or solution raises; a bad task, stage or option raises ValueError.
-
-Parsing, of answers and solutions alike (the paper does not say; no math_verify). A solution string is its
-first <answer> block, else the text after a final </think>, else all; or a bool, list, number; unusable: accuracy 0.
-- judge: stripped of spaces, punctuation, quotes, brackets and `*`, the whole answer is yes/no/true/false, any case.
-- choice: , ; / & | + . : ( ) [ ] { }, whitespace and "and" split; each token is one letter, any case ("a and
-  c" = {A, C}; "A circle is red" and "AC" are none); in a solution a run of distinct capitals counts ("AC").
-- box: the last [x1, y1, x2, y2] (bare or in {"bbox_2d": ...}), plain decimals; degenerate or |c| > max_coord: none.
-- labels: a [..] list or text split at , ; newlines and " and "; lower-cased, spaces collapsed, quotes, bullets,
-  numbering stripped; whole names, no stemming ("cats" != "cat"); a label over 5 words or with no letter: none.
-- number: the last \\boxed{}, else the text after the last "=", holding one number (a/b, \\frac{a}{b}, "1,234"
-  count; "3 and 4", +, *, ^, \\sqrt, π do not; units, "$", words ignored; > 50 characters: none); "50%" is 50,
-  or 0.5 if one side alone has "%". Letter solutions: letter sets ("(B) 12" is B); else case-, space-free text.
+accuracy reads only the answer, the single <answer> block outside any think block (split_completion); format = 1
+when the completion is exactly `<think>…</think><answer>…</answer>` and the answer parses as the stage's type (math:
+the solution's). Answers and solutions parse alike, by the rules each parse_* states (the paper gives none; no
+math_verify); an unusable solution: accuracy 0. Totality: a non-string completion or one over max_chars scores 0;
+parsing is linear, no eval; only a bad task, stage or option raises (ValueError).
 
 Departures from the paper's release, and why:
 - judge: the release lets "yes" win when both words appear; we need exactly one word, an unambiguous answer.
@@ -76,40 +63,28 @@ class RewardOptions:
             raise ValueError(f"label_mode must be one of {LABEL_MODES}, got {self.label_mode!r}")
 
 
-# -----------------------------------------------------------------------------
-# completion and solution -> answer text
-
-
 def split_completion(completion, max_chars: int = 20_000) -> tuple[str | None, bool]:
-    """(answer text or None, well_formed). well_formed: the completion is exactly think block + answer block.
+    """(answer or None, well_formed): the answer is the single <answer> block, not in, after or before a think block;
+    well_formed: the completion is exactly `<think>…</think><answer>…</answer>`, spaces around and between.
 
     >>> split_completion("<think>2+2=4</think> <answer>4</answer>")
     ('4', True)
-    >>> split_completion("<think>[1, 2, 3, 4]</think>")
-    (None, False)
     >>> split_completion("<answer>A</answer><answer>B</answer>")
     (None, False)
     """
     if not isinstance(completion, str) or len(completion) > max_chars:
         return None, False
-    if completion.count(ANSWER_OPEN) != 1 or completion.count(ANSWER_CLOSE) != 1:
-        return None, False
     i, j = completion.find(ANSWER_OPEN), completion.find(ANSWER_CLOSE)
-    if j < i:
-        return None, False
+    if completion.count(ANSWER_OPEN) != 1 or completion.count(ANSWER_CLOSE) != 1 or j < i:
+        return None, False  # not exactly one <answer>…</answer> block
     before, inside, after = completion[:i], completion[i + len(ANSWER_OPEN) : j], completion[j + len(ANSWER_CLOSE) :]
     if THINK_OPEN in inside + after or THINK_CLOSE in inside + after:
         return None, False  # the answer block is inside a think block, or think tags follow it
     if before.rfind(THINK_OPEN) > before.rfind(THINK_CLOSE):
         return None, False  # an unclosed <think> before the answer: the "answer" is still reasoning
     head = before.strip()
-    well_formed = (
-        head.startswith(THINK_OPEN)
-        and head.endswith(THINK_CLOSE)
-        and head.count(THINK_OPEN) == 1
-        and head.count(THINK_CLOSE) == 1
-        and after.strip() == ""
-    )
+    well_formed = (head.startswith(THINK_OPEN) and head.endswith(THINK_CLOSE) and head.count(THINK_OPEN) == 1
+                   and head.count(THINK_CLOSE) == 1 and after.strip() == "")
     return inside.strip(), well_formed
 
 
@@ -119,13 +94,8 @@ def _plain(solution):
 
 
 def solution_text(solution) -> str:
-    """The ground truth as text: the first <answer> block of a string, a bool as yes/no, a list as [a, b].
-
-    >>> solution_text("<think>count them</think><answer> 3 </answer>")
-    '3'
-    >>> solution_text([10, 20, 30.5, 40])
-    '[10, 20, 30.5, 40]'
-    """
+    """The ground truth as text: a string's first <answer> block, else the text after a final </think>, else all of it;
+    a bool as yes/no, a list as [a, b]."""
     solution = _plain(solution)
     if isinstance(solution, str):
         i = solution.find(ANSWER_OPEN)
@@ -141,41 +111,34 @@ def solution_text(solution) -> str:
     return "" if solution is None else str(solution).strip()
 
 
-# -----------------------------------------------------------------------------
 # stage 1: judge (yes / no)
-
 YES, NO = ("yes", "true"), ("no", "false")
 _JUDGE_STRIP = " \t\r\n.,;:!?'\"`*()[]{}"
 
 
 def parse_yes_no(text: str) -> str | None:
+    """"yes" / "no" if the text stripped of spaces, punctuation, quotes, brackets and `*` is yes/no/true/false."""
     word = text.strip(_JUDGE_STRIP).lower()
     return "yes" if word in YES else "no" if word in NO else None
 
 
 def judge_reward(answer: str, solution) -> tuple[float, str | None]:
-    """(accuracy, parsed answer). The answer must be exactly one of yes/no (true/false), any case.
+    """(accuracy, parsed answer): 1 if the answer's yes/no, any case, equals the solution's.
 
-    >>> judge_reward("Yes.", "<answer>yes</answer>")
-    (1.0, 'yes')
     >>> judge_reward("yes and no", "yes")
     (0.0, None)
-    >>> judge_reward("False", "no")
-    (1.0, 'no')
     """
     pred, gold = parse_yes_no(answer), parse_yes_no(solution_text(solution))
     return float(pred is not None and pred == gold), pred
 
 
-# -----------------------------------------------------------------------------
 # stage 2: choice (option letters)
-
 _CHOICE_SEPARATORS = str.maketrans({c: " " for c in ",;/&|+.:()[]{}"})
 
 
 def parse_letters(text: str, compact: bool = False) -> frozenset[str] | None:
-    """Option letters as a set, or None if anything but letters, separators and "and" is present.
-    compact=True also reads a run of distinct capitals ("AC") as letters (for trusted solutions)."""
+    """Option letters, any case, split by , ; / & | + . : ( ) [ ] { }, whitespace and "and"; None if a token is not one
+    letter ("AC" is none), unless compact (trusted solutions) reads it as a run of distinct capitals."""
     letters = set()
     for token in text.translate(_CHOICE_SEPARATORS).split():
         if not token.isascii() or not token.isalpha():
@@ -192,7 +155,7 @@ def parse_letters(text: str, compact: bool = False) -> frozenset[str] | None:
 
 
 def choice_reward(answer: str, solution, partial: float = 0.0) -> tuple[float, str | None]:
-    """(accuracy, parsed letters). Letter sets must be equal; `partial` for a non-empty proper subset.
+    """(accuracy, parsed letters): 1 if the letter sets are equal, `partial` for a non-empty proper subset.
 
     >>> choice_reward("(C) and (A)", "<answer>A, C</answer>")
     (1.0, 'A,C')
@@ -205,26 +168,21 @@ def choice_reward(answer: str, solution, partial: float = 0.0) -> tuple[float, s
     parsed = ",".join(sorted(pred)) if pred else None
     if not pred or not gold:
         return 0.0, parsed
-    if pred == gold:
-        return 1.0, parsed
-    return (float(partial) if pred < gold else 0.0), parsed
+    return (1.0 if pred == gold else float(partial) if pred < gold else 0.0), parsed
 
 
-# -----------------------------------------------------------------------------
 # stage 3, detection (a box)
-
 _COORD = r"-?[0-9]+(?:\.[0-9]+)?"
 _BOX = re.compile(rf"\[\s*({_COORD})\s*,\s*({_COORD})\s*,\s*({_COORD})\s*,\s*({_COORD})\s*\]")
 
 
 def parse_box(text: str, max_coord: float = 1e5) -> tuple[float, float, float, float] | None:
-    """The last [x1, y1, x2, y2] in the text, if it is a valid box (finite, x2 > x1, y2 > y1, not absurd)."""
-    last = None
-    for last in _BOX.finditer(text):
-        pass
-    if last is None or any(len(c) > MAX_NUMBER_CHARS for c in last.groups()):
+    """The last [x1, y1, x2, y2] of plain decimals (bare or in {"bbox_2d": ...}), or None unless it is finite, not
+    degenerate (x2 > x1, y2 > y1) and every |c| <= max_coord."""
+    boxes = _BOX.findall(text)  # [(x1, y1, x2, y2) as strings]
+    if not boxes or any(len(c) > MAX_NUMBER_CHARS for c in boxes[-1]):
         return None
-    x1, y1, x2, y2 = box = tuple(float(c) for c in last.groups())
+    x1, y1, x2, y2 = box = tuple(float(c) for c in boxes[-1])
     if not all(math.isfinite(c) and abs(c) <= max_coord for c in box) or x2 <= x1 or y2 <= y1:
         return None
     return box
@@ -242,28 +200,21 @@ def box_iou(a, b) -> tuple[float, float]:
 
 
 def box_reward(answer: str, solution, mode: str = "hard", threshold: float = 0.5, max_coord: float = 1e5):
-    """(accuracy, parsed box). mode hard: 1[IoU > threshold] (paper); iou: IoU; giou: (GIoU + 1) / 2.
+    """(accuracy, parsed box, IoU). mode hard: 1[IoU > threshold] (paper); iou: IoU; giou: (GIoU + 1) / 2.
 
     >>> box_reward('{"bbox_2d": [0, 0, 10, 10]}', "<answer>[0, 0, 10, 8]</answer>")
-    (1.0, '[0, 0, 10, 10]')
-    >>> box_reward("[0, 0, 10, 10]", [0, 0, 10, 5], mode="iou")
-    (0.5, '[0, 0, 10, 10]')
-    >>> box_reward("[5, 5, 5, 9]", [0, 0, 10, 10])
-    (0.0, None)
+    (1.0, '[0, 0, 10, 10]', 0.8)
     """
-    pred = parse_box(answer, max_coord)
-    gold = parse_box(solution_text(solution), max_coord)
+    pred, gold = parse_box(answer, max_coord), parse_box(solution_text(solution), max_coord)
     parsed = "[" + ", ".join(f"{c:g}" for c in pred) + "]" if pred else None
     if pred is None or gold is None:
-        return 0.0, parsed
+        return 0.0, parsed, 0.0
     iou, giou = box_iou(pred, gold)
     reward = {"hard": float(iou > threshold), "iou": iou, "giou": (giou + 1.0) / 2.0}[mode]
-    return min(1.0, max(0.0, reward)), parsed
+    return min(1.0, max(0.0, reward)), parsed, iou
 
 
-# -----------------------------------------------------------------------------
 # stage 3, classification (category names)
-
 _LABEL_STRIP = " \t'\"`*-•.:()[]{}"
 _NUMBERING = re.compile(r"^[0-9]{1,3}[.)] ?")
 _SPACES = re.compile(r"[ \t\r\f\v]+")
@@ -271,7 +222,8 @@ _LABEL_SEPARATORS = re.compile(r"[,;\n]| and ")
 
 
 def parse_labels(text: str) -> frozenset[str] | None:
-    """Lower-cased whole category names, or None when empty or when an item is a sentence."""
+    """Category names of a [..] list or of text split at , ; newlines and " and ": lower-cased, spaces collapsed,
+    quotes, bullets and numbering stripped; None if empty or a name has no letter or over 5 words (a sentence)."""
     text = text.strip()
     if text.startswith("[") and text.endswith("]"):
         text = text[1:-1]
@@ -290,12 +242,10 @@ def parse_labels(text: str) -> frozenset[str] | None:
 
 
 def label_reward(answer: str, solution, mode: str = "jaccard") -> tuple[float, str | None]:
-    """(accuracy, parsed labels). jaccard: |P ∩ G| / |P ∪ G|; exact: 1[P = G]; f1: 2|P ∩ G| / (|P| + |G|).
+    """(accuracy, parsed labels): jaccard, exact or f1 of the sets of whole names (no stemming).
 
     >>> label_reward("Traffic light and dog", "<answer>dog, traffic light</answer>")
     (1.0, 'dog, traffic light')
-    >>> label_reward("['cat', 'dog']", "cat")
-    (0.5, 'cat, dog')
     >>> label_reward("cats", "cat")
     (0.0, 'cats')
     """
@@ -304,17 +254,12 @@ def label_reward(answer: str, solution, mode: str = "jaccard") -> tuple[float, s
     if not pred or not gold:
         return 0.0, parsed
     common = len(pred & gold)
-    reward = {
-        "jaccard": common / len(pred | gold),
-        "exact": float(pred == gold),
-        "f1": 2 * common / (len(pred) + len(gold)),
-    }[mode]
+    reward = {"jaccard": common / len(pred | gold), "exact": float(pred == gold),
+              "f1": 2 * common / (len(pred) + len(gold))}[mode]
     return reward, parsed
 
 
-# -----------------------------------------------------------------------------
 # stage 3, math (a number, or option letters)
-
 _NUMBER = re.compile(r"-?(?:[0-9]{1,3}(?:,[0-9]{3})+|[0-9]+)(?:\.[0-9]+)?|-?\.[0-9]+")
 _FRAC = re.compile(r"\\frac\{([^{}]{0,40})\}\{([^{}]{0,40})\}")
 _UNIT_POWER = re.compile(r"([A-Za-z])(?:\^[0-9]|[²³])")
@@ -344,11 +289,10 @@ def _frac_to_slash(m: re.Match) -> str:
 
 
 def parse_number(text: str) -> tuple[float, bool] | None:
-    """(value, had a percent sign) of the single number in the final answer, or None.
+    """(value, had a percent sign) of the one number in the last \\boxed{}, else after the last "=", or None:
+    a/b, \\frac{a}{b}, "1,234" count; "3 and 4", +, *, ^, \\sqrt, π, over 50 characters do not; units, "$" are ignored.
 
-    >>> parse_number("The area is 1,234 cm^2")
-    (1234.0, False)
-    >>> parse_number("x = \\\\boxed{\\\\frac{-3}{4}}")
+    >>> parse_number("x = \\\\boxed{\\\\frac{-3}{4}} cm^2")
     (-0.75, False)
     >>> parse_number("3 and 4") is None
     True
@@ -376,17 +320,10 @@ def parse_number(text: str) -> tuple[float, bool] | None:
     return (values[0], percent) if math.isfinite(values[0]) else None
 
 
-def _math_text(text: str) -> str:
-    return "".join(text.replace("$", "").split()).lower().rstrip(".")
-
-
 def math_reward(answer: str, solution, rel_tol: float = 1e-6, abs_tol: float = 1e-9) -> tuple[float, str | None]:
-    """(accuracy, parsed answer). Numbers equal within tolerance; letters as sets when the solution is a letter.
+    """(accuracy, parsed answer): numbers equal within tolerance (one side's lone "%" divided out); letter solutions
+    compare letter sets ("(B) 12" is B); other solutions, case- and space-free text.
 
-    >>> math_reward("The answer is \\\\frac{1}{2}", "<answer>0.5</answer>")
-    (1.0, '0.5')
-    >>> math_reward("", "")
-    (0.0, None)
     >>> math_reward("(B) 12 cm", "B")
     (1.0, 'B')
     """
@@ -396,15 +333,15 @@ def math_reward(answer: str, solution, rel_tol: float = 1e-6, abs_tol: float = 1
         gold = (float(solution), False) if math.isfinite(solution) else (math.nan, False)  # NaN matches nothing
     else:
         gold = parse_number(gold_text)
-    if gold is None and gold_text and not any(c.islower() for c in gold_text) and parse_letters(gold_text):
+    if gold is None and not any(c.islower() for c in gold_text) and parse_letters(gold_text):
         gold_letters = parse_letters(gold_text)  # a multiple-choice math question: compare letters
         pred_letters = parse_letters(answer)
         if pred_letters is None and (m := _LEADING_OPTION.match(answer)):
             pred_letters = frozenset(m.group(1))  # "(B) 12 cm", "B. 12"
         parsed = ",".join(sorted(pred_letters)) if pred_letters else None
         return float(pred_letters == gold_letters), parsed
-    if gold is None:  # neither a number nor letters: compare normalised text, never two empty strings
-        pred_text, gold_text = _math_text(answer), _math_text(gold_text)
+    if gold is None:  # neither a number nor letters: compare "$"-, case- and space-free text, never two empty ones
+        pred_text, gold_text = ("".join(t.replace("$", "").split()).lower().rstrip(".") for t in (answer, gold_text))
         return float(bool(pred_text) and pred_text == gold_text), pred_text or None
     pred = parse_number(answer)
     if pred is None:
@@ -415,20 +352,9 @@ def math_reward(answer: str, solution, rel_tol: float = 1e-6, abs_tol: float = 1
     return float(math.isclose(p, g, rel_tol=rel_tol, abs_tol=abs_tol)), f"{pred[0]:.12g}" + "%" * p_pct
 
 
-# -----------------------------------------------------------------------------
-# the reward of one completion
-
-
 def score(completion: str, solution, task: str, stage: str, **options) -> dict:
-    """Reward of one completion: dict with accuracy, format, total, answer (the answer block, cut at 200
-    characters), parsed (the answer as the stage's type, "" when it does not parse) and, for open
-    detection, iou. Options: see RewardOptions.
-
-    >>> score("<think>it is a dog</think><answer>yes</answer>", "<answer>yes</answer>", "classify", "judge")["total"]
-    2.0
-    >>> score("yes", "yes", "classify", "judge")["total"]
-    0.0
-    """
+    """One completion's reward: a dict of accuracy, format, total, answer (cut at 200 characters), parsed ("" if it
+    does not parse) and, for open detection, iou (the first key). Options: RewardOptions."""
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}, expected one of {TASKS}")
     if stage not in STAGES:
@@ -439,9 +365,7 @@ def score(completion: str, solution, task: str, stage: str, **options) -> dict:
         raise ValueError(f"unknown reward option: {e}") from None
 
     answer, well_formed = split_completion(completion, opts.max_chars)
-    out = {}
-    if stage == "open" and task == "detection":
-        out["iou"] = 0.0
+    out = {"iou": 0.0} if stage == "open" and task == "detection" else {}  # iou comes first
     if answer is None:
         accuracy, parsed = 0.0, None
     elif stage == "judge":
@@ -449,19 +373,12 @@ def score(completion: str, solution, task: str, stage: str, **options) -> dict:
     elif stage == "choice":
         accuracy, parsed = choice_reward(answer, solution, opts.choice_partial)
     elif task == "detection":
-        accuracy, parsed = box_reward(answer, solution, opts.box_mode, opts.iou_threshold, opts.max_coord)
-        pred, gold = parse_box(answer, opts.max_coord), parse_box(solution_text(solution), opts.max_coord)
-        out["iou"] = box_iou(pred, gold)[0] if pred and gold else 0.0
+        accuracy, parsed, out["iou"] = box_reward(answer, solution, opts.box_mode, opts.iou_threshold, opts.max_coord)
     elif task == "classify":
         accuracy, parsed = label_reward(answer, solution, opts.label_mode)
     else:
         accuracy, parsed = math_reward(answer, solution, opts.rel_tol, opts.abs_tol)
     fmt = float(well_formed and parsed is not None)
-    out.update(
-        accuracy=float(accuracy),
-        format=fmt,
-        total=opts.accuracy_weight * float(accuracy) + opts.format_weight * fmt,
-        answer=(answer or "")[:200],
-        parsed=parsed or "",
-    )
+    total = opts.accuracy_weight * float(accuracy) + opts.format_weight * fmt
+    out.update(accuracy=float(accuracy), format=fmt, total=total, answer=(answer or "")[:200], parsed=parsed or "")
     return out

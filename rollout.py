@@ -1,34 +1,22 @@
 """
 Rollouts: G sampled answers for each of B prompts, written by hand with a KV cache.
 
-    from rollout import generate
     r = generate(model, processor, samples, group_size=8, max_new_tokens=128)
-    r.completion_ids  # (N, T), N = B*G, rows b*G .. b*G+G-1 answer prompt b
-    r.mask            # (N, T) 1 on each completion's tokens, its first EOS included
-    r.logp            # (N, T) log pi(y_t) of the sampled tokens under the model (temperature 1)
-    r.texts           # decoded answers, EOS excluded
+    r.completion_ids, r.mask, r.logp  # (N, T), N = B*G: rows b*G .. b*G+G-1 answer prompt b (see Rollout)
+    r.texts                           # the N decoded answers, EOS excluded
 
-How a group is sampled (nanochat's recipe, on a Qwen-VL model):
-1. prefill: run the B prompts with their images once through the model (left padded, 3-D rotary positions
-   from `model.get_rope_index`), keeping the keys and values of every layer;
-2. replicate: repeat each prompt's cache entries and last logits G times, so the vision tower and the
-   prompt run once per prompt, not G times (what `model.generate` on repeated prompts does);
-3. decode: one token per step for all N rows, with explicit positions (a prompt's next text position is
-   its largest 3-D position + 1, the same on all three axes) and a growing 2-D attention mask; a row stops at
-   its first EOS (<|im_end|> or <|endoftext|>) and is padded after it; the loop stops when every row has
-   stopped or at max_new_tokens.
+A group is sampled as in nanochat: (1) prefill the B prompts and their images once (left padded, 3-D rotary
+positions), keeping every layer's keys and values; (2) repeat each prompt's cache and last logits G times, so
+the vision tower and the prompt run once per prompt; (3) decode one token per step for all N rows at explicit
+positions (a prompt's largest 3-D position + 1) under a growing attention mask, each row until its first EOS
+(<|im_end|> or <|endoftext|>), padded after it.
 
-Sampling applies temperature, top-k and top-p to a copy of the logits; the vision special tokens
-(<|image_pad|>, <|vision_start|>, ...) are never sampled: an <|image_pad|> in an answer breaks every later
-forward that feeds the image. The recorded log-probs are those of the unmodified model (temperature 1, no
-filtering), the same quantity `model.completion_logprobs` recomputes for the GRPO ratio.
+Temperature, top-k and top-p shape a copy of the logits; the vision tokens (<|image_pad|>, ...) are never
+sampled (one in an answer breaks every later forward with the image). The recorded log-probs are the
+unmodified model's (temperature 1, no filtering), which `model.completion_logprobs` recomputes for GRPO.
+`use_cache=False` is the plain reference: it re-runs the whole sequence, images included, at every step.
 
-`generate(..., use_cache=False)` is the plain reference: it re-runs the whole sequence (prompt, image and
-answer so far) at every step and lets the model compute its own positions. Tests check both agree, and
-that greedy decoding matches transformers' `model.generate`.
-
-Departure from the paper's release: it samples with TRL's call to `model.generate` on each prompt repeated
-G times, which runs the vision tower and the prompt G times; the result is the same distribution.
+Departure from the paper's release: TRL's `model.generate` on G copies of a prompt runs it G times; same distribution.
 """
 from dataclasses import dataclass
 
@@ -47,11 +35,7 @@ class Rollout:
     texts: list                  # N decoded completions, without the EOS
     group: torch.Tensor          # (N,) long, index of the prompt each row answers
     finished: torch.Tensor       # (N,) bool, True if the row stopped at an EOS (False: cut at max_new_tokens)
-    group_size: int
-
-    @property
-    def lengths(self):
-        return self.mask.sum(1).long()
+    lengths: torch.Tensor        # (N,) long, the number of ones in each row of mask
 
 
 def prompt_generators(seed, step, first_index, n, device):
@@ -61,8 +45,7 @@ def prompt_generators(seed, step, first_index, n, device):
 
 
 def sample_next(logits, temperature=1.0, top_k=0, top_p=1.0, greedy=False, generator=None, group_size=1):
-    """One token per row from logits (N, V). generator: None, one torch.Generator, or a list with one per
-    prompt (rows of prompt b use generator[b], so a prompt's samples do not depend on its batch-mates)."""
+    """One token per row of logits (N, V); a list of generators has one per prompt (its rows use generator[b])."""
     if greedy:
         return logits.argmax(-1)
     logits = logits / temperature
@@ -71,14 +54,13 @@ def sample_next(logits, temperature=1.0, top_k=0, top_p=1.0, greedy=False, gener
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p < 1.0:
         sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
-        cum = sorted_logits.softmax(-1).cumsum(-1)
-        drop = cum - sorted_logits.softmax(-1) > top_p       # keep the smallest prefix whose mass reaches top_p
+        p = sorted_logits.softmax(-1)
+        drop = p.cumsum(-1) - p > top_p       # keep the smallest prefix whose mass reaches top_p
         logits = logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
     probs = logits.softmax(-1)
     if isinstance(generator, (list, tuple)):
-        G = group_size
-        return torch.cat([torch.multinomial(probs[b * G:(b + 1) * G], 1, generator=g).squeeze(1)
-                          for b, g in enumerate(generator)])
+        return torch.cat([torch.multinomial(p, 1, generator=g).squeeze(1)
+                          for p, g in zip(probs.split(group_size), generator)])
     return torch.multinomial(probs, 1, generator=generator).squeeze(1)
 
 
@@ -100,7 +82,6 @@ def _cached_stepper(model, batch, G):
                     position_ids=pos.view(1, -1, 1).expand(3, -1, 1), use_cache=True)
         pos = pos + 1
         return out.logits[:, -1]
-
     return out.logits[:, -1].repeat_interleave(G, dim=0), step
 
 
@@ -108,16 +89,13 @@ def _uncached_stepper(model, batch, G):
     """Reference: re-run the whole sequence with its images at every step; the model computes positions."""
     seq = repeat_batch(batch, G)   # each prompt and its pixel values repeated G times
 
-    def run():
+    def step(token=None):                                                    # None: the prompts alone
+        if token is not None:
+            for k, v in (("input_ids", token[:, None]), ("attention_mask", torch.ones_like(token)[:, None]),
+                         ("mm_token_type_ids", torch.zeros_like(token)[:, None])):
+                seq[k] = torch.cat([seq[k], v.to(seq[k].dtype)], dim=1)
         return model(**seq, use_cache=False).logits[:, -1]
-
-    def step(token):
-        for k, v in (("input_ids", token[:, None]), ("attention_mask", torch.ones_like(token)[:, None]),
-                     ("mm_token_type_ids", torch.zeros_like(token)[:, None])):
-            seq[k] = torch.cat([seq[k], v.to(seq[k].dtype)], dim=1)
-        return run()
-
-    return run(), step
+    return step(), step
 
 
 @torch.no_grad()
@@ -133,12 +111,11 @@ def generate(model, processor, samples, group_size=1, max_new_tokens=128, temper
     device = next(model.parameters()).device
     batch = {k: v.to(device) for k, v in encode(processor, samples).items()}
     B, G = batch["input_ids"].shape[0], group_size
-    N = B * G
     logits, step = (_cached_stepper if use_cache else _uncached_stepper)(model, batch, G)
-
     stop = torch.tensor(processor.stop_token_ids, device=device)
     banned = torch.tensor(processor.vision_token_ids, device=device)
-    done = torch.zeros(N, dtype=torch.bool, device=device)
+    done = torch.zeros(B * G, dtype=torch.bool, device=device)
+    lengths = torch.zeros(B * G, dtype=torch.long, device=device)  # tokens up to and including the first EOS
     tokens, logps = [], []
     for t in range(max_new_tokens):
         logits = logits.float()
@@ -148,22 +125,16 @@ def generate(model, processor, samples, group_size=1, max_new_tokens=128, temper
         token = torch.where(done, processor.pad_token_id, token)  # finished rows only pad
         tokens.append(token)
         logps.append(torch.where(done, 0.0, logp_all.gather(1, token[:, None]).squeeze(1)))
+        lengths += ~done
         done = done | torch.isin(token, stop)
         if done.all() or t == max_new_tokens - 1:
             break
         logits = step(token)
 
     completion_ids = torch.stack(tokens, dim=1)                     # (N, T)
-    is_stop = torch.isin(completion_ids, stop)
-    T = completion_ids.shape[1]
-    # Length of each row from the position of its first stop token (pad may equal a stop token, so the mask
-    # comes from lengths, never from token ids): the first EOS is a real action and is inside the mask.
-    first_stop = torch.where(is_stop.any(1), is_stop.int().argmax(1), T)
-    lengths = torch.clamp(first_stop + 1, max=T)
-    mask = (torch.arange(T, device=device)[None] < lengths[:, None]).float()
-    finished = first_stop < T
+    mask = (torch.arange(len(tokens), device=device)[None] < lengths[:, None]).float()
     texts = [processor.tokenizer.decode(ids[:n - int(f)].tolist(), skip_special_tokens=False)
-             for ids, n, f in zip(completion_ids, lengths, finished)]
+             for ids, n, f in zip(completion_ids, lengths, done)]
     return Rollout(batch=batch, completion_ids=completion_ids, mask=mask, logp=torch.stack(logps, 1) * mask,
-                   texts=texts, group=torch.arange(B, device=device).repeat_interleave(G), finished=finished,
-                   group_size=G)
+                   texts=texts, group=torch.arange(B, device=device).repeat_interleave(G), finished=done,
+                   lengths=lengths)

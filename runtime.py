@@ -1,13 +1,8 @@
 """
-runtime.py: what every entry point needs around the model, in one place and with no project imports.
-
-- Manual DDP, written out: `setup_dist()` reads RANK / LOCAL_RANK / WORLD_SIZE from torchrun (gloo on CPU,
-  NCCL on CUDA) and falls back to one process; `all_reduce_sum`, `all_reduce_grads` (the gradient average
-  after the micro-batches) and `barrier` are no-ops on one process. Only rank 0 prints and writes.
-- `resolve_dtype`: auto is bfloat16 on a GPU and float32 on a CPU.
-- `save_atomically` / `write_atomic`: write to a temporary name, then rename, so a kill never leaves half a
-  folder or file under the final name.
-- `lr_factor`: the learning-rate schedule (linear warm-up, then constant, linear or cosine decay).
+What every entry point needs around the model, with no project imports:
+- manual DDP, written out: `setup_dist()` reads torchrun's RANK / LOCAL_RANK / WORLD_SIZE (gloo on CPU, NCCL on
+  CUDA); without them it is one process, where `all_reduce_sum`, `all_reduce_grads` and `barrier` do nothing;
+- `resolve_dtype`, atomic writes (`save_atomically`, `write_atomic`) and `lr_factor`, the learning-rate schedule.
 """
 import math
 import os
@@ -15,9 +10,6 @@ import shutil
 
 import torch
 import torch.distributed as dist
-
-# -----------------------------------------------------------------------------
-# Manual DDP: torchrun sets RANK, LOCAL_RANK, WORLD_SIZE; without them this is one process.
 
 
 def setup_dist(device=None):
@@ -47,26 +39,21 @@ def all_reduce_sum(x):
 
 
 def all_reduce_grads(model):
-    """Average gradients over ranks after the micro-batches (a parameter without a gradient counts as zero,
-    so every rank runs the same collectives); a no-op on one process."""
-    W = world_size()
-    if W == 1:
+    """Average gradients over ranks; a missing gradient counts as zero, so every rank runs the same collectives."""
+    if world_size() == 1:
         return
     for p in model.parameters():
         if p.requires_grad:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
             dist.all_reduce(p.grad)
-            p.grad /= W
+            p.grad /= world_size()
 
 
 def barrier():
     if world_size() > 1:
         dist.barrier()
 
-
-# -----------------------------------------------------------------------------
-# Precision, atomic writes, the learning-rate schedule
 
 def resolve_dtype(name, device):
     """torch dtype of a --dtype value: auto is bfloat16 on a GPU and float32 on a CPU."""
@@ -76,7 +63,7 @@ def resolve_dtype(name, device):
 
 
 def save_atomically(path, write):
-    """write(tmp) fills a temporary folder, which is then renamed to `path` (a stale one is replaced)."""
+    """write(tmp) fills a temporary folder that then replaces `path`, so a kill never leaves half a folder."""
     tmp = path + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     write(tmp)

@@ -7,35 +7,25 @@ train.py: Curr-ReFT in one command: curriculum GRPO (judge -> choice -> open), r
         "judge=judge.jsonl;choice=choice.jsonl;open=open.jsonl" --eval-data "test=test.jsonl;ood=ood.jsonl"
     torchrun --nproc_per_node=8 train.py --preset qwen2.5-vl-3b ...   # manual DDP, one process per GPU
 
-The loop: config -> setup -> policy + frozen reference -> for each stage -> for each step (grpo_step):
+config -> setup -> policy + frozen reference -> for each stage -> for each step (grpo_step):
     1. rollout   G answers per prompt, sampled with the policy (rollout.generate, KV cache, no grad)
-    2. reward    r = accuracy + format of each answer (rewards.score: the stage's answer form)
+    2. reward    r = accuracy + format of each answer, in the stage's answer form (rewards.score)
     3. advantage A = (r - group mean) / (unbiased group std + 1e-4)        (grpo.group_advantages)
-    4. update    mu passes of  -min(ratio A, clip(ratio) A) + beta KL_k3(pi || ref)   (grpo.grpo_loss),
-                 gradients averaged over ranks (runtime.all_reduce_grads), clipped, AdamW
-    5. log one line, metrics.jsonl, samples.jsonl; checkpoint
-Each stage starts from the previous stage's weights with a fresh optimizer and schedule (as the release's
-three chained jobs); its reference is its starting weights (the release) or the base (--ref base).
-
-Distributed: every rank builds the same weights and draws the same global batch; rank r takes its P/W prompts
-with all their G answers, sampled from per-prompt generators seeded by (seed, step, global index), so 1 and N
-processes give the same rollouts. Loss counts are global, gradients are averaged after the micro-batches, the
-accuracies that steer the schedule are all-reduced, and rank 0 alone prints and writes.
-
-Checkpoints (out/checkpoints/step_XXXXXX, `latest` names the newest complete one): a save_pretrained folder
-plus trainer_state.pt (optimizer, curriculum, RNG of every rank, config), written to a temporary folder and
-renamed. out/stages/<k>_<name>_start is the model stage k started from (the table's "after stage k-1").
+    4. update    mu passes of  -min(ratio A, clip(ratio) A) + beta KL_k3(pi || ref)   (grpo.grpo_loss), AdamW
+    5. log (metrics.jsonl, samples.jsonl), checkpoint (out/checkpoints/step_XXXXXX; `latest` names the newest)
+then phase 2 (reject_sample.phase2) and the table. A stage starts from the previous one's weights (saved as
+out/stages/<k>_<name>_start) with a fresh optimizer and schedule; its reference is those weights or --ref base.
+Distributed: rank r takes P/W prompts with all their G answers, from per-prompt generators seeded by (seed, step,
+global index), so 1 and N processes give the same rollouts; gradients are averaged, counts and statistics global.
 
 Departures from the paper's release, and why:
 - One command runs the curriculum and resumes; the release chains three jobs by hand and saves weights only.
 - qwen2.5-vl-3b preset: lr 1e-6 with linear decay and no warm-up, as the release's scripts (TRL's default).
 - The ratio clip is kept so that mu > 1 passes per rollout are possible; with mu = 1 (the release) it is inert.
 - The G answers of a prompt share its image features: the vision tower runs once per prompt, not per answer.
-- Choice reward: a proper subset of the right letters earns 0.2 in the tiny preset (the paper mentions partial
-  credit; the release pays the exact set, as the qwen2.5-vl-3b preset does): without it a tiny base's
-  multi-select groups scored all 0 and gave no gradient. Evaluation always counts the exact set.
-- tiny preset: this project's own tiny base, G = 8, 32 prompts per step, 100 / 100 / 200 steps, lr 3e-4, so a
-  0.4 M-parameter model on a 2-core CPU learns in minutes (the README's design notes say why these values).
+- Choice reward: a proper subset of the right letters earns 0.2 in the tiny preset (the release and the
+  qwen2.5-vl-3b preset pay the exact set only): else a tiny base's multi-select groups all score 0. Eval: exact.
+- tiny preset: own 0.4 M-parameter base, G = 8, 32 prompts/step, 100/100/200 steps, lr 3e-4: minutes on 2 CPU cores.
 """
 import copy
 import json
@@ -64,29 +54,20 @@ from runtime import (all_reduce_grads, all_reduce_sum, barrier, lr_factor, resol
                      setup_dist, world_size, write_atomic)
 
 
-# -----------------------------------------------------------------------------
-# Checkpoints: atomic, complete, resumable
-
-def param_checksum(model):
-    return sum(p.detach().double().sum().item() for p in model.parameters())
-
-
+# ---- Checkpoints: atomic, complete, resumable
 def save_checkpoint(out, step, policy, processor, state, keep, rank):
     """Rank 0 writes checkpoints/step_XXXXXX (via a temporary folder + rename) and points `latest` at it."""
-    total = param_checksum(policy)
-    sums = [None] * world_size()
-    if world_size() > 1:
+    W = world_size()
+    total = sum(p.detach().double().sum().item() for p in policy.parameters())    # the weights' checksum
+    rng = {"torch": torch.get_rng_state(), "python": random.getstate(),
+           "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
+    sums, all_rng = [total] * W, [rng] * W
+    if W > 1:
         dist.all_gather_object(sums, total)
         if max(sums) - min(sums) > 1e-6 * max(1.0, abs(total)):
             raise RuntimeError(f"ranks disagree on the weights at step {step} (checksums {sums}): "
                                "gradients were not synchronised")
-    rng = {"torch": torch.get_rng_state(), "python": random.getstate(),
-           "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
-    all_rng = [None] * world_size()
-    if world_size() > 1:
         dist.all_gather_object(all_rng, rng)
-    else:
-        all_rng = [rng]
     if rank == 0:
         root = os.path.join(out, "checkpoints")
         final = os.path.join(root, f"step_{step:06d}")
@@ -103,36 +84,49 @@ def save_checkpoint(out, step, policy, processor, state, keep, rank):
 
 
 def latest_checkpoint(out):
+    """The newest complete checkpoint's folder, or None."""
     path = os.path.join(out, "checkpoints", "latest")
-    if not os.path.isfile(path):
-        return None
-    with open(path) as f:
-        return os.path.join(out, "checkpoints", f.read().strip())
+    if os.path.isfile(path):
+        with open(path) as f:
+            return os.path.join(out, "checkpoints", f.read().strip())
 
 
-# -----------------------------------------------------------------------------
-# One GRPO step
+def resume(ckpt, out, cur, policy, rank, device, dtype):
+    """Load a checkpoint into the schedule, the policy and this rank's RNG; returns the optimizer state (None at a
+    stage boundary). Rank 0 drops the log lines of steps taken after the checkpoint."""
+    state = torch.load(os.path.join(ckpt, "trainer_state.pt"), weights_only=False)
+    cur.load_state_dict(state["curriculum"])
+    loaded, _ = M.load(ckpt, device=device, dtype=dtype)
+    policy.load_state_dict(loaded.state_dict())
+    torch.set_rng_state(state["rng"][min(rank, len(state["rng"]) - 1)]["torch"])
+    log = os.path.join(out, "metrics.jsonl")
+    if rank == 0 and os.path.isfile(log):  # a step logged after the checkpoint is redone: it must not log twice
+        with open(log) as f:
+            lines = [line for line in f if json.loads(line)["global_step"] <= cur.global_step]
+        write_atomic(log, "".join(lines))
+    if rank == 0:
+        print(f"resumed from {ckpt}: {cur}", flush=True)
+    return state["optimizer"]
 
+
+# ---- One GRPO step
 def grpo_step(policy, ref, processor, rows, stage, G, cfg, opt, rank, device, global_step):
-    """One GRPO step on this rank's share of `rows` (the README's numbered steps). Returns (stats, samples): the
-    stats are global means, the same on every rank; samples are a few answers for samples.jsonl."""
-    rl, W = cfg.rl, world_size()
-    t0 = time.time()
+    """One GRPO step on this rank's share of `rows`: (stats, global means equal on every rank; a few samples)."""
+    rl, W, t0 = cfg.rl, world_size(), time.time()
     P = len(rows) // W
     local = rows[rank * P:(rank + 1) * P]                                    # this rank's P prompts
 
     # 1. Rollout: G answers per prompt from the current policy, each prompt from its own seeded generator.
-    policy.eval()
     gens = rollout.prompt_generators(cfg.run.seed, global_step, rank * P, P, device)
-    ro = rollout.generate(policy, processor, data.samples_of(local), group_size=G, max_new_tokens=rl.max_new_tokens,
-                          temperature=rl.temperature, generator=gens)  # N = P * G
+    ro = rollout.generate(policy.eval(), processor, data.samples_of(local), group_size=G, generator=gens,
+                          max_new_tokens=rl.max_new_tokens, temperature=rl.temperature)     # N = P * G answers
     t_gen = time.time() - t0
 
     # 2. Reward, each answer in its row's form (a replayed open question, curriculum.StageSpec.replay, by open rules).
-    replayed = [bool(local[n // G].get("replay")) for n in range(len(ro.texts))]
-    scores = [rewards.score(text, local[n // G]["solution"], local[n // G]["task"], "open" if replayed[n] else stage,
+    row_of = [local[n // G] for n in range(len(ro.texts))]                  # (N,) the row of each answer
+    scores = [rewards.score(text, row["solution"], row["task"], "open" if row.get("replay") else stage,
                             choice_partial=rl.choice_partial, box_mode=rl.box_reward)
-              for n, text in enumerate(ro.texts)]
+              for text, row in zip(ro.texts, row_of)]
     r = torch.tensor([s["total"] for s in scores], dtype=torch.float32)     # (N,)
 
     # 3. Advantage, relative to the group.
@@ -145,52 +139,46 @@ def grpo_step(policy, ref, processor, rows, stage, G, cfg, opt, rank, device, gl
     num_tokens = all_reduce_sum(float(ro.mask.sum()))
     t_ref = time.time() - t0 - t_gen
     policy.train()
-    totals = {"loss": 0.0, "kl": 0.0, "clip_low": 0.0, "clip_high": 0.0, "grad_norm": 0.0, "skipped": 0.0}
+    sums = dict.fromkeys(("loss", "kl", "clip_low", "clip_high", "skipped"), 0.0)   # this rank's, over the passes
+    grad_norm = 0.0
     for _ in range(rl.mu):
         for batch, ids, mask, a, ref_logp, old_logp in chunks:
             logp = M.completion_logprobs(policy, batch, ids, mask)                                  # (n, T)
             loss, st = grpo.grpo_loss(logp, logp.detach() if old_logp is None else old_logp, ref_logp, a, mask,
-                                      clip_eps=rl.clip_eps, beta=rl.beta,
-                                      agg=rl.agg, num_seqs=num_seqs, num_tokens=num_tokens,
-                                      max_len=rl.max_new_tokens)
+                                      clip_eps=rl.clip_eps, beta=rl.beta, agg=rl.agg, num_seqs=num_seqs,
+                                      num_tokens=num_tokens, max_len=rl.max_new_tokens)
             (loss * W).backward()                                  # gradients are averaged over ranks below
-            totals["loss"] += st["loss"] / rl.mu
+            sums["loss"] += st["loss"] / rl.mu
             for k in ("kl", "clip_low", "clip_high"):              # token means of the whole batch
-                totals[k] += st[k] * float(mask.sum()) / num_tokens / rl.mu
+                sums[k] += st[k] * float(mask.sum()) / num_tokens / rl.mu
         all_reduce_grads(policy)
         norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), rl.grad_clip)
         if torch.isfinite(norm):
             opt.step()
         else:
-            totals["skipped"] += 1
+            sums["skipped"] += 1
         opt.zero_grad(set_to_none=True)
-        totals["grad_norm"] += float(norm) / rl.mu
+        grad_norm += float(norm) / rl.mu
 
-    # 5. Statistics: sums over ranks by name. The rewards are the stage's own form's; replayed open questions
-    #    are reported apart (replay_accuracy).
-    own = [s for s, rep in zip(scores, replayed) if not rep]
-    sums = reduce_by_key({**{f"reward_{k}": sum(s[k] for s in own) for k in ("total", "accuracy", "format")},
-                          "tokens": float(ro.mask.sum()), "own": float(len(own)),
-                          "replay_right": sum(s["accuracy"] for s, rep in zip(scores, replayed) if rep),
-                          "zero_var_groups": grpo.zero_variance_fraction(r, G) * P,
-                          **{k: totals[k] for k in ("loss", "kl", "clip_low", "clip_high", "skipped")}})
-    n_own, n_replay = sums["own"], num_seqs - sums["own"]
-    stats = {k: sums[k] / max(n_own, 1) for k in ("reward_total", "reward_accuracy", "reward_format")}
-    stats.update(length=sums["tokens"] / num_seqs, loss=sums["loss"], kl=sums["kl"], clip_low=sums["clip_low"],
-                 clip_high=sums["clip_high"], zero_var=sums["zero_var_groups"] / (P * W), skipped=int(sums["skipped"]),
-                 grad_norm=totals["grad_norm"], t_gen=t_gen, t_ref=t_ref, seconds=time.time() - t0)
-    if n_replay:
-        stats["replay_accuracy"] = sums["replay_right"] / n_replay
-    samples = [{"problem": local[n // G]["problem"], "solution": local[n // G]["solution"], "answer": ro.texts[n],
-                "total": scores[n]["total"]} for n in range(min(len(ro.texts), 2 * G))]
+    # 5. Statistics: sums over ranks by name, then means; replayed open questions apart (replay_accuracy).
+    own = [s for s, row in zip(scores, row_of) if not row.get("replay")]
+    sums = reduce_by_key({**sums, **{f"reward_{k}": sum(s[k] for s in own) for k in ("total", "accuracy", "format")},
+                          "own": float(len(own)), "zero_var_groups": grpo.zero_variance_fraction(r, G) * P,
+                          "replay_right": sum(s["accuracy"] for s, row in zip(scores, row_of) if row.get("replay"))})
+    stats = {k: sums[k] / max(sums["own"], 1) for k in ("reward_total", "reward_accuracy", "reward_format")}
+    stats.update(length=num_tokens / num_seqs, **{k: sums[k] for k in ("loss", "kl", "clip_low", "clip_high")},
+                 zero_var=sums["zero_var_groups"] / (P * W), skipped=int(sums["skipped"]), grad_norm=grad_norm,
+                 t_gen=t_gen, t_ref=t_ref, seconds=time.time() - t0)
+    if num_seqs > sums["own"]:
+        stats["replay_accuracy"] = sums["replay_right"] / (num_seqs - sums["own"])
+    samples = [{"problem": row["problem"], "solution": row["solution"], "answer": text, "total": s["total"]}
+               for text, row, s in list(zip(ro.texts, row_of, scores))[:2 * G]]
     return stats, samples
 
 
 def micro_batches(policy, ref, processor, local, ro, adv, G, rl, device):
-    """The update's micro-batches of whole groups: (batch, ids, mask, adv, ref_logp, old_logp) each, trimmed to
-    its longest answer. One micro-batch reuses the rollout's encoding; several encode their own prompts. The
-    image features are computed once per prompt inside completion_logprobs, for the reference (without
-    gradient) and for the old policy (only when mu > 1: with one pass the ratio is 1)."""
+    """Micro-batches of whole groups, trimmed to their longest answer: (batch, ids, mask, adv, ref_logp, old_logp),
+    the reference's (beta > 0) and old policy's (mu > 1, else the ratio is 1) log-probabilities without gradient."""
     P, mb = len(local), min(rl.micro_batch, len(local))
     chunks = []
     for i in range(0, P, mb):
@@ -212,9 +200,7 @@ def reduce_by_key(sums):
     return {k: total[i].item() for i, k in enumerate(sums)}
 
 
-# -----------------------------------------------------------------------------
-# The run
-
+# ---- The run
 def log_line(stage, step, steps, s, lr):
     return (f"{stage:6s} {step:4d}/{steps} | reward {s['reward_total']:.3f} acc {s['reward_accuracy']:.3f} "
             f"fmt {s['reward_format']:.3f} | kl {s['kl']:.4f} | clip {s['clip_low'] + s['clip_high']:.3f} | "
@@ -222,39 +208,8 @@ def log_line(stage, step, steps, s, lr):
             + (f" | replay acc {s['replay_accuracy']:.3f}" if "replay_accuracy" in s else ""))
 
 
-def trim_log(path, global_step):
-    """Drop the lines of a metrics log past `global_step`: a run killed after logging a step but before its
-    checkpoint redoes that step on resume, and must not log it twice."""
-    if not os.path.isfile(path):
-        return
-    with open(path) as f:
-        lines = [line for line in f if json.loads(line)["global_step"] <= global_step]
-    write_atomic(path, "".join(lines))
-
-
-def append_jsonl(path, records):
-    with open(path, "a") as f:
-        for r in records:
-            f.write(json.dumps(r) + "\n")
-
-
-def load_base(cfg, device, dtype, rank):
-    """The base policy and processor. The tiny base is built by the warm-start when it is missing."""
-    path = cfg.model.model
-    if path == ModelConfig.model and not os.path.isdir(path):
-        if rank == 0:
-            print(f"{path} is missing: building the tiny base (python tiny_base.py)", flush=True)
-            tiny_base.build_base(path, seed=0)
-        barrier()
-    with torch.random.fork_rng(devices=[]):
-        model, processor = M.load(path, device=device, dtype=dtype, seed=cfg.run.seed,
-                                  max_pixels=cfg.model.max_pixels)
-    return model, processor
-
-
 def run_rl(cfg, stages, groups, steps, out, rank, device, dtype, policy, processor, base, pool):
-    """The curriculum GRPO loop: for each stage, for each step: grpo_step (rollout -> reward -> advantage ->
-    update), then the log and the checkpoint. Returns every stage's starting folder, then the final one."""
+    """The curriculum GRPO loop; returns the folders of every stage's starting model, then of the final one."""
     rl = cfg.rl
     specs = [curriculum.StageSpec(name, group_size=g, steps=n, replay=r)
              for name, g, n, r in zip(stages, groups, steps, replay_ratios(rl, stages))]
@@ -267,8 +222,6 @@ def run_rl(cfg, stages, groups, steps, out, rank, device, dtype, policy, process
     stage_dirs = [os.path.join(out, "stages", f"{k}_{s.name}_start") for k, s in enumerate(specs)]
     bad_in_row = 0
     for k in range(cur.stage_index, len(specs)):
-        # A stage starts from the previous stage's weights, with a fresh optimizer and schedule; its reference
-        # is its starting weights (the release) or the base (--ref base).
         spec, start_dir = specs[k], stage_dirs[k]
         if cur.step == 0 and rank == 0 and not os.path.isdir(start_dir):
             save_atomically(start_dir, lambda tmp: M.save(policy, processor, tmp))
@@ -291,17 +244,18 @@ def run_rl(cfg, stages, groups, steps, out, rank, device, dtype, policy, process
             stats, samples = grpo_step(policy, ref, processor, rows, spec.name, spec.group_size, cfg, opt, rank,
                                        device, cur.global_step)
             bad_in_row = bad_in_row + 1 if stats["skipped"] else 0
-            if stats["skipped"] and rank == 0:
-                bar.write(f"step {cur.step + 1}: non-finite loss or gradient, update skipped ({bad_in_row} in a row)")
             step, global_step = cur.step + 1, cur.global_step + 1
             if rank == 0:
+                if stats["skipped"]:
+                    bar.write(f"step {step}: non-finite loss or gradient, update skipped ({bad_in_row} in a row)")
                 bar.update(1)
                 bar.write(log_line(spec.name, step, spec.steps, stats, lr))
-                append_jsonl(os.path.join(out, "metrics.jsonl"),
-                             [{"stage": spec.name, "step": step, "global_step": global_step, "lr": lr, **stats}])
+                tag = {"stage": spec.name, "step": step}
+                with open(os.path.join(out, "metrics.jsonl"), "a") as f:
+                    f.write(json.dumps({**tag, "global_step": global_step, "lr": lr, **stats}) + "\n")
                 if cfg.run.sample_every and step % cfg.run.sample_every == 1:
-                    append_jsonl(os.path.join(out, "samples.jsonl"),
-                                 [{"stage": spec.name, "step": step, **s} for s in samples])
+                    with open(os.path.join(out, "samples.jsonl"), "a") as f:
+                        f.writelines(json.dumps({**tag, **s}) + "\n" for s in samples)
             if bad_in_row >= cfg.run.max_bad_steps:   # after the log, so the step that stops the run is in it
                 raise RuntimeError(f"{bad_in_row} steps in a row had a non-finite loss or gradient (stage "
                                    f"{spec.name}, step {step}): lower --lr, check --dtype, and look at samples.jsonl")
@@ -318,20 +272,6 @@ def run_rl(cfg, stages, groups, steps, out, rank, device, dtype, policy, process
     return stage_dirs + [final_dir]
 
 
-def resume(ckpt, out, cur, policy, rank, device, dtype):
-    """Load a checkpoint into the schedule, the policy and this rank's RNG; returns the optimizer state (None at a
-    stage boundary). Rank 0 drops the log lines of steps taken after the checkpoint."""
-    state = torch.load(os.path.join(ckpt, "trainer_state.pt"), weights_only=False)
-    cur.load_state_dict(state["curriculum"])
-    loaded, _ = M.load(ckpt, device=device, dtype=dtype)
-    policy.load_state_dict(loaded.state_dict())
-    torch.set_rng_state(state["rng"][min(rank, len(state["rng"]) - 1)]["torch"])
-    if rank == 0:
-        trim_log(os.path.join(out, "metrics.jsonl"), cur.global_step)
-        print(f"resumed from {ckpt}: {cur}", flush=True)
-    return state["optimizer"]
-
-
 def phase2_prompts(cfg, pool):
     """Phase 2's prompts: the user's files, or the last phase2_prompts rows of the synthetic pool, each task
     asked in every form in turn (reject_sample.phase2_prompts)."""
@@ -342,8 +282,9 @@ def phase2_prompts(cfg, pool):
 
 def evaluate_stages(cfg, named_dirs, out, rank, device, dtype):
     """The table: every stage's model on the held-out in-domain and out-of-domain sets."""
+    eval_stages = cfg.data.eval_stages.split(",")
     sets = E.load_eval_sets(cfg.data.eval_data or "synthetic", n=cfg.data.eval_n, seed=cfg.run.seed,
-                            image_root=cfg.data.image_root or None, size=cfg.data.image_size, stages=cfg.data.eval_stages.split(","))
+                            image_root=cfg.data.image_root or None, size=cfg.data.image_size, stages=eval_stages)
     records = {}
     results = E.evaluate_models(named_dirs, sets, max_new_tokens=cfg.rl.max_new_tokens, device=device, dtype=dtype,
                                 max_pixels=cfg.model.max_pixels, verbose=rank == 0, records_out=records)
@@ -354,7 +295,7 @@ def evaluate_stages(cfg, named_dirs, out, rank, device, dtype):
         return {name: {split: {task: {s: c for s, c in forms.items() if s in stages} for task, forms in tasks.items()}
                        for split, tasks in per_model.items()} for name, per_model in results.items()}
 
-    forms = any(s != "open" for s in cfg.data.eval_stages.split(","))
+    forms = any(s != "open" for s in eval_stages)
     table = "Open answers (the paper's evaluation):\n\n" + E.markdown_table(only(results, {"open"}))
     if forms:
         table += "\n\nYes/no and multiple-choice forms:\n\n" + E.markdown_table(only(results, {"judge", "choice"}))
@@ -367,9 +308,20 @@ def evaluate_stages(cfg, named_dirs, out, rank, device, dtype):
     if rank == 0:
         print("\n" + table, flush=True)
         with open(os.path.join(out, "eval.json"), "w") as f:
-            json.dump({"models": dict(named_dirs), "results": results, "changes": changes, "table": table}, f,
-                      indent=1)
+            json.dump({"models": dict(named_dirs), "results": results, "changes": changes, "table": table}, f, indent=1)
     return results, table
+
+
+def load_base(cfg, device, dtype, rank):
+    """The base policy and processor; the shipped tiny base is built first when it is missing."""
+    path = cfg.model.model
+    if path == ModelConfig.model and not os.path.isdir(path):
+        if rank == 0:
+            print(f"{path} is missing: building the tiny base (python tiny_base.py)", flush=True)
+            tiny_base.build_base(path, seed=0)
+        barrier()
+    with torch.random.fork_rng(devices=[]):
+        return M.load(path, device=device, dtype=dtype, seed=cfg.run.seed, max_pixels=cfg.model.max_pixels)
 
 
 def main(argv=None):
@@ -393,7 +345,6 @@ def main(argv=None):
     barrier()
     torch.manual_seed(cfg.run.seed)
     random.seed(cfg.run.seed)
-    timings = {}
     policy, processor = load_base(cfg, device, dtype, rank)
     base = copy.deepcopy(policy).eval().requires_grad_(False) if cfg.rl.ref == "base" else None
     pool = data.make_split("train", cfg.data.pool_size, seed=cfg.run.seed, size=cfg.data.image_size)
@@ -401,9 +352,8 @@ def main(argv=None):
     # Phase 1: curriculum GRPO.
     t0 = time.time()
     dirs = run_rl(cfg, stages, groups, steps, out, rank, device, dtype, policy, processor, base, pool)
-    timings["rl"] = time.time() - t0
-    names = ["base"] + [f"after {s}" for s in stages]
-    named = list(zip(names, dirs))
+    timings = {"rl": time.time() - t0}
+    named = list(zip(["base"] + [f"after {s}" for s in stages], dirs))
 
     # Phase 2: rejection-sampling SFT on the RL model's own best answers.
     p2 = cfg.phase2

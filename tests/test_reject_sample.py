@@ -251,13 +251,14 @@ def test_command_line_errors_and_run(tmp_path, capsys):
     with pytest.raises(SystemExit, match="no such folder"):
         R.main(["--model", str(tmp_path / "missing"), "--out", str(tmp_path / "o")])
     with pytest.raises(SystemExit, match="data file not found"):
-        R.main(["--model", "tiny", "--data", str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "o")])
+        R.main(["--model", "tiny", "--phase2-data", str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "o")])
     with pytest.raises(SystemExit, match="--out"):
         R.main(["--model", "tiny"])
     out = tmp_path / "run"
-    R.main(["--model", "tiny", "--data", "synthetic", "--pool-size", "3", "--bar", "0", "--n-samples", "2",
-            "--max-new-tokens", "6", "--epochs", "1", "--batch-size", "3", "--out", str(out)])
+    R.main(["--model", "tiny", "--pool-size", "3", "--phase2-prompts", "3", "--phase2-bar", "0", "--phase2-samples",
+            "2", "--max-new-tokens", "6", "--phase2-epochs", "1", "--phase2-batch", "3", "--out", str(out)])
     report = json.load(open(out / "phase2_report.json"))
-    assert report["kept"] == 3 and report["config"]["lr"] == 1e-4, "the report records the resolved config"
+    assert report["kept"] == 3 and report["config"]["phase2"]["phase2_lr"] == 1e-4, \
+        "the report records the resolved config"
     assert len(data.load_rows(out / "sft.jsonl")) == 3
     M.load(str(out / "model"))  # the fine-tuned model is a loadable checkpoint

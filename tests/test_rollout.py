@@ -126,6 +126,7 @@ def test_first_eos_is_inside_the_mask_and_stops_the_row(tiny):
     assert r.mask[0].tolist() == [1, 1, 1, 1, 0, 0, 0, 0], "the first EOS is a real action inside the mask"
     assert (r.completion_ids[0, 4:] == processor.pad_token_id).all() and (r.logp[0, 4:] == 0).all()
     assert r.mask[1:].all() and r.lengths.tolist() == [4, 8, 8]
+    assert torch.equal(r.lengths, r.mask.sum(1).long()), "lengths count the ones of the mask"
     assert "<|im_end|>" not in r.texts[0]
     assert r.texts[0] == processor.tokenizer.decode(r.completion_ids[0, :3])
 
