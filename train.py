@@ -272,14 +272,6 @@ def run_rl(cfg, stages, groups, steps, out, rank, device, dtype, policy, process
     return stage_dirs + [final_dir]
 
 
-def phase2_prompts(cfg, pool):
-    """Phase 2's prompts: the user's files, or the last phase2_prompts rows of the synthetic pool, each task
-    asked in every form in turn (reject_sample.phase2_prompts)."""
-    if cfg.phase2.phase2_data:
-        return data.load_mixture(cfg.phase2.phase2_data, seed=cfg.run.seed, image_root=cfg.data.image_root or None)
-    return R.phase2_prompts(pool[-cfg.phase2.phase2_prompts:], cfg.run.seed)
-
-
 def evaluate_stages(cfg, named_dirs, out, rank, device, dtype):
     """The table: every stage's model on the held-out in-domain and out-of-domain sets."""
     eval_stages = cfg.data.eval_stages.split(",")
@@ -361,7 +353,7 @@ def main(argv=None):
         t0 = time.time()
         final_dir = os.path.join(out, "stages", f"{len(stages) + 1}_phase2")
         if not os.path.isdir(final_dir):
-            R.phase2(policy, processor, phase2_prompts(cfg, pool), os.path.join(out, "phase2"), device=device,
+            R.phase2(policy, processor, R.load_pool(cfg, pool), os.path.join(out, "phase2"), device=device,
                      rank=rank, seed=cfg.run.seed, max_new_tokens=cfg.rl.max_new_tokens,
                      n_samples=p2.phase2_samples, bar=p2.phase2_bar, lr=p2.phase2_lr, epochs=p2.phase2_epochs,
                      batch_size=p2.phase2_batch)

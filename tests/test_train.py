@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 import config
+import reject_sample as R
 import report
 import train
 
@@ -230,7 +231,7 @@ def test_phase2_prompts_cover_every_task_and_form():
     for order in ("as drawn", "shuffled"):
         if order == "shuffled":
             random.Random(0).shuffle(pool)
-        prompts = train.phase2_prompts(cfg, pool)
+        prompts = R.load_pool(cfg, pool)
         assert len(prompts) == cfg.phase2.phase2_prompts == 300
         cells = Counter((r["task"], r["stage"]) for r in prompts)
         assert len(cells) == 9, f"pool {order}: all nine (task, form) cells, got {sorted(cells)}"
