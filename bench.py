@@ -34,11 +34,9 @@ from rollout import generate, prompt_generators
 
 TRAINING = dict(model="assets/tiny-base", kind="training", size=112, batch=32, group=8, max_new_tokens=64)
 
-
 def sync(device):
     if device.startswith("cuda"):
         torch.cuda.synchronize()
-
 
 def load(job):
     """A row's model (eval mode), processor, prompts (random-noise images with a counting question for the presets,
@@ -69,7 +67,6 @@ def load(job):
 
     return model.eval(), processor, samples, {"a": ours, "b": theirs}
 
-
 def throughput(fns, device, warmup, repeats):
     """Tokens/s and seconds of each arm per repeat, interleaved (a b, b a, ...), after `warmup` untimed calls."""
     for _ in range(warmup):
@@ -86,11 +83,9 @@ def throughput(fns, device, warmup, repeats):
             rates[name].append(n / seconds[name][-1])
     return rates, seconds
 
-
 def _resident_bytes():
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
 
 def _memory_child(job):
     """In a fresh process: one call of one arm; the peak memory above what was in use before it, in bytes."""
@@ -117,7 +112,6 @@ def _memory_child(job):
     watcher.join()
     return max(peak[0], _resident_bytes()) - before
 
-
 def peak_memory(job):
     """{"a": bytes, "b": bytes}, each arm measured in its own spawned process."""
     # A fixed mmap threshold for the spawned processes (glibc reads it at a process's start): glibc then returns
@@ -129,10 +123,8 @@ def peak_memory(job):
             out[arm] = pool.apply(_memory_child, ({**job, "arm": arm},))
     return out
 
-
 def spread(xs, fmt):
     return f"{format(statistics.median(xs), fmt)} ({format(min(xs), fmt)}–{format(max(xs), fmt)})"
-
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -173,7 +165,6 @@ def main():
               f"{job['max_new_tokens']} | {M.encode(processor, samples)['input_ids'].shape[1]} | "
               f"{spread(rates['a'], '.0f')} | {spread(rates['b'], '.0f')} | {spread(ratios, '.2f')} | "
               f"{statistics.median(seconds['a']):.2f} | {mem['a'] / 2**20:.0f} | {mem['b'] / 2**20:.0f} |", flush=True)
-
 
 if __name__ == "__main__":
     main()

@@ -18,10 +18,8 @@ import torch
 
 import curriculum
 
-
 def arg(default, help):
     return field(default=default, metadata={"help": help})
-
 
 @dataclass
 class ModelConfig:
@@ -29,7 +27,6 @@ class ModelConfig:
     device: str = arg("auto", "auto | cpu | cuda")
     dtype: str = arg("auto", "auto (bfloat16 on GPU, float32 on CPU) | float32 | bfloat16")
     max_pixels: int = arg(401_408, "images are resized to at most this many pixels (the model card's value)")
-
 
 @dataclass
 class DataConfig:
@@ -41,7 +38,6 @@ class DataConfig:
     eval_data: str = arg("", "evaluation files 'test=a.jsonl;ood=b.jsonl'; empty: the synthetic test and ood splits")
     eval_n: int = arg(1200, "synthetic evaluation rows per split and form (400 per task; 0: no evaluation)")
     eval_stages: str = arg("judge,choice,open", "answer forms evaluated (the synthetic sets)")
-
 
 @dataclass
 class RLConfig:
@@ -66,7 +62,6 @@ class RLConfig:
     choice_partial: float = arg(0.2, "reward of a non-empty proper subset of the right letters (paper 0.2, release 0)")
     box_reward: str = arg("hard", "open detection reward: hard (1 if IoU > 0.5, the paper) | iou | giou")
 
-
 @dataclass
 class Phase2Config:
     phase2: bool = arg(True, "run rejection-sampling SFT after the open stage")
@@ -77,7 +72,6 @@ class Phase2Config:
     phase2_lr: float = arg(1e-4, "SFT learning rate (the paper: 2e-7 for the 3B model)")
     phase2_epochs: int = arg(2, "SFT passes over the kept answers")
     phase2_batch: int = arg(32, "SFT rows per optimizer step, over all ranks")
-
 
 @dataclass
 class RunConfig:
@@ -90,7 +84,6 @@ class RunConfig:
     max_bad_steps: int = arg(5, "consecutive non-finite steps before the run stops")
     threads: int = arg(0, "torch CPU threads (0: torch's default)")
 
-
 @dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -98,7 +91,6 @@ class Config:
     rl: RLConfig = field(default_factory=RLConfig)
     phase2: Phase2Config = field(default_factory=Phase2Config)
     run: RunConfig = field(default_factory=RunConfig)
-
 
 PRESETS = {
     "tiny": {},  # the defaults above
@@ -114,7 +106,6 @@ PRESETS = {
 CHOICES = {"dtype": ("auto", "float32", "bfloat16", "float16"), "schedule": ("constant", "linear", "cosine"),
            "agg": ("seq", "token", "dr_grpo"), "ref": ("stage", "base"), "box_reward": ("hard", "iou", "giou")}
 
-
 def add_flags(parser, group, fields=None):
     """One flag per field of Config's `group` (or of those named in `fields`), stored as "group.field"; None
     when not given, so that a preset's value is kept."""
@@ -128,7 +119,6 @@ def add_flags(parser, group, fields=None):
             else:
                 g.add_argument(flag, type=type(f.default), choices=CHOICES.get(f.name), metavar=f.name.upper(), **kw)
 
-
 def apply_flags(cfg, args):
     """cfg with every "group.field" value of the parsed `args` that was given."""
     for key, value in vars(args).items():
@@ -136,7 +126,6 @@ def apply_flags(cfg, args):
             group, name = key.split(".")
             setattr(cfg, group, dataclasses.replace(getattr(cfg, group), **{name: value}))
     return cfg
-
 
 def make_config(argv=None):
     """Defaults <- preset <- flags, then validated. Invalid values raise ValueError before any work."""
@@ -151,7 +140,6 @@ def make_config(argv=None):
     validate(apply_flags(cfg, args))
     return cfg
 
-
 def per_stage(text, stages, name, cast=int):
     """'4' -> [4] * len(stages); '4,2,4' -> one value per stage. Three values name the judge, choice and open
     stages, so a run of some of them (--stages open) takes theirs: '100,100,150' -> [150] for 'open'."""
@@ -163,7 +151,6 @@ def per_stage(text, stages, name, cast=int):
     if len(values) != len(stages):
         raise ValueError(f"--{name.replace('_', '-')} {text!r}: give one value or one per stage ({len(stages)})")
     return values
-
 
 def replay_ratios(rl, stages):
     """Per-stage replay ratios (curriculum.StageSpec.replay); one value applies to every stage but open, and to none
@@ -182,7 +169,6 @@ def replay_ratios(rl, stages):
             raise ValueError(f"--replay {v} adds {float(extra):g} open questions to {rl.prompts_per_step} prompts: "
                              f"make it a whole number and the sum a multiple of the {W} processes")
     return ratios
-
 
 def validate(cfg):
     """(stages, group sizes, steps), one value per stage; a ValueError naming the flag to fix on a bad config."""
@@ -220,7 +206,6 @@ def validate(cfg):
         if not ok:
             raise ValueError(message)
     return stages, groups, steps
-
 
 def as_dict(cfg):
     return dataclasses.asdict(cfg)

@@ -43,7 +43,6 @@ from rewards import box_iou
 
 LETTERS = "ABCD"
 
-
 def wrong_boxes(meta, rng):
     """Plausible wrong boxes, all with IoU < 0.5 to the truth: (other objects' boxes, moved true boxes)."""
     truth, cell, size = meta["answer"], meta["cell"], meta["size"]
@@ -57,7 +56,6 @@ def wrong_boxes(meta, rng):
     rng.shuffle(others)
     rng.shuffle(moved)
     return others, moved
-
 
 def wrong_labels(meta, rng):
     """A label set near the truth: one label swapped for an absent one, an absent one added, or one dropped."""
@@ -74,7 +72,6 @@ def wrong_labels(meta, rng):
         wrong.add(rng.choice(absent))
     return [x for x in palette if x in wrong]
 
-
 def near_numbers(meta, reach):
     """Wrong numbers within `reach` steps of the truth: steps of 1 for counts, of one cell for pixel answers
     (a width is never 0 px, a left edge leaves a cell of room, nothing leaves the image)."""
@@ -87,7 +84,6 @@ def near_numbers(meta, reach):
     values = [truth + k * step for k in range(-reach, reach + 1) if k]
     return [v for v in values if low <= v <= high]
 
-
 def near_miss(meta, task, rng):
     """A false answer value close to the truth (for a judge claim)."""
     if task == "detection":
@@ -98,7 +94,6 @@ def near_miss(meta, task, rng):
     if task == "math":
         return rng.choice(near_numbers(meta, 2))
     raise ValueError(f"unknown task {task!r}")
-
 
 def choice_options(meta, task, rng):
     """Four shuffled option values and the letters of the right ones."""
@@ -121,7 +116,6 @@ def choice_options(meta, task, rng):
         raise ValueError(f"unknown task {task!r}")
     rng.shuffle(options)
     return options, [LETTERS[i] for i, v in enumerate(options) if v in right]
-
 
 def make_stage_row(row, stage, rng, truth=None):
     """An open synthetic row (with `meta`) as `stage` asks it, a new dict; truth: whether a judge claim is true
@@ -148,12 +142,10 @@ def make_stage_row(row, stage, rng, truth=None):
     return {**row, "problem": build_problem(question, task, stage), "solution": solution, "stage": stage,
             "meta": {**meta, stage: form}}
 
-
 def stage_rows(rows, stage, seed=0):
     """Every open row as `stage` asks it (for evaluation sets): deterministic, judge exactly balanced."""
     return [make_stage_row(row, stage, random.Random(f"stage_rows:{seed}:{stage}:{i}"), truth=i % 2 == 0)
             for i, row in enumerate(rows)]
-
 
 def prepare_stage_rows(rows, stage):
     """Rows of a stage's own files: unchanged, except the instruction line when the problem lacks one."""
@@ -164,7 +156,6 @@ def prepare_stage_rows(rows, stage):
             row["problem"] = build_problem(row["problem"], row["task"], stage)
         out.append(row)
     return out
-
 
 @dataclass
 class StageSpec:
@@ -183,12 +174,10 @@ class StageSpec:
             raise ValueError(f"stage {self.name!r}: replay is open questions per stage row, in [0, 4]; "
                              f"got {self.replay}")
 
-
 def replay_count(n, ratio):
     """Open questions replayed along the first n rows of a stage: floor(n * ratio), exact for ratios like 0.25
     or 1/3 (as a fraction), so a resumed run replays the same rows."""
     return math.floor(n * Fraction(ratio).limit_denominator(1000))
-
 
 def assign_stage_data(stages, mapping):
     """A copy of `stages` whose stages named in `mapping` (stage -> mixture spec) read those files."""
@@ -196,7 +185,6 @@ def assign_stage_data(stages, mapping):
     if unknown:
         raise ValueError(f"data given for stages not in the schedule: {sorted(unknown)}")
     return [dataclasses.replace(s, data=mapping.get(s.name, s.data)) for s in stages]
-
 
 def parse_stage_data(text):
     """'judge=a.jsonl:all;choice=b.jsonl:random:500' -> {"judge": "a.jsonl:all", "choice": ...}."""
@@ -208,7 +196,6 @@ def parse_stage_data(text):
         mapping[stage.strip()] = spec.strip()
     return mapping
 
-
 def balanced_order(pool, rng):
     """A shuffled order of the pool's indices that takes the tasks in turn (each task's rows shuffled), so that
     every batch holds them in near-equal shares and the training reward moves with learning, not the task mix."""
@@ -219,7 +206,6 @@ def balanced_order(pool, rng):
     for q in queues:
         rng.shuffle(q)
     return [q[k] for k in range(max(map(len, queues), default=0)) for q in queues if k < len(q)]
-
 
 class Curriculum:
     """Which stage runs, which rows it trains on next, and when it moves on; resumable via state_dict()."""
@@ -319,7 +305,6 @@ class Curriculum:
         return (f"Curriculum(stage {self.stage_index + 1}/{len(self.stages)} {self.stages[self.stage_index].name}, "
                 f"step {self.step}, position {self.position})")
 
-
 def tokenizer_corpus(n=1000, seed=0, size=112):
     """n texts 'problem\\ncompletion', every task in every stage, that the tiny model's BPE is trained on: the
     base's world (BASE_CELLS, BASE_KINDS, no images), so the tokenizer stays the one the shipped base has."""
@@ -330,7 +315,6 @@ def tokenizer_corpus(n=1000, seed=0, size=112):
         staged = make_stage_row(row, stage, random.Random(f"corpus:{seed}:{i}"), truth=i % 2 == 0)
         texts.append(staged["problem"] + "\n" + data.reference_completion(staged))
     return texts
-
 
 def write_split(out, split="train", n=300, seed=0, size=112, stage="open"):
     """Write `out/{split}.jsonl` (or `{split}_{stage}.jsonl`) and PNGs under `out/images/`; returns the path."""
@@ -346,7 +330,6 @@ def write_split(out, split="train", n=300, seed=0, size=112, stage="open"):
             f.write(json.dumps({**row, "image": image}) + "\n")
     return path
 
-
 def main():
     parser = argparse.ArgumentParser(description="Write a synthetic split as Curr-ReFT JSONL plus PNG images.")
     parser.add_argument("--out", required=True, help="output folder (created)")
@@ -359,7 +342,6 @@ def main():
     args = parser.parse_args()
     path = write_split(args.out, args.split, args.n, args.seed, args.size, args.stage)
     print(f"wrote {args.n} rows to {path} (images in {os.path.join(args.out, 'images')})")
-
 
 if __name__ == "__main__":
     main()

@@ -51,7 +51,6 @@ INSTRUCTIONS = {
     "open/math": "Think in <think></think>, then answer a number in <answer></answer>.",
 }
 
-
 def instruction(stage, task):
     """The instruction line of a stage and task."""
     text = INSTRUCTIONS.get(f"{stage}/{task}") or INSTRUCTIONS.get(stage)
@@ -60,15 +59,12 @@ def instruction(stage, task):
                          f"tasks {', '.join(TASKS)}")
     return text
 
-
 def build_problem(question, task, stage):
     """The full user text: the question (options included), then the stage's instruction line."""
     return f"{question}\n{instruction(stage, task)}"
 
-
 class DataError(ValueError):
     """A bad row or file; the message names the file, the line and the problem."""
-
 
 class Rows(list):
     """A list of rows that also reports the bad rows dropped: `errors` (their messages), `skipped` (a count)."""
@@ -81,14 +77,12 @@ class Rows(list):
     def skipped(self):
         return len(self.errors)
 
-
 # -----------------------------------------------------------------------------
 # Reading Curr-ReFT files
 
 def samples_of(rows):
     """Rows -> the {"image", "problem"} samples rollout.generate and model.encode take (images opened)."""
     return [{"image": None if r.get("image") is None else open_image(r), "problem": r["problem"]} for r in rows]
-
 
 def open_image(row_or_path):
     """An RGB PIL image from a row (its `image`), a path or a PIL image; a clear DataError otherwise."""
@@ -101,7 +95,6 @@ def open_image(row_or_path):
         return image if image.mode == "RGB" else image.convert("RGB")
     return _read_image(os.fspath(image))
 
-
 def _read_image(path, verify=False):
     """The file as an RGB PIL image (convert() loads it, so the file can close); verify: only check it."""
     if not os.path.isfile(path):
@@ -111,7 +104,6 @@ def _read_image(path, verify=False):
             return im.verify() if verify else im.convert("RGB")
     except Exception as e:
         raise DataError(f"unreadable image {path}: {e}") from e
-
 
 def format_value(value):
     """An answer value as the model should write it: 3 -> '3', box -> '[1, 2, 3, 4]', labels -> 'a, b'."""
@@ -130,13 +122,11 @@ def format_value(value):
             return ", ".join(v.strip() for v in value)
     raise DataError(f"cannot write {value!r} as an answer (a number, a string, a label list or a 4-number box)")
 
-
 def normalize_solution(solution):
     """`<answer>...</answer>` text kept as is; a bare string, number, list or box wrapped in answer tags."""
     if isinstance(solution, str) and "<answer>" in solution:
         return solution.strip()
     return f"<answer>{format_value(solution)}</answer>"
-
 
 def _from_messages(messages):
     """Problem and solution of an SFT row: the texts of its first user and last assistant turns."""
@@ -152,7 +142,6 @@ def _from_messages(messages):
             raise DataError("message content is neither text nor a list of parts")
         texts.append(content.replace("<image>", "").strip())
     return texts
-
 
 def parse_row(obj, base_dir, default_task=None):
     """One file object -> a row with a checked, resolved image path. Raises DataError on any problem."""
@@ -185,7 +174,6 @@ def parse_row(obj, base_dir, default_task=None):
         image = os.path.normpath(path)
     row["image"] = image
     return row
-
 
 def load_rows(path, image_root=None, default_task=None, on_error="raise"):
     """All rows of one JSONL / JSON file, a `Rows` list. image_root: where relative image paths start (None:
@@ -222,7 +210,6 @@ def load_rows(path, image_root=None, default_task=None, on_error="raise"):
         log.warning("skipped %d bad row(s) of %s; first: %s", rows.skipped, path, rows.errors[0])
     return rows
 
-
 # -----------------------------------------------------------------------------
 # Mixtures
 
@@ -234,7 +221,6 @@ class MixtureItem:
     image_root: str | None = None
     task: str | None = None    # default_task for this file
 
-
 def _parse_rule(text, where):
     """'all' | 'first:N' | 'last:N' | 'random:N' | 'N%' (each N may be 'N%') -> (rule, amount)."""
     parts = text.split(":") if text else ["all"]
@@ -245,7 +231,6 @@ def _parse_rule(text, where):
     if len(parts) == 2 and parts[0] in ("first", "last", "random") and re.fullmatch(r"\d+(\.\d+)?%|\d+", parts[1]):
         return parts[0], parts[1]
     raise DataError(f"{where}: bad sampling rule {text!r}; use all, first:N, last:N, random:N or N%")
-
 
 def _mixture_file(path):
     """The entries of a JSON mixture file (a list of {"path": ...} objects, not rows), or None."""
@@ -261,7 +246,6 @@ def _mixture_file(path):
         return entries
     return None
 
-
 def _mixture_items(entries, where, base_dir):
     """MixtureItems of {"path", "rule", "image_root", "task"} dicts; base_dir: what relative paths start from."""
     items = []
@@ -275,7 +259,6 @@ def _mixture_items(entries, where, base_dir):
         rule = _parse_rule(d.get("rule", "all"), f"{where} {i}")
         items.append(MixtureItem(path, *rule, image_root=image_root, task=d.get("task")))
     return items
-
 
 def parse_mixture(spec):
     """A mixture spec (a string, a JSON mixture file, or a list of dicts) -> a list of MixtureItem."""
@@ -293,7 +276,6 @@ def parse_mixture(spec):
         raise DataError(f"empty mixture spec {spec!r}")
     return items
 
-
 def _select(rows, item, rng):
     """The rows a rule picks, in file order."""
     if item.rule == "all":
@@ -307,7 +289,6 @@ def _select(rows, item, rng):
         return rows[len(rows) - count:]
     return [rows[i] for i in sorted(rng.sample(range(len(rows)), count))]
 
-
 def load_mixture(spec, seed=0, image_root=None, default_task=None, on_error="raise"):
     """Rows of every item of a mixture spec, concatenated in order, deterministic for a seed; a `Rows` list
     holding the `.errors` of every file (on_error="skip")."""
@@ -318,7 +299,6 @@ def load_mixture(spec, seed=0, image_root=None, default_task=None, on_error="rai
         out.extend(_select(rows, item, random.Random(f"mixture:{seed}:{i}")))
         out.errors += rows.errors
     return out
-
 
 # -----------------------------------------------------------------------------
 # The synthetic world
@@ -338,13 +318,11 @@ GEOMETRY = ("width", "left")  # math kinds answered in pixels, on the cell grid
 BASE_KINDS = {task: tuple(k for k in kinds if k not in GEOMETRY) for task, kinds in KINDS.items()}
 BASE_CELLS = (2, 3)
 
-
 @dataclass(frozen=True)
 class SplitStyle:
     background: str        # a key of BACKGROUNDS
     cells: tuple           # allowed object sizes, in grid cells
     held_out: bool         # True: layouts of bucket 0 only (test, ood); False: the other buckets (train)
-
 
 SPLITS = {
     "train": SplitStyle("light_grey", (1, 2, 3), held_out=False),
@@ -353,12 +331,10 @@ SPLITS = {
     "ood_small": SplitStyle("light_grey", (1,), held_out=True),    # optional: every shape one cell (16 px)
 }
 
-
 def _layout_bucket(objects):
     """A stable hash of a scene's layout into 10 buckets (bucket 0: test and ood, 1-9: train)."""
     key = ";".join(f"{o['shape']},{o['colour']},{o['box']}" for o in objects)
     return int(hashlib.md5(key.encode()).hexdigest(), 16) % 10
-
 
 def _place(rng, style, size):
     """1-4 non-overlapping objects with unique colours on the cell grid, in reading order; None if stuck."""
@@ -384,7 +360,6 @@ def _place(rng, style, size):
         objects.append({"shape": shape, "colour": colour, "box": [x * cell, y * cell, (x + c) * cell, (y + c) * cell]})
     return sorted(objects, key=lambda o: (o["box"][1], o["box"][0]))
 
-
 def draw_shape(draw, shape, box, fill):
     """Fill `shape` so that its pixels span exactly box = [x1, y1, x2, y2] (x2, y2 exclusive)."""
     x1, y1, x2, y2 = box
@@ -405,7 +380,6 @@ def draw_shape(draw, shape, box, fill):
     else:
         raise ValueError(f"unknown shape {shape!r}")
 
-
 def draw_scene(objects, size=112, background="light_grey"):
     """An RGB image of the objects on a flat background (no anti-aliasing: a colour's pixels are exact)."""
     image = Image.new("RGB", (size, size), BACKGROUNDS[background])
@@ -413,7 +387,6 @@ def draw_scene(objects, size=112, background="light_grey"):
     for o in objects:
         draw_shape(draw, o["shape"], o["box"], COLOURS[o["colour"]])
     return image
-
 
 def ask(rng, task, objects, kinds=None):
     """A random question of `task` (its kind drawn from `kinds`, default KINDS) about the scene: (kind,
@@ -447,7 +420,6 @@ def ask(rng, task, objects, kinds=None):
         return kind, f"How many {PLURALS[a]} plus {PLURALS[b]} are there?", {"shapes": [a, b]}, count[a] + count[b]
     raise ValueError(f"unknown question kind {kind!r}")
 
-
 def make_rows(split, n, seed=0, size=112, tasks=TASKS, draw=True, cells=None, kinds=None):
     """n open-form rows of a synthetic split; row i asks a `tasks[i % len(tasks)]` question. draw=False leaves
     `image` None (the scene stays in `meta`); cells / kinds override the split's object sizes and question
@@ -473,11 +445,9 @@ def make_rows(split, n, seed=0, size=112, tasks=TASKS, draw=True, cells=None, ki
                      "task": task, "meta": meta, "stage": "open"})
     return rows
 
-
 def make_split(split, n, seed=0, size=112):
     """n synthetic rows of `split` (train, test, ood, ood_small) whose `image` is a PIL image."""
     return make_rows(split, n, seed, size)
-
 
 def reference_completion(row):
     """The answer a model should write: '<think>red circle, blue square; so 2</think><answer>2</answer>' (the

@@ -49,7 +49,6 @@ TASK_METRICS = {("detection", "open"): {"acc@0.5": "acc@0.5", "iou_mean": "IoU"}
                 ("classify", "open"): {"exact": "exact", "f1": "F1"}}
 SHORT = {"detection": "det", "classify": "cls", "math": "math"}
 
-
 @torch.no_grad()
 def answers(model, processor, rows, batch_size=64, max_new_tokens=64, samples=0, seed=0, index=None):
     """Per row: [its greedy answer], or `samples` answers at temperature 1 from a generator seeded by
@@ -68,7 +67,6 @@ def answers(model, processor, rows, batch_size=64, max_new_tokens=64, samples=0,
         out += [r.texts[j * G:(j + 1) * G] for j in range(len(chunk))]   # row-major: G texts per row
     return out
 
-
 @torch.no_grad()
 def evaluate(model, processor, rows, batch_size=64, max_new_tokens=64, reward_options=None):
     """The quick evaluation: the training reward (rewards.score) of greedy answers, one process, no se:
@@ -86,7 +84,6 @@ def evaluate(model, processor, rows, batch_size=64, max_new_tokens=64, reward_op
     model.train(was_training)
     return {key: {k: (v if k == "n" else v / cell["n"]) for k, v in cell.items()} for key, cell in sums.items()}
 
-
 def pass_at_k(n, c, k):
     """Unbiased pass@k from n samples with c right: 1 - C(n-c, k) / C(n, k), as a stable product."""
     if not 0 <= c <= n or not 1 <= k <= n:
@@ -95,11 +92,9 @@ def pass_at_k(n, c, k):
         return 1.0  # every draw of k samples holds a right one
     return 1.0 - math.prod(1.0 - k / i for i in range(n - c + 1, n + 1))
 
-
 def metric_names(task, stage, ks=()):
     """The metrics of a (task, stage) cell, in table order."""
     return ["accuracy", "format"] + list(TASK_METRICS.get((task, stage), {})) + [f"pass@{k}" for k in ks]
-
 
 def score_answer(text, row):
     """{"task", "stage", + the row's own value of each of metric_names(task, stage)} for one answer."""
@@ -115,7 +110,6 @@ def score_answer(text, row):
         out.update({"accuracy": exact, "exact": exact, "f1": f1})
     return out
 
-
 def cells_of(eval_sets):
     """Every (split, task, stage) of the sets, in order: splits as given, then TASKS, then STAGES."""
     order = {(t, s): i for i, (t, s) in enumerate((t, s) for s in rewards.STAGES for t in rewards.TASKS)}
@@ -124,7 +118,6 @@ def cells_of(eval_sets):
         present = {(r["task"], r.get("stage", "open")) for r in rows}
         cells += [(split, t, s) for t, s in sorted(present, key=order.get)]
     return cells
-
 
 def metrics(records, cells=None, ks=(), reduce=None):
     """Per-row records (evaluate_models) -> {split: {task: {stage: {"n", metric, metric + "_se", ...}}}}. The sums
@@ -157,7 +150,6 @@ def metrics(records, cells=None, ks=(), reduce=None):
         out.setdefault(split, {}).setdefault(task, {})[stage] = cell
     return out
 
-
 def eval_sets_synthetic(n=300, seed=0, stages=("open",), size=112):
     """{"test": rows, "ood": rows}: n synthetic rows per split (n/3 per task), each asked in every stage of
     `stages` (curriculum.stage_rows), so n * len(stages) rows a split."""
@@ -166,7 +158,6 @@ def eval_sets_synthetic(n=300, seed=0, stages=("open",), size=112):
         base = data.make_split(split, n, seed=seed, size=size)
         sets[split] = [r for stage in stages for r in curriculum.stage_rows(base, stage, seed=seed)]
     return sets
-
 
 def parse_data_spec(text):
     """'test=a.jsonl;ood=b.jsonl:first:200' -> [("test", "a.jsonl"), ("ood", "b.jsonl:first:200")]; a part
@@ -182,7 +173,6 @@ def parse_data_spec(text):
     if len({name for name, _ in out}) != len(out):
         raise ValueError(f"--data names a split twice: {text!r}")
     return out
-
 
 def load_eval_sets(spec="synthetic", n=300, seed=0, stages=("open",), image_root=None, default_task=None,
                    size=112):
@@ -206,7 +196,6 @@ def load_eval_sets(spec="synthetic", n=300, seed=0, stages=("open",), image_root
             sets[name] += curriculum.prepare_stage_rows([row], stage)   # adds the instruction line if missing
     return sets
 
-
 def check_checkpoint(path):
     """Raise FileNotFoundError naming `path` unless it is a preset of model.load or a checkpoint folder."""
     if path in M.PRESETS:
@@ -217,7 +206,6 @@ def check_checkpoint(path):
                if not os.path.isfile(os.path.join(path, f))]
     if missing:
         raise FileNotFoundError(f"model {path!r} is not a checkpoint folder: it has no {', '.join(missing)}")
-
 
 def _open_model(entry, device, dtype, max_pixels):
     """(name, model, processor) from a path, a (name, path) pair or a (name, model, processor) triple."""
@@ -231,10 +219,8 @@ def _open_model(entry, device, dtype, max_pixels):
         model, processor = M.load(path, device=device or "cpu", dtype=dtype or torch.float32, max_pixels=max_pixels)
     return name, model, processor
 
-
 def _rank_world():
     return (dist.get_rank() if dist.is_initialized() else 0), world_size()
-
 
 def evaluate_models(models, eval_sets, batch_size=64, max_new_tokens=64, samples=0, pass_k=(), seed=0,
                     device=None, dtype=None, max_pixels=None, verbose=False, records_out=None):
@@ -278,7 +264,6 @@ def evaluate_models(models, eval_sets, batch_size=64, max_new_tokens=64, samples
             cell["samples"] = samples
     return results
 
-
 def paired_differences(records_a, records_b, cells, reduce=None):
     """metrics() of the per-row differences b - a of two models' records of the same rows: each cell's mean
     change and its paired se, sd(b - a) / sqrt(n), far under the unpaired one when the models agree on most rows."""
@@ -293,13 +278,11 @@ def paired_differences(records_a, records_b, cells, reduce=None):
                       **{m: b[m] - a[m] for m in names}})
     return metrics(diffs, cells, reduce=reduce)
 
-
 def changes_from_first(records, eval_sets, reduce=None):
     """{"<name> − <first>": paired_differences(first, name)} for every model after the first of `records`."""
     first, cells = next(iter(records)), cells_of(eval_sets)
     return {f"{name} − {first}": paired_differences(records[first], recs, cells, reduce=reduce)
             for name, recs in records.items() if name != first}
-
 
 def _columns(results, labels):
     """([(label, split, task, stage, metric)], splits): for each form of the results, in table order, its metrics
@@ -313,21 +296,17 @@ def _columns(results, labels):
             cols += [(f"{SHORT[task]} {label} {split}", split, task, stage, metric) for split in splits]
     return cols, splits
 
-
 def _pct(mean, se, signed=False):
     return f"{100 * mean:{'+' if signed else ''}.1f} ± {100 * se:.1f}"
-
 
 def _entry(per_model, split, task, stage, metric, signed=False):
     """A cell's metric as "mean ± se" in percent, or – where the model has no rows."""
     cell = per_model.get(split, {}).get(task, {}).get(stage)
     return _pct(cell[metric], cell[metric + "_se"], signed) if cell and cell["n"] else "–"
 
-
 def _table(header, rows):
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
     return lines + ["| " + " | ".join(r) + " |" for r in rows]
-
 
 def markdown_table(results, differences=False):
     """A markdown table, one row per model: each form's headline metrics per split, then each split's format
@@ -366,7 +345,6 @@ def markdown_table(results, differences=False):
                         [[name] + [_entry(per_model, *c[1:]) for c in pcols] for name, per_model in results.items()])
     return "\n".join(lines)
 
-
 def build_parser():
     p = argparse.ArgumentParser(description="Evaluate Curr-ReFT checkpoints in and out of domain.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -390,7 +368,6 @@ def build_parser():
     p.add_argument("--max-pixels", type=int, default=None, help="resize images to at most this many pixels")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     return p
-
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
@@ -433,7 +410,6 @@ def main(argv=None):
             print(f"wrote {args.out}", file=sys.stderr)
     barrier()
     return results
-
 
 if __name__ == "__main__":
     main()

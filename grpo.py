@@ -33,7 +33,6 @@ import torch
 
 AGGS = ("seq", "token", "dr_grpo")
 
-
 def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-4) -> torch.Tensor:
     """(N,) rewards, groups contiguous -> (N,) advantages (r - group mean) / (unbiased std + eps)."""
     if rewards.dim() != 1:
@@ -46,14 +45,12 @@ def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-4) 
     constant = (r.max(dim=1, keepdim=True).values == r.min(dim=1, keepdim=True).values)  # (B, 1)
     return torch.where(constant, torch.zeros_like(adv), adv).view(-1)  # (N,), exactly 0 for equal rewards
 
-
 def zero_variance_fraction(rewards: torch.Tensor, group_size: int) -> float:
     """Fraction of groups whose G rewards are all equal (they give no policy gradient)."""
     if group_size < 1 or rewards.numel() % group_size != 0:
         raise ValueError(f"N = {rewards.numel()} rewards cannot be split into groups of {group_size}")
     r = rewards.detach().float().view(-1, group_size)  # (B, G)
     return (r.max(dim=1).values == r.min(dim=1).values).float().mean().item()
-
 
 def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor | None, adv: torch.Tensor,
               mask: torch.Tensor, clip_eps: float = 0.2, beta: float = 0.04, agg: str = "seq",

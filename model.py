@@ -72,7 +72,6 @@ PRESETS = {
 }
 MODEL_CLASSES = {"qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration", "qwen2_vl": "Qwen2VLForConditionalGeneration"}
 
-
 class Processor:
     """The tokenizer, the image processor and the chat template, saved and loaded as a checkpoint folder."""
 
@@ -120,7 +119,6 @@ class Processor:
         kwargs["max_pixels"] = max_pixels or cfg.get("max_pixels") or size.get("longest_edge") or 28 * 28 * 1280
         return cls(tokenizer, Qwen2VLImageProcessorPil(**kwargs))
 
-
 def build_tokenizer(corpus, vocab_size=512):
     """A byte-level BPE trained on `corpus` (a list of strings), wrapped as a transformers Qwen2Tokenizer."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -134,7 +132,6 @@ def build_tokenizer(corpus, vocab_size=512):
     tok.train_from_iterator(corpus, trainer)
     return Qwen2Tokenizer(tokenizer_object=tok, eos_token=EOS_TOKEN, pad_token=PAD_TOKEN, unk_token=None,
                           bos_token=None)
-
 
 def tiny_config(processor, preset="tiny", model_type="qwen2_5_vl"):
     """A small Qwen2.5-VL (or Qwen2-VL) config whose special-token ids match `processor`'s tokenizer."""
@@ -161,7 +158,6 @@ def tiny_config(processor, preset="tiny", model_type="qwen2_5_vl"):
         return Qwen2VLConfig(text_config=text, vision_config=vision, **ids)
     raise ValueError(f"model_type must be qwen2_5_vl or qwen2_vl, got {model_type!r}")
 
-
 def build_tiny(preset="tiny", seed=0, model_type="qwen2_5_vl", min_pixels=56 * 56, max_pixels=448 * 448):
     """A randomly initialised model and its processor, made in code: no file, no network."""
     import transformers
@@ -176,7 +172,6 @@ def build_tiny(preset="tiny", seed=0, model_type="qwen2_5_vl", min_pixels=56 * 5
         torch.manual_seed(seed)
         model = getattr(transformers, MODEL_CLASSES[model_type])(config)
     return model, processor
-
 
 def load(name_or_path="tiny", device="cpu", dtype=torch.float32, min_pixels=None, max_pixels=None, seed=0):
     """(model, processor) from "tiny" / "small" (built in code) or a local Qwen2.5-VL / Qwen2-VL folder."""
@@ -201,16 +196,13 @@ def load(name_or_path="tiny", device="cpu", dtype=torch.float32, min_pixels=None
     model = getattr(transformers, MODEL_CLASSES[model_type]).from_pretrained(path, dtype=dtype).to(device)
     return model, Processor.from_pretrained(path, min_pixels=min_pixels, max_pixels=max_pixels)
 
-
 def save(model, processor, path):
     """A folder that `load(path)` and transformers' `from_pretrained` both open."""
     model.save_pretrained(path)
     processor.save_pretrained(path)
 
-
 def num_parameters(module):
     return sum(p.numel() for p in module.parameters())
-
 
 def encode(processor, samples, max_length=None):
     """B samples {"image": PIL | path | None, "problem": str} as one left-padded batch: input_ids, attention_mask,
@@ -252,12 +244,10 @@ def encode(processor, samples, max_length=None):
     batch["mm_token_type_ids"] = (input_ids == processor.image_token_id).int() * attention_mask.int()
     return batch
 
-
 def image_counts(batch):
     """Number of images of each prompt (0 or 1 here) as a list of length B."""
     starts = batch["mm_token_type_ids"].diff(dim=1, prepend=torch.zeros_like(batch["mm_token_type_ids"][:, :1]))
     return (starts == 1).sum(1).tolist()
-
 
 def repeat_batch(batch, G):
     """Each prompt of an encoded batch, its image patches included, repeated G times (rows b*G .. b*G+G-1)."""
@@ -272,14 +262,12 @@ def repeat_batch(batch, G):
         out["pixel_values"], out["image_grid_thw"] = torch.cat(pixels), torch.cat(grids)
     return out
 
-
 def rope_positions(model, batch):
     """3-D rotary positions of the prompts (3, B, L) and the next text position of each prompt (B,)."""
     pos, _ = model.model.get_rope_index(batch["input_ids"], mm_token_type_ids=batch["mm_token_type_ids"],
                                         image_grid_thw=batch.get("image_grid_thw"),
                                         attention_mask=batch["attention_mask"])
     return pos, pos.amax(dim=(0, 2)) + 1
-
 
 def image_features(model, batch, G):
     """Vision-tower output of the B prompts, run once, repeated for their G answers (as `mm_encoder_outputs`)."""
@@ -292,7 +280,6 @@ def image_features(model, batch, G):
         out += list(features[k:k + n]) * G
         k += n
     return {"image": BaseModelOutputWithPooling(pooler_output=tuple(out))}
-
 
 def completion_logprobs(model, batch, completion_ids, completion_mask=None):
     """Teacher-forced log pi(y_t | prompt, image, y_<t) (N, T) of completion_ids (N, T), the N = B*G answers
@@ -314,7 +301,6 @@ def completion_logprobs(model, batch, completion_ids, completion_mask=None):
                 position_ids=position_ids, use_cache=False, logits_to_keep=T + 1)
     logits = out.logits[:, :-1].float()                                       # (N, T, V): predicts y_1..y_T
     return torch.gather(F.log_softmax(logits, dim=-1), 2, completion_ids[..., None]).squeeze(-1)
-
 
 if __name__ == "__main__":
     model, processor = load("tiny")

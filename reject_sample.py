@@ -49,14 +49,12 @@ import rewards
 from rollout import generate
 from runtime import all_reduce_grads, all_reduce_sum, barrier, lr_factor, resolve_dtype, setup_dist, world_size
 
-
 def target_text(row):
     """What the model should write for a row: its own completion when it has reasoning (sampled answers), else
     the synthetic world's reference completion (`<think></think><answer>...</answer>` for a bare answer)."""
     if "<think>" in row["solution"]:
         return row["solution"].strip()
     return data.reference_completion(row)
-
 
 def sft_targets(processor, rows):
     """Right-padded target ids (n, T), each followed by <|im_end|>, and their mask (n, T)."""
@@ -67,14 +65,12 @@ def sft_targets(processor, rows):
     lengths = torch.tensor([len(x) for x in ids])
     return out, (torch.arange(out.shape[1]) < lengths[:, None]).float()
 
-
 def sft_loss(model, processor, rows, targets, num_tokens, device):
     """Summed negative log-likelihood of the rows' targets (sft_targets: assistant tokens only) / num_tokens."""
     batch = {k: v.to(device) for k, v in M.encode(processor, data.samples_of(rows)).items()}
     ids, mask = (t.to(device) for t in targets)
     logp = M.completion_logprobs(model, batch, ids, mask)          # (n, T)
     return -(torch.where(mask.bool(), logp, 0.0)).sum() / num_tokens
-
 
 def sft(model, processor, next_rows, steps, lr=1e-3, warmup=20, micro_batch=None, rank=0, device="cpu",
         callback=None, desc="sft"):
@@ -111,7 +107,6 @@ def sft(model, processor, next_rows, steps, lr=1e-3, warmup=20, micro_batch=None
             return step + 1
     return steps
 
-
 class RuleScorer:
     """The RL stages' rule rewards, accuracy + format; an answer passes at score >= bar (2: both 1; 0: all)."""
 
@@ -126,12 +121,10 @@ class RuleScorer:
     def __str__(self):
         return f"rule rewards, accuracy + format >= {self.bar:g}"
 
-
 JUDGE_PROMPT = ("Grade a candidate answer against the reference answer.\n"
                 "Question: {question}\nReference answer: {reference}\nCandidate answer: {answer}\n"
                 "How right is the candidate? Reply with one integer from 0 (wrong) to 100 (fully right).")
 _JUDGE_NUMBER = re.compile(r"-?[0-9]+(?:\.[0-9]+)?")
-
 
 def parse_judge_score(text):
     """The first number a judge wrote (after its think block, if any) when it lies in [0, 100]; else 0."""
@@ -140,7 +133,6 @@ def parse_judge_score(text):
     m = _JUDGE_NUMBER.search(text.rpartition("</think>")[2][:1000])
     value = float(m.group()) if m else 0.0
     return value if 0.0 <= value <= 100.0 else 0.0
-
 
 class Judge:
     """A local Qwen-VL checkpoint as the judge: shown the row's image, the question, the reference and an answer,
@@ -173,7 +165,6 @@ class Judge:
     def __str__(self):
         return f"{self.name}, score >= {self.threshold:g} / 100"
 
-
 def image_key(image):
     """What identifies an image: its path, or a hash of an in-memory image's pixels (with size and mode)."""
     if image is None:
@@ -184,11 +175,9 @@ def image_key(image):
         return "sha1:" + h.hexdigest()
     return "path:" + os.path.abspath(os.fspath(image))
 
-
 def clean_answer(text):
     """An answer as data.load_rows reads an assistant turn back: <image> placeholders removed, stripped."""
     return text.replace("<image>", "").strip()
-
 
 def select(answers, verdicts, per_prompt=1):
     """Indices of the best passing answers of one prompt, best first (ties: the first sampled), at most
@@ -206,9 +195,7 @@ def select(answers, verdicts, per_prompt=1):
             seen.add(text)
     return chosen, repeats
 
-
 SAMPLE_BATCH = 8  # prompts per generate call
-
 
 @torch.no_grad()
 def rejection_sample(model, processor, rows, n_samples=4, bar=2.0, scorer=None, per_prompt=1, max_new_tokens=64,
@@ -272,7 +259,6 @@ def rejection_sample(model, processor, rows, n_samples=4, bar=2.0, scorer=None, 
               f"{report['seconds']:.1f}s)", flush=True)
     return kept, report
 
-
 def write_sft_file(kept, path):
     """Write rows as Curr-ReFT SFT JSONL: {"messages": [user, assistant], "image", "task", "stage"} per line.
     An in-memory (PIL) image is saved as images/<sha1>.png beside the file (the same image once); a path
@@ -300,9 +286,7 @@ def write_sft_file(kept, path):
     os.replace(tmp, path)
     return path
 
-
 P2 = config.Phase2Config()  # one set of phase-2 defaults, for train.py and this command line
-
 
 def phase2(model, processor, pool_rows, out_dir, n_samples=P2.phase2_samples, lr=P2.phase2_lr,
            epochs=P2.phase2_epochs, batch_size=P2.phase2_batch, bar=P2.phase2_bar, scorer=None, max_new_tokens=64,
@@ -353,7 +337,6 @@ def phase2(model, processor, pool_rows, out_dir, n_samples=P2.phase2_samples, lr
             json.dump(report, f, indent=1)
     return report
 
-
 def phase2_prompts(rows, seed=0):
     """Synthetic open rows as phase 2's prompts: each task's rows asked in judge, choice and open form in turn,
     so every (task, form) cell gets a near-equal share and the SFT keeps every answer form of every task."""
@@ -365,7 +348,6 @@ def phase2_prompts(rows, seed=0):
         out.append(curriculum.make_stage_row(row, curriculum.STAGES[k % 3], rng, truth=(k // 3) % 2 == 0))
     return out
 
-
 def load_pool(cfg, pool=None):
     """Phase 2's prompts: the phase2_data files (a problem without the instruction line gets its stage's), else
     the last phase2_prompts rows of the synthetic train pool (train.py's, rebuilt when not given), as
@@ -376,7 +358,6 @@ def load_pool(cfg, pool=None):
     if pool is None:
         pool = data.make_split("train", cfg.data.pool_size, seed=cfg.run.seed, size=cfg.data.image_size)
     return phase2_prompts(pool[-cfg.phase2.phase2_prompts:], cfg.run.seed)
-
 
 def build_parser():
     """The phase-2 settings of config.py's dataclasses (train.py's names and defaults), plus the judge's."""
@@ -390,7 +371,6 @@ def build_parser():
     p.add_argument("--judge", help="score with this local Qwen-VL checkpoint's 0-100 grade, not the rule rewards")
     p.add_argument("--judge-threshold", type=float, default=85.0, help="judge: keep an answer scored >= this")
     return p
-
 
 def check_args(args, cfg):
     """One clear line for a missing --out, model folder or data file, or a bad value, before any work."""
@@ -408,7 +388,6 @@ def check_args(args, cfg):
         raise SystemExit(f"error: {e}")
     if missing:
         raise SystemExit(f"error: --phase2-data {spec!r}: data file not found: {missing[0]}")
-
 
 def main(argv=None):
     """`python reject_sample.py --model DIR --out DIR`: phase 2 alone on load_pool's prompts, then model.save."""
@@ -448,7 +427,6 @@ def main(argv=None):
             print(f"phase 2: fine-tuned model written to {os.path.join(out, 'model')}", flush=True)
     barrier()
     return report
-
 
 if __name__ == "__main__":
     main()

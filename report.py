@@ -8,7 +8,6 @@ by a least-squares line through every step, with a standard error) and the rewar
 """
 from PIL import Image, ImageDraw
 
-
 def stage_summary(metrics):
     """Per stage: the mean training accuracy of its first and last quarter of steps, and its change by a least-squares
     line through every step, +- one standard error (a rise is a change above about twice that)."""
@@ -36,7 +35,6 @@ def stage_summary(metrics):
             lines.append(f"  {'':6s} replayed open questions | accuracy {mean(replay[:r]):.3f} -> "
                          f"{mean(replay[-r:]):.3f}")
     return "\n".join(lines)
-
 
 def plot_rewards(metrics, path, keys=("reward_total", "reward_accuracy"), width=960, height=360):
     """PNG of training reward per step across the stages (raw as dots, moving average of 9 as a line)."""

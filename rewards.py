@@ -42,7 +42,6 @@ ANSWER_OPEN, ANSWER_CLOSE = "<answer>", "</answer>"
 MAX_NUMBER_CHARS = 50  # a numeric token longer than this is garbage, not a number
 MAX_LABEL_WORDS = 5  # a longer "label" is a sentence
 
-
 @dataclass(frozen=True)
 class RewardOptions:
     accuracy_weight: float = 1.0  # total = accuracy_weight * accuracy + format_weight * format
@@ -61,7 +60,6 @@ class RewardOptions:
             raise ValueError(f"box_mode must be one of {BOX_MODES}, got {self.box_mode!r}")
         if self.label_mode not in LABEL_MODES:
             raise ValueError(f"label_mode must be one of {LABEL_MODES}, got {self.label_mode!r}")
-
 
 def split_completion(completion, max_chars: int = 20_000) -> tuple[str | None, bool]:
     """(answer or None, well_formed): the answer is the single <answer> block, not in, after or before a think block;
@@ -87,11 +85,9 @@ def split_completion(completion, max_chars: int = 20_000) -> tuple[str | None, b
                    and head.count(THINK_CLOSE) == 1 and after.strip() == "")
     return inside.strip(), well_formed
 
-
 def _plain(solution):
     """numpy / torch values -> Python values."""
     return solution.tolist() if hasattr(solution, "tolist") else solution
-
 
 def solution_text(solution) -> str:
     """The ground truth as text: a string's first <answer> block, else the text after a final </think>, else all of it;
@@ -110,17 +106,14 @@ def solution_text(solution) -> str:
         return "[" + ", ".join(str(_plain(x)) for x in solution) + "]"
     return "" if solution is None else str(solution).strip()
 
-
 # stage 1: judge (yes / no)
 YES, NO = ("yes", "true"), ("no", "false")
 _JUDGE_STRIP = " \t\r\n.,;:!?'\"`*()[]{}"
-
 
 def parse_yes_no(text: str) -> str | None:
     """"yes" / "no" if the text stripped of spaces, punctuation, quotes, brackets and `*` is yes/no/true/false."""
     word = text.strip(_JUDGE_STRIP).lower()
     return "yes" if word in YES else "no" if word in NO else None
-
 
 def judge_reward(answer: str, solution) -> tuple[float, str | None]:
     """(accuracy, parsed answer): 1 if the answer's yes/no, any case, equals the solution's.
@@ -131,10 +124,8 @@ def judge_reward(answer: str, solution) -> tuple[float, str | None]:
     pred, gold = parse_yes_no(answer), parse_yes_no(solution_text(solution))
     return float(pred is not None and pred == gold), pred
 
-
 # stage 2: choice (option letters)
 _CHOICE_SEPARATORS = str.maketrans({c: " " for c in ",;/&|+.:()[]{}"})
-
 
 def parse_letters(text: str, compact: bool = False) -> frozenset[str] | None:
     """Option letters, any case, split by , ; / & | + . : ( ) [ ] { }, whitespace and "and"; None if a token is not one
@@ -153,7 +144,6 @@ def parse_letters(text: str, compact: bool = False) -> frozenset[str] | None:
             return None
     return frozenset(letters) or None
 
-
 def choice_reward(answer: str, solution, partial: float = 0.0) -> tuple[float, str | None]:
     """(accuracy, parsed letters): 1 if the letter sets are equal, `partial` for a non-empty proper subset.
 
@@ -170,11 +160,9 @@ def choice_reward(answer: str, solution, partial: float = 0.0) -> tuple[float, s
         return 0.0, parsed
     return (1.0 if pred == gold else float(partial) if pred < gold else 0.0), parsed
 
-
 # stage 3, detection (a box)
 _COORD = r"-?[0-9]+(?:\.[0-9]+)?"
 _BOX = re.compile(rf"\[\s*({_COORD})\s*,\s*({_COORD})\s*,\s*({_COORD})\s*,\s*({_COORD})\s*\]")
-
 
 def parse_box(text: str, max_coord: float = 1e5) -> tuple[float, float, float, float] | None:
     """The last [x1, y1, x2, y2] of plain decimals (bare or in {"bbox_2d": ...}), or None unless it is finite, not
@@ -187,7 +175,6 @@ def parse_box(text: str, max_coord: float = 1e5) -> tuple[float, float, float, f
         return None
     return box
 
-
 def box_iou(a, b) -> tuple[float, float]:
     """(IoU, GIoU) of two valid boxes; (0, -1) if the areas underflow."""
     inter = max(0.0, min(a[2], b[2]) - max(a[0], b[0])) * max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
@@ -197,7 +184,6 @@ def box_iou(a, b) -> tuple[float, float]:
         return 0.0, -1.0
     iou = inter / union
     return iou, iou - (hull - union) / hull
-
 
 def box_reward(answer: str, solution, mode: str = "hard", threshold: float = 0.5, max_coord: float = 1e5):
     """(accuracy, parsed box, IoU). mode hard: 1[IoU > threshold] (paper); iou: IoU; giou: (GIoU + 1) / 2.
@@ -213,13 +199,11 @@ def box_reward(answer: str, solution, mode: str = "hard", threshold: float = 0.5
     reward = {"hard": float(iou > threshold), "iou": iou, "giou": (giou + 1.0) / 2.0}[mode]
     return min(1.0, max(0.0, reward)), parsed, iou
 
-
 # stage 3, classification (category names)
 _LABEL_STRIP = " \t'\"`*-•.:()[]{}"
 _NUMBERING = re.compile(r"^[0-9]{1,3}[.)] ?")
 _SPACES = re.compile(r"[ \t\r\f\v]+")
 _LABEL_SEPARATORS = re.compile(r"[,;\n]| and ")
-
 
 def parse_labels(text: str) -> frozenset[str] | None:
     """Category names of a [..] list or of text split at , ; newlines and " and ": lower-cased, spaces collapsed,
@@ -240,7 +224,6 @@ def parse_labels(text: str) -> frozenset[str] | None:
         labels.add(label)
     return frozenset(labels) or None
 
-
 def label_reward(answer: str, solution, mode: str = "jaccard") -> tuple[float, str | None]:
     """(accuracy, parsed labels): jaccard, exact or f1 of the sets of whole names (no stemming).
 
@@ -258,7 +241,6 @@ def label_reward(answer: str, solution, mode: str = "jaccard") -> tuple[float, s
               "f1": 2 * common / (len(pred) + len(gold))}[mode]
     return reward, parsed
 
-
 # stage 3, math (a number, or option letters)
 _NUMBER = re.compile(r"-?(?:[0-9]{1,3}(?:,[0-9]{3})+|[0-9]+)(?:\.[0-9]+)?|-?\.[0-9]+")
 _FRAC = re.compile(r"\\frac\{([^{}]{0,40})\}\{([^{}]{0,40})\}")
@@ -268,7 +250,6 @@ _NOT_A_NUMBER = ("\\", "^", "√", "π", "²", "³", "+", "*", "×", "÷", "±",
 DEGREES = (("^{\\circ}", "°"), ("^\\circ", "°"), ("\\degree", "°"))
 TEX_SYNONYMS = (("\\dfrac", "\\frac"), ("\\tfrac", "\\frac"), ("−", "-"), ("\\%", "%"), ("\\$", "$"))
 _PI_WORD = re.compile(r"\bpi\b", re.IGNORECASE)
-
 
 def _last_boxed(text: str) -> str:
     """Content of the last \\boxed{...} (braces matched by hand), else the text itself."""
@@ -282,11 +263,9 @@ def _last_boxed(text: str) -> str:
             return text[start:k]
     return text[start:]
 
-
 def _frac_to_slash(m: re.Match) -> str:
     a, b = m.group(1).strip(), m.group(2).strip()
     return f" {a}/{b} " if _NUMBER.fullmatch(a) and _NUMBER.fullmatch(b) else "\\"  # "\\": not a number
-
 
 def parse_number(text: str) -> tuple[float, bool] | None:
     """(value, had a percent sign) of the one number in the last \\boxed{}, else after the last "=", or None:
@@ -319,7 +298,6 @@ def parse_number(text: str) -> tuple[float, bool] | None:
     percent = text[tokens[-1].end() :].lstrip().startswith(("%", "percent"))
     return (values[0], percent) if math.isfinite(values[0]) else None
 
-
 def math_reward(answer: str, solution, rel_tol: float = 1e-6, abs_tol: float = 1e-9) -> tuple[float, str | None]:
     """(accuracy, parsed answer): numbers equal within tolerance (one side's lone "%" divided out); letter solutions
     compare letter sets ("(B) 12" is B); other solutions, case- and space-free text.
@@ -350,7 +328,6 @@ def math_reward(answer: str, solution, rel_tol: float = 1e-6, abs_tol: float = 1
     if p_pct != g_pct:  # exactly one side wrote a percent: compare as fractions
         p, g = (p / 100, g) if p_pct else (p, g / 100)
     return float(math.isclose(p, g, rel_tol=rel_tol, abs_tol=abs_tol)), f"{pred[0]:.12g}" + "%" * p_pct
-
 
 def score(completion: str, solution, task: str, stage: str, **options) -> dict:
     """One completion's reward: a dict of accuracy, format, total, answer (cut at 200 characters), parsed ("" if it

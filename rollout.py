@@ -25,7 +25,6 @@ import torch.nn.functional as F
 
 from model import encode, repeat_batch, rope_positions
 
-
 @dataclass
 class Rollout:
     batch: dict                  # the B encoded prompts (input of model.completion_logprobs)
@@ -37,12 +36,10 @@ class Rollout:
     finished: torch.Tensor       # (N,) bool, True if the row stopped at an EOS (False: cut at max_new_tokens)
     lengths: torch.Tensor        # (N,) long, the number of ones in each row of mask
 
-
 def prompt_generators(seed, step, first_index, n, device):
     """One generator per prompt, seeded by (seed, step, global prompt index): rank-independent sampling."""
     return [torch.Generator(device=device).manual_seed((seed * 1_000_003 + step) * 100_003 + first_index + i)
             for i in range(n)]
-
 
 def sample_next(logits, temperature=1.0, top_k=0, top_p=1.0, greedy=False, generator=None, group_size=1):
     """One token per row of logits (N, V); a list of generators has one per prompt (its rows use generator[b])."""
@@ -62,7 +59,6 @@ def sample_next(logits, temperature=1.0, top_k=0, top_p=1.0, greedy=False, gener
         return torch.cat([torch.multinomial(p, 1, generator=g).squeeze(1)
                           for p, g in zip(probs.split(group_size), generator)])
     return torch.multinomial(probs, 1, generator=generator).squeeze(1)
-
 
 def _cached_stepper(model, batch, G):
     """Prefill the B prompts once, replicate the cache to N = B*G rows; return (first logits, step)."""
@@ -84,7 +80,6 @@ def _cached_stepper(model, batch, G):
         return out.logits[:, -1]
     return out.logits[:, -1].repeat_interleave(G, dim=0), step
 
-
 def _uncached_stepper(model, batch, G):
     """Reference: re-run the whole sequence with its images at every step; the model computes positions."""
     seq = repeat_batch(batch, G)   # each prompt and its pixel values repeated G times
@@ -96,7 +91,6 @@ def _uncached_stepper(model, batch, G):
                 seq[k] = torch.cat([seq[k], v.to(seq[k].dtype)], dim=1)
         return model(**seq, use_cache=False).logits[:, -1]
     return step(), step
-
 
 @torch.no_grad()
 def generate(model, processor, samples, group_size=1, max_new_tokens=128, temperature=1.0, top_p=1.0, top_k=0,

@@ -11,7 +11,6 @@ import shutil
 import torch
 import torch.distributed as dist
 
-
 def setup_dist(device=None):
     """(rank, local_rank, world_size, device). gloo on CPU, NCCL on CUDA, one process when not under torchrun."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -25,10 +24,8 @@ def setup_dist(device=None):
         dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
     return rank, local_rank, world, device
 
-
 def world_size():
     return dist.get_world_size() if dist.is_initialized() else 1
-
 
 def all_reduce_sum(x):
     """Sum a tensor (or a float) over ranks; the identity on one process."""
@@ -36,7 +33,6 @@ def all_reduce_sum(x):
     if world_size() > 1:
         dist.all_reduce(t)
     return t if isinstance(x, torch.Tensor) else t.item()
-
 
 def all_reduce_grads(model):
     """Average gradients over ranks; a missing gradient counts as zero, so every rank runs the same collectives."""
@@ -49,18 +45,15 @@ def all_reduce_grads(model):
             dist.all_reduce(p.grad)
             p.grad /= world_size()
 
-
 def barrier():
     if world_size() > 1:
         dist.barrier()
-
 
 def resolve_dtype(name, device):
     """torch dtype of a --dtype value: auto is bfloat16 on a GPU and float32 on a CPU."""
     if name == "auto":
         name = "bfloat16" if str(device).startswith("cuda") else "float32"
     return getattr(torch, name)
-
 
 def save_atomically(path, write):
     """write(tmp) fills a temporary folder that then replaces `path`, so a kill never leaves half a folder."""
@@ -70,13 +63,11 @@ def save_atomically(path, write):
     shutil.rmtree(path, ignore_errors=True)
     os.rename(tmp, path)
 
-
 def write_atomic(path, text):
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
         f.write(text)
     os.replace(tmp, path)
-
 
 def lr_factor(step, warmup, total, schedule="constant", floor=0.1):
     """Multiplier of the base learning rate: linear warm-up, then constant, linear or cosine decay to floor."""

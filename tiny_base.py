@@ -31,11 +31,9 @@ import model as M
 from reject_sample import sft
 from runtime import save_atomically, setup_dist
 
-
 def base_world(phase):
     """make_rows overrides of a phase: the base's world for "open" and "all", none (the full world) for "full"."""
     return {} if phase == "full" else dict(cells=data.BASE_CELLS, kinds=data.BASE_KINDS)
-
 
 def base_rows(step, batch_size, phase, seed):
     """The global batch at `step`, fresh scenes of base_world(phase): "open" asks open classification and counting
@@ -49,7 +47,6 @@ def base_rows(step, batch_size, phase, seed):
         out.append(curriculum.make_stage_row(row, stage, rng))
     return out
 
-
 BASE_RULE = {  # (task, stage) -> accuracy the quick evaluation must reach; chance in brackets
     ("classify", "judge"): 0.7, ("math", "judge"): 0.7, ("detection", "judge"): 0.65,        # (0.5)
     ("classify", "choice"): 0.45, ("math", "choice"): 0.5, ("detection", "choice"): 0.45,    # (<= 0.25)
@@ -59,7 +56,6 @@ BREAKOUT = {("classify", "open"): 0.7, ("math", "open"): 0.7}  # the image is in
 # On the full world, 32 rows per cell; a box's chance is ~0.01. Multi-select classification (1-3 right letters of 4,
 # exact set) is left out: it stays near chance, and waiting for it only erases the full world's headroom.
 FULL_RULE = {**{k: v for k, v in BASE_RULE.items() if k != ("classify", "choice")}, ("detection", "open"): 0.25}
-
 
 def build_base(out, seed=0, batch_size=32, lr=1e-3, eval_every=250, eval_n=48, max_minutes=60.0,
                max_new_tokens=48, preset="tiny", init=None, full_eval_every=125, full_eval_n=96,
@@ -146,7 +142,6 @@ def build_base(out, seed=0, batch_size=32, lr=1e-3, eval_every=250, eval_n=48, m
         print(f"base written to {out} after {offset} steps, {card['minutes']} min")
     return model, processor
 
-
 def main(argv=None):
     p = argparse.ArgumentParser(description="Build the tiny base: a supervised warm-start on the synthetic world.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -158,7 +153,6 @@ def main(argv=None):
     p.add_argument("--init", default=None, help="continue this base (built by the phases open and all, with its "
                                                 "base_card.json) with the phase full only")
     build_base(**vars(p.parse_args(argv)))
-
 
 if __name__ == "__main__":
     main()

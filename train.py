@@ -53,7 +53,6 @@ from report import plot_rewards, stage_summary
 from runtime import (all_reduce_grads, all_reduce_sum, barrier, lr_factor, resolve_dtype, save_atomically,
                      setup_dist, world_size, write_atomic)
 
-
 # ---- Checkpoints: atomic, complete, resumable
 def save_checkpoint(out, step, policy, processor, state, keep, rank):
     """Rank 0 writes checkpoints/step_XXXXXX (via a temporary folder + rename) and points `latest` at it."""
@@ -82,14 +81,12 @@ def save_checkpoint(out, step, policy, processor, state, keep, rank):
             shutil.rmtree(os.path.join(root, old), ignore_errors=True)
     barrier()
 
-
 def latest_checkpoint(out):
     """The newest complete checkpoint's folder, or None."""
     path = os.path.join(out, "checkpoints", "latest")
     if os.path.isfile(path):
         with open(path) as f:
             return os.path.join(out, "checkpoints", f.read().strip())
-
 
 def resume(ckpt, out, cur, policy, rank, device, dtype):
     """Load a checkpoint into the schedule, the policy and this rank's RNG; returns the optimizer state (None at a
@@ -107,7 +104,6 @@ def resume(ckpt, out, cur, policy, rank, device, dtype):
     if rank == 0:
         print(f"resumed from {ckpt}: {cur}", flush=True)
     return state["optimizer"]
-
 
 # ---- One GRPO step
 def grpo_step(policy, ref, processor, rows, stage, G, cfg, opt, rank, device, global_step):
@@ -175,7 +171,6 @@ def grpo_step(policy, ref, processor, rows, stage, G, cfg, opt, rank, device, gl
                for text, row, s in list(zip(ro.texts, row_of, scores))[:2 * G]]
     return stats, samples
 
-
 def micro_batches(policy, ref, processor, local, ro, adv, G, rl, device):
     """Micro-batches of whole groups, trimmed to their longest answer: (batch, ids, mask, adv, ref_logp, old_logp),
     the reference's (beta > 0) and old policy's (mu > 1, else the ratio is 1) log-probabilities without gradient."""
@@ -193,12 +188,10 @@ def micro_batches(policy, ref, processor, local, ro, adv, G, rl, device):
         chunks.append((batch, ids, mask, adv[sl], ref_logp, old_logp))
     return chunks
 
-
 def reduce_by_key(sums):
     """{name: float} summed over ranks, name by name (one all-reduce); the identity on one process."""
     total = all_reduce_sum(torch.tensor(list(sums.values())))
     return {k: total[i].item() for i, k in enumerate(sums)}
-
 
 # ---- The run
 def log_line(stage, step, steps, s, lr):
@@ -206,7 +199,6 @@ def log_line(stage, step, steps, s, lr):
             f"fmt {s['reward_format']:.3f} | kl {s['kl']:.4f} | clip {s['clip_low'] + s['clip_high']:.3f} | "
             f"zero-var {s['zero_var']:.2f} | len {s['length']:.1f} | lr {lr:.2e} | {s['seconds']:.2f}s"
             + (f" | replay acc {s['replay_accuracy']:.3f}" if "replay_accuracy" in s else ""))
-
 
 def run_rl(cfg, stages, groups, steps, out, rank, device, dtype, policy, processor, base, pool):
     """The curriculum GRPO loop; returns the folders of every stage's starting model, then of the final one."""
@@ -271,7 +263,6 @@ def run_rl(cfg, stages, groups, steps, out, rank, device, dtype, policy, process
     barrier()
     return stage_dirs + [final_dir]
 
-
 def evaluate_stages(cfg, named_dirs, out, rank, device, dtype):
     """The table: every stage's model on the held-out in-domain and out-of-domain sets."""
     eval_stages = cfg.data.eval_stages.split(",")
@@ -303,7 +294,6 @@ def evaluate_stages(cfg, named_dirs, out, rank, device, dtype):
             json.dump({"models": dict(named_dirs), "results": results, "changes": changes, "table": table}, f, indent=1)
     return results, table
 
-
 def load_base(cfg, device, dtype, rank):
     """The base policy and processor; the shipped tiny base is built first when it is missing."""
     path = cfg.model.model
@@ -314,7 +304,6 @@ def load_base(cfg, device, dtype, rank):
         barrier()
     with torch.random.fork_rng(devices=[]):
         return M.load(path, device=device, dtype=dtype, seed=cfg.run.seed, max_pixels=cfg.model.max_pixels)
-
 
 def main(argv=None):
     try:  # a bad config: one clear line before any work, no traceback
@@ -377,7 +366,6 @@ def main(argv=None):
             json.dump(timings, f)
     if dist.is_initialized():
         dist.destroy_process_group()
-
 
 if __name__ == "__main__":
     main()
