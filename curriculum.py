@@ -299,12 +299,6 @@ class Curriculum:
         self.stage_index, self.step = state["stage_index"], state["step"]
         self.position, self.global_step = state["position"], state["global_step"]
 
-    def __repr__(self):
-        if self.done:
-            return f"Curriculum(done after {self.global_step} steps)"
-        return (f"Curriculum(stage {self.stage_index + 1}/{len(self.stages)} {self.stages[self.stage_index].name}, "
-                f"step {self.step}, position {self.position})")
-
 def tokenizer_corpus(n=1000, seed=0, size=112):
     """n texts 'problem\\ncompletion', every task in every stage, that the tiny model's BPE is trained on: the
     base's world (BASE_CELLS, BASE_KINDS, no images), so the tokenizer stays the one the shipped base has."""
