@@ -4,6 +4,7 @@ bench.py: rollout speed and memory, printed as a markdown table. Speed and memor
     python bench.py                                  # tiny and small presets at 56 and 448 px, + the training shape
     python bench.py --preset small --sizes 448 --repeats 9
     python bench.py --device cuda --dtype bfloat16   # on a GPU
+    python bench.py --memory                         # the per-rank GPU memory plan of 3B / 7B training (no GPU)
 
 Arms: (a) rollout.generate, B prompts x G samples: prompt and image prefilled once, the KV cache replicated to the
 G samples, one torch.Generator per prompt seeded as in training; (b) transformers' model.generate on the B prompts
@@ -16,6 +17,11 @@ sampled every 2 ms). Rows: the tiny and small presets (random weights rarely sto
 token) at --sizes px, B = --batch; and the training shape of `python train.py` (the shipped base, 32 synthetic
 prompts at 112 px, G = 8, 64 new tokens, answers stopping at their EOS).
 Target: a/b >= 1.0 in every row, with its spread, and >= 1.5 at 448 px (vision tower and prompt once per group).
+
+--memory: GPU memory per rank of GRPO training of Qwen2.5-VL-3B / 7B, by component, under plain DDP, an optimizer
+sharded over 8 ranks and FSDP over 8, with and without gradient checkpointing (see memory_plan). Measured here: the
+parameter counts (the real configs built on the meta device) and the activation bytes per token / patch (a 2-layer
+model at the real widths, bf16 on CPU); everything else is computed from them.
 """
 import argparse
 import multiprocessing
@@ -123,6 +129,186 @@ def peak_memory(job):
             out[arm] = pool.apply(_memory_child, ({**job, "arm": arm},))
     return out
 
+# --- python bench.py --memory: the per-rank GPU memory plan of a training config (estimates) ---
+# The fields of the public Qwen2.5-VL-3B / 7B-Instruct config.json files that set parameter counts and activation sizes.
+VISION = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, patch_size=14, spatial_merge_size=2,
+              temporal_patch_size=2, window_size=112, fullatt_block_indexes=[7, 15, 23, 31])
+SHAPES = {
+    "3B": dict(text=dict(num_hidden_layers=36, hidden_size=2048, intermediate_size=11008, num_attention_heads=16,
+                         num_key_value_heads=2, vocab_size=151936),
+               vision=dict(VISION, out_hidden_size=2048), tie_word_embeddings=True),
+    "7B": dict(text=dict(num_hidden_layers=28, hidden_size=3584, intermediate_size=18944, num_attention_heads=28,
+                         num_key_value_heads=4, vocab_size=152064),
+               vision=dict(VISION, out_hidden_size=3584), tie_word_embeddings=False),
+}
+GIB = 2 ** 30
+CARD_GIB = 81559 / 1024          # an "80 GB" H100 has 81,559 MiB (an A100 80 GB: 81,920)
+ALLOWANCE_GIB = 4                # CUDA context + allocator slack: an allowance, not a measurement
+# Each component's phase: "held" for the whole step; the rollout's and the update's are never resident together.
+PHASES = {"policy parameters, bf16": "held", "fp32 master weights": "held", "gradients, bf16": "held",
+          "AdamW moments, fp32": "held", "frozen reference, bf16": "held",
+          f"CUDA context + allocator slack ({ALLOWANCE_GIB} GiB allowance)": "held",
+          "FSDP: other ranks' bf16 parameters, gathered": "rollout", "KV cache, bf16": "rollout",
+          "activations, text layers": "update", "activations, vision blocks": "update",
+          "checkpointing: 1 layer recomputed in backward": "update", "logits, fp32 log_softmax": "update"}
+
+def qwen_config(shape, text=(), vision=()):
+    """A Qwen2_5_VLConfig of `shape`, with fields of its text / vision part overridden."""
+    from transformers import Qwen2_5_VLConfig
+    t = {**shape["text"], **dict(text)}
+    half = t["hidden_size"] // t["num_attention_heads"] // 2    # mrope splits head_dim/2 over (t, h, w): 16, 24, 24
+    mrope = [half - 2 * (half * 3 // 8), half * 3 // 8, half * 3 // 8]
+    rope = {"rope_type": "default", "rope_theta": 1e6, "mrope_section": mrope}
+    v = {**shape["vision"], **dict(vision)}
+    return Qwen2_5_VLConfig(text_config={**t, "rope_parameters": rope}, vision_config=v,
+                            tie_word_embeddings=shape["tie_word_embeddings"])
+
+def count_parameters(shape):
+    """MEASURED: parameters {total, text, vision} of the full model built on the meta device (no weights)."""
+    from transformers import Qwen2_5_VLForConditionalGeneration
+    with torch.device("meta"):
+        model = Qwen2_5_VLForConditionalGeneration(qwen_config(shape))
+    total, vision = M.num_parameters(model), M.num_parameters(model.model.visual)    # a tied head counts once
+    return {"total": total, "text": total - vision, "vision": vision}
+
+def truncated_model(shape, layers=2):
+    """`shape` at its real widths with `layers` text layers and vision blocks (the last one full-attention) and a
+    1,024-token vocabulary (the logits are planned apart): bf16, training mode, seeded."""
+    from transformers import Qwen2_5_VLForConditionalGeneration
+    cfg = qwen_config(shape, text=dict(num_hidden_layers=layers, vocab_size=1024, bos_token_id=None, eos_token_id=None),
+                      vision=dict(depth=layers, fullatt_block_indexes=[layers - 1]))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return Qwen2_5_VLForConditionalGeneration(cfg).to(torch.bfloat16).train()
+
+def _saved_bytes(model, layers, forward):
+    """Bytes of the distinct tensors kept for backward while `forward()` runs, parameters left out: (those first kept
+    inside the last of `layers`, all). Kept: what autograd saves, and under checkpointing the inputs of each
+    checkpointed layer (kept for its recompute; autograd's saves inside it are the checkpoint's, dropped)."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen, inside, where, undo = set(), {}, [None], []
+
+    def keep(t):
+        storage = t.untyped_storage()
+        key = storage.data_ptr()
+        if key not in params and key not in seen:
+            seen.add(key)
+            inside[where[0]] = inside.get(where[0], 0) + storage.nbytes()
+        return t
+
+    def checkpoint_keeping(checkpoint):
+        def run(fn, *args):          # fn: partial(forward, layer, **kwargs); the checkpoint keeps args and kwargs
+            for a in [*args, *fn.keywords.values()]:
+                for t in (a if isinstance(a, (tuple, list)) else [a]):
+                    if torch.is_tensor(t):
+                        keep(t)
+            return checkpoint(fn, *args)
+        return run
+
+    originals = {layer: layer._gradient_checkpointing_func for layer in layers if layer.gradient_checkpointing}
+    for i, layer in enumerate(layers):
+        undo += [layer.register_forward_pre_hook(lambda m, a, i=i: where.__setitem__(0, i)),
+                 layer.register_forward_hook(lambda m, a, o: where.__setitem__(0, None))]
+    for layer, checkpoint in originals.items():
+        layer._gradient_checkpointing_func = checkpoint_keeping(checkpoint)
+    try:
+        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+            out = forward()
+    finally:
+        for h in undo:
+            h.remove()
+        for layer, checkpoint in originals.items():
+            layer._gradient_checkpointing_func = checkpoint
+    del out
+    return inside.get(len(layers) - 1, 0), sum(inside.values())
+
+def activation_bytes(shape, checkpointing, model=None, tokens=128, grid=(16, 16)):
+    """MEASURED (bf16, CPU, sdpa attention): bytes kept for backward per text token in each text layer and outside
+    them, and per image patch in each vision block and outside them, in one forward of `tokens` tokens / one image."""
+    model = model if model is not None else truncated_model(shape)
+    if checkpointing:
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.activation_checkpointing_disable()
+    text, visual = model.model.language_model.layers, model.model.visual
+    ids = torch.randint(0, 1024, (1, tokens), generator=torch.Generator().manual_seed(0))
+    layer, total = _saved_bytes(model, text, lambda: model(input_ids=ids, use_cache=False, logits_to_keep=1).logits)
+    patches = grid[0] * grid[1]
+    pixels = torch.randn(patches, 3 * 2 * 14 * 14, dtype=torch.bfloat16)        # channels x time x patch^2
+    thw = torch.tensor([[1, *grid]])
+    block, v_total = _saved_bytes(model, visual.blocks, lambda: visual(pixels, grid_thw=thw).pooler_output)
+    return {"text_layer": layer / tokens, "text_rest": (total - len(text) * layer) / tokens,
+            "vision_block": block / patches, "vision_rest": (v_total - len(visual.blocks) * block) / patches}
+
+def memory_plan(shape, n_params, acts, checkpointing, opt_ranks=1, fsdp_ranks=1, prompts=1, group=4,
+                prompt_tokens=1300, new_tokens=256, patches=2048, micro_batch=1):
+    """COMPUTED: bytes per rank {component: bytes} (phases in PHASES) and the peak, held + max(rollout, update), of
+    GRPO with `prompts` per rank, `group` samples each; acts = {False: activation_bytes(..), True: ..}."""
+    t, P = shape["text"], n_params
+    F, O = fsdp_ranks, opt_ranks * fsdp_ranks                  # FSDP shards everything, ZeRO-1 the optimizer only
+    mb = min(micro_batch, prompts)                        # the update holds one micro-batch of mb prompts at a time
+    rows, tokens = mb * group, prompt_tokens + new_tokens
+    a, full = acts[checkpointing], acts[False]
+    head_dim = t["hidden_size"] // t["num_attention_heads"]
+    kv_per_token = t["num_hidden_layers"] * 2 * t["num_key_value_heads"] * head_dim * 2                 # K and V, bf16
+    parts = [2 * P / F, 4 * P / O, 2 * P / F, 8 * P / O, 2 * P / F, ALLOWANCE_GIB * GIB,
+             2 * P * (1 - 1 / F),                                                   # a rank holds its shard already
+             kv_per_token * prompts * group * tokens,
+             (t["num_hidden_layers"] * a["text_layer"] + a["text_rest"]) * tokens * rows,
+             (shape["vision"]["depth"] * a["vision_block"] + a["vision_rest"]) * patches * mb,   # once per prompt
+             max(full["text_layer"] * tokens * rows, full["vision_block"] * patches) if checkpointing else 0,
+             rows * new_tokens * t["vocab_size"] * 4]                               # completion tokens only
+    plan = dict(zip(PHASES, parts))
+    phase = {p: sum(v for k, v in plan.items() if PHASES[k] == p) for p in ("held", "rollout", "update")}
+    return {"parts": plan, **phase, "total": phase["held"] + max(phase["rollout"], phase["update"])}
+
+def print_memory_plans(ranks=8, prompt_lengths=(1300, 600), new_tokens=256, group=4, patches=2048):
+    """The measurements, then per prompt length a markdown table: GiB per rank by component, one column per
+    model x (DDP, optimizer sharded over `ranks`, FSDP over `ranks`) x (without, with checkpointing)."""
+    start, counts, acts = time.perf_counter(), {}, {}
+    print("## Memory plan per rank, GRPO on Qwen2.5-VL (estimates)\n\nMeasured: parameter counts, the real configs "
+          "built on the meta device\n")
+    print("| model | parameters | text | vision | tied head |\n|---|---|---|---|---|")
+    for name, shape in SHAPES.items():
+        counts[name] = count_parameters(shape)
+        c = counts[name]
+        print(f"| Qwen2.5-VL-{name}-Instruct | {c['total']:,} ({c['total'] / 1e9:.4f} B) | {c['text'] / 1e9:.4f} B | "
+              f"{c['vision'] / 1e9:.4f} B | {shape['tie_word_embeddings']} |")
+    print("\nMeasured: bytes kept for backward (bf16, on CPU, sdpa attention; a 2-layer model at the real widths, "
+          "128 tokens, one 224x224 image = 256 patches); 'outside': the rest (rotary tables, final norm; patch "
+          "embedding, merger)\n")
+    print("| model | checkpointing | per token, each text layer | per token, outside | per patch, each vision block "
+          "| per patch, outside |\n|---|---|---|---|---|---|")
+    for name, shape in SHAPES.items():
+        model = truncated_model(shape)
+        for ckpt in (False, True):
+            acts.setdefault(name, {})[ckpt] = a = activation_bytes(shape, ckpt, model)
+            print(f"| {name} | {'yes' if ckpt else 'no'} | {a['text_layer']:,.0f} | {a['text_rest']:,.0f} | "
+                  f"{a['vision_block']:,.0f} | {a['vision_rest']:,.0f} |")
+        del model
+    setups = [("DDP", 1, 1), (f"opt/{ranks}", ranks, 1), (f"FSDP/{ranks}", 1, ranks)]
+    columns = [(name, label, o, f, ckpt) for name in SHAPES for label, o, f in setups for ckpt in (False, True)]
+    for prompt in prompt_lengths:
+        plans = [memory_plan(SHAPES[n], counts[n]["total"], acts[n], ckpt, opt_ranks=o, fsdp_ranks=f, group=group,
+                             prompt_tokens=prompt, new_tokens=new_tokens, patches=patches)
+                 for n, _, o, f, ckpt in columns]
+        print(f"\nComputed: GiB per rank; 1 prompt per rank (one micro-batch), G = {group}, prompt {prompt:,} tokens "
+              f"(one image of {patches:,} patches = {patches // 4} tokens) + {new_tokens} new tokens. opt/{ranks}: "
+              f"master weights and moments sharded over {ranks} ranks; FSDP/{ranks}: parameters, gradients, optimizer "
+              f"and reference over {ranks}, the parameters gathered for the rollout; ckpt: gradient checkpointing\n")
+        print("| component | phase | " + " | ".join(f"{n} {label}{' ckpt' if ckpt else ''}"
+                                                    for n, label, _, _, ckpt in columns) + " |")
+        print("|---|---|" + "---:|" * len(columns))
+        for part, phase in PHASES.items():
+            print(f"| {part} | {phase} | " + " | ".join(f"{p['parts'][part] / GIB:.2f}" for p in plans) + " |")
+        for key, label in (("held", "held throughout"), ("rollout", "rollout phase"), ("update", "update phase")):
+            print(f"| *{label}* | | " + " | ".join(f"{p[key] / GIB:.2f}" for p in plans) + " |")
+        print("| **peak = held + max(rollout, update)** | | " + " | ".join(f"**{p['total'] / GIB:.1f}**" for p in plans)
+              + " |")
+        print(f"| fits 80 GB ({CARD_GIB:.1f} GiB) | | " + " | ".join("yes" if p["total"] <= CARD_GIB * GIB else "no"
+                                                                  for p in plans) + " |")
+    print(f"\n({time.perf_counter() - start:.0f} s)")
+
 def spread(xs, fmt):
     return f"{format(statistics.median(xs), fmt)} ({format(min(xs), fmt)}–{format(max(xs), fmt)})"
 
@@ -136,13 +322,16 @@ def main():
     p.add_argument("--training", action=argparse.BooleanOptionalAction, default=True, help="add the training row")
     p.add_argument("--warmup", type=int, default=2, help="untimed full-length calls of each arm first")
     p.add_argument("--repeats", type=int, default=5, help="timed calls of each arm, interleaved")
-    p.add_argument("--memory", action=argparse.BooleanOptionalAction, default=True, help="measure peak memory")
+    p.add_argument("--no-memory", dest="peak_memory", action="store_false", help="skip the peak memory columns")
+    p.add_argument("--memory", action="store_true", help="print the 3B / 7B training memory plan instead (no GPU)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.memory:
+        return print_memory_plans()
     if args.repeats < 1 or args.warmup < 0:
         raise SystemExit("error: --repeats must be >= 1 and --warmup >= 0")
     cuda = args.device.startswith("cuda")
@@ -159,7 +348,7 @@ def main():
         model, processor, samples, fns = load(job)
         rates, seconds = throughput(fns, args.device, args.warmup, args.repeats)
         ratios = [a / b for a, b in zip(rates["a"], rates["b"])]
-        mem = peak_memory(job) if args.memory else {"a": float("nan"), "b": float("nan")}
+        mem = peak_memory(job) if args.peak_memory else {"a": float("nan"), "b": float("nan")}
         name = "tiny base (training)" if job["kind"] == "training" else job["model"]
         print(f"| {name} | {M.num_parameters(model) / 1e6:.2f} M | {job['size']} | {job['batch']} x {job['group']} | "
               f"{job['max_new_tokens']} | {M.encode(processor, samples)['input_ids'].shape[1]} | "

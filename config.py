@@ -10,6 +10,7 @@ Precedence: defaults (the tiny preset) <- preset <- flags; the resolved config i
 """
 import argparse
 import dataclasses
+import importlib.util
 import os
 from dataclasses import dataclass, field
 from fractions import Fraction
@@ -25,7 +26,11 @@ def arg(default, help):
 class ModelConfig:
     model: str = arg("assets/tiny-base", "base model: a local Qwen2.5-VL / Qwen2-VL folder, or 'tiny' (random)")
     device: str = arg("auto", "auto | cpu | cuda")
-    dtype: str = arg("auto", "auto (bfloat16 on GPU, float32 on CPU) | float32 | bfloat16")
+    dtype: str = arg("auto", "auto (bfloat16 on GPU, float32 on CPU) | float32 | bfloat16: bf16 compute with fp32 "
+                             "master weights and optimizer state (optim.py)")
+    attn: str = arg("sdpa", "attention kernels: sdpa | flash_attention_2 (needs the flash-attn package) | eager")
+    grad_checkpointing: bool = arg(False, "recompute each layer in backward: far less activation memory, ~1/3 "
+                                          "more update time")
     max_pixels: int = arg(401_408, "images are resized to at most this many pixels (the model card's value)")
 
 @dataclass
@@ -95,7 +100,7 @@ class Config:
 PRESETS = {
     "tiny": {},  # the defaults above
     "qwen2.5-vl-3b": {
-        "model": {"model": "", "dtype": "bfloat16"},
+        "model": {"model": "", "dtype": "bfloat16", "grad_checkpointing": True},
         "rl": {"group_size": "4,2,4", "stage_steps": "600,500,2300", "prompts_per_step": 8, "micro_batch": 1,
                "max_new_tokens": 256, "lr": 1e-6, "schedule": "linear", "warmup": 0, "beta": 0.04, "mu": 1,
                "choice_partial": 0.0, "box_reward": "hard"},
@@ -103,7 +108,7 @@ PRESETS = {
         "run": {"out": "runs/qwen2.5-vl-3b", "ckpt_every": 100, "sample_every": 20},
     },
 }
-CHOICES = {"dtype": ("auto", "float32", "bfloat16", "float16"), "schedule": ("constant", "linear", "cosine"),
+CHOICES = {"dtype": ("auto", "float32", "bfloat16"), "attn": ("sdpa", "flash_attention_2", "eager"), "schedule": ("constant", "linear", "cosine"),
            "agg": ("seq", "token", "dr_grpo"), "ref": ("stage", "base"), "box_reward": ("hard", "iou", "giou")}
 
 def add_flags(parser, group, fields=None):
@@ -181,6 +186,8 @@ def validate(cfg):
     bad_forms = [s for s in cfg.data.eval_stages.split(",") if s not in curriculum.STAGES]
     W = int(os.environ.get("WORLD_SIZE", 1))
     checks = [
+        (model.attn != "flash_attention_2" or importlib.util.find_spec("flash_attn") is not None,
+         "--attn flash_attention_2 needs the flash-attn package (pip install flash-attn), or use --attn sdpa"),
         (not bad_forms, f"--eval-stages: unknown forms {bad_forms}; use judge, choice and open"),
         (model.model != "", "--model: give the folder of a Qwen2.5-VL / Qwen2-VL checkpoint"),
         (all(g >= 2 for g in groups), "--group-size must be >= 2: a group of one has no relative advantage"),

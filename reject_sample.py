@@ -47,7 +47,8 @@ import data
 import model as M
 import rewards
 from rollout import generate
-from runtime import all_reduce_grads, all_reduce_sum, barrier, lr_factor, resolve_dtype, setup_dist, world_size
+from optim import MasterAdamW
+from runtime import all_reduce_sum, barrier, lr_factor, resolve_dtype, setup_dist, world_size
 
 def target_text(row):
     """What the model should write for a row: its own completion when it has reasoning (sampled answers), else
@@ -78,8 +79,7 @@ def sft(model, processor, next_rows, steps, lr=1e-3, warmup=20, micro_batch=None
     `next_rows(step)` returns, this rank on its slice. callback(step, loss) may return True to stop. Returns the
     number of steps taken."""
     W = world_size()
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0, betas=(0.9, 0.95))
+    opt = MasterAdamW(model.parameters(), lr=lr, betas=(0.9, 0.95))
     model.train()
     bar = tqdm(range(steps), desc=desc, disable=rank != 0, dynamic_ncols=True,
                mininterval=1 if sys.stderr.isatty() else 60)
@@ -96,11 +96,7 @@ def sft(model, processor, next_rows, steps, lr=1e-3, warmup=20, micro_batch=None
             loss = sft_loss(model, processor, chunk, targets, num_tokens, device) * W  # grads are averaged
             loss.backward()
             loss_sum += loss.item() / W
-        all_reduce_grads(model)
-        norm = torch.nn.utils.clip_grad_norm_(params, 1.0)
-        if torch.isfinite(norm):
-            opt.step()
-        opt.zero_grad(set_to_none=True)
+        opt.step(max_norm=1.0)  # all-reduce, clip, AdamW on the fp32 masters (optim.py)
         loss_sum = all_reduce_sum(loss_sum)
         bar.set_postfix(loss=f"{loss_sum:.3f}", refresh=False)
         if callback is not None and callback(step, loss_sum):

@@ -1,9 +1,11 @@
 """
 What every entry point needs around the model, with no project imports:
-- manual DDP, written out: `setup_dist()` reads torchrun's RANK / LOCAL_RANK / WORLD_SIZE (gloo on CPU, NCCL on
-  CUDA); without them it is one process, where `all_reduce_sum`, `all_reduce_grads` and `barrier` do nothing;
+- manual DDP, written out: `setup_dist()` reads torchrun's RANK / LOCAL_RANK / WORLD_SIZE (gloo on CPU; on GPUs
+  NCCL for CUDA tensors and gloo for CPU ones); without them it is one process, where `all_reduce_sum`,
+  `all_reduce_grads` and `barrier` do nothing;
 - `resolve_dtype`, atomic writes (`save_atomically`, `write_atomic`) and `lr_factor`, the learning-rate schedule.
 """
+import datetime
 import math
 import os
 import shutil
@@ -12,7 +14,7 @@ import torch
 import torch.distributed as dist
 
 def setup_dist(device=None):
-    """(rank, local_rank, world_size, device). gloo on CPU, NCCL on CUDA, one process when not under torchrun."""
+    """(rank, local_rank, world_size, device). gloo on CPU; on CUDA, NCCL for CUDA tensors and gloo for CPU ones."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if "RANK" not in os.environ:
         return 0, 0, 1, device
@@ -20,8 +22,9 @@ def setup_dist(device=None):
     if device.startswith("cuda"):
         torch.cuda.set_device(local_rank)
         device = f"cuda:{local_rank}"
-    if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
+    if not dist.is_initialized():  # NCCL serves CUDA tensors only: CPU ones (counts, objects) go over gloo
+        dist.init_process_group(backend="cpu:gloo,cuda:nccl" if device.startswith("cuda") else "gloo",
+                                timeout=datetime.timedelta(minutes=60))  # rank 0 may write a 50 GB checkpoint
     return rank, local_rank, world, device
 
 def world_size():
@@ -34,16 +37,15 @@ def all_reduce_sum(x):
         dist.all_reduce(t)
     return t if isinstance(x, torch.Tensor) else t.item()
 
-def all_reduce_grads(model):
+def all_reduce_grads(params):
     """Average gradients over ranks; a missing gradient counts as zero, so every rank runs the same collectives."""
     if world_size() == 1:
         return
-    for p in model.parameters():
-        if p.requires_grad:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-            dist.all_reduce(p.grad)
-            p.grad /= world_size()
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        dist.all_reduce(p.grad)
+        p.grad /= world_size()
 
 def barrier():
     if world_size() > 1:

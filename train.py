@@ -50,7 +50,8 @@ import rollout
 import tiny_base
 from config import ModelConfig, as_dict, make_config, replay_ratios, validate
 from report import plot_rewards, stage_summary
-from runtime import (all_reduce_grads, all_reduce_sum, barrier, lr_factor, resolve_dtype, save_atomically,
+from optim import MasterAdamW
+from runtime import (all_reduce_sum, barrier, lr_factor, resolve_dtype, save_atomically,
                      setup_dist, world_size, write_atomic)
 
 # ---- Checkpoints: atomic, complete, resumable
@@ -91,18 +92,26 @@ def latest_checkpoint(out):
 def resume(ckpt, out, cur, policy, rank, device, dtype):
     """Load a checkpoint into the schedule, the policy and this rank's RNG; returns the optimizer state (None at a
     stage boundary). Rank 0 drops the log lines of steps taken after the checkpoint."""
-    state = torch.load(os.path.join(ckpt, "trainer_state.pt"), weights_only=False)
+    # Memory-mapped on the CPU: ranks share the pages, and nothing lands on the device rank 0 saved from.
+    state = torch.load(os.path.join(ckpt, "trainer_state.pt"), map_location="cpu", mmap=True, weights_only=False)
     cur.load_state_dict(state["curriculum"])
     loaded, _ = M.load(ckpt, device=device, dtype=dtype)
     policy.load_state_dict(loaded.state_dict())
-    torch.set_rng_state(state["rng"][min(rank, len(state["rng"]) - 1)]["torch"])
-    log = os.path.join(out, "metrics.jsonl")
-    if rank == 0 and os.path.isfile(log):  # a step logged after the checkpoint is redone: it must not log twice
-        with open(log) as f:
-            lines = [line for line in f if json.loads(line)["global_step"] <= cur.global_step]
-        write_atomic(log, "".join(lines))
+    del loaded
+    rng = state["rng"][min(rank, len(state["rng"]) - 1)]  # this rank's own generators
+    torch.set_rng_state(rng["torch"])
+    random.setstate(rng["python"])
+    if rng["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(rng["cuda"])
+    for name in ("metrics.jsonl", "samples.jsonl"):  # a step logged after the checkpoint is redone: log it once
+        log = os.path.join(out, name)
+        if rank == 0 and os.path.isfile(log):
+            with open(log) as f:
+                lines = [line for line in f if json.loads(line)["global_step"] <= cur.global_step]
+            write_atomic(log, "".join(lines))
     if rank == 0:
-        print(f"resumed from {ckpt}: {cur}", flush=True)
+        where = f"stage {cur.stages[cur.stage_index].name}, step {cur.step}" if not cur.done else "after the last stage"
+        print(f"resumed from {ckpt}: {where}", flush=True)
     return state["optimizer"]
 
 # ---- One GRPO step
@@ -147,13 +156,8 @@ def grpo_step(policy, ref, processor, rows, stage, G, cfg, opt, rank, device, gl
             sums["loss"] += st["loss"] / rl.mu
             for k in ("kl", "clip_low", "clip_high"):              # token means of the whole batch
                 sums[k] += st[k] * float(mask.sum()) / num_tokens / rl.mu
-        all_reduce_grads(policy)
-        norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), rl.grad_clip)
-        if torch.isfinite(norm):
-            opt.step()
-        else:
-            sums["skipped"] += 1
-        opt.zero_grad(set_to_none=True)
+        norm = opt.step(rl.grad_clip)               # all-reduce, clip, AdamW on the fp32 masters (optim.py)
+        sums["skipped"] += 0 if torch.isfinite(norm) else 1
         grad_norm += float(norm) / rl.mu
 
     # 5. Statistics: sums over ranks by name, then means; replayed open questions apart (replay_accuracy).
@@ -212,16 +216,18 @@ def run_rl(cfg, stages, groups, steps, out, rank, device, dtype, policy, process
     resumed_opt = resume(ckpt, out, cur, policy, rank, device, dtype) if ckpt else None
     # Every stage's starting model, whichever stages this process runs (a resumed run starts past some).
     stage_dirs = [os.path.join(out, "stages", f"{k}_{s.name}_start") for k, s in enumerate(specs)]
-    bad_in_row = 0
+    bad_in_row, opt = 0, None
     for k in range(cur.stage_index, len(specs)):
         spec, start_dir = specs[k], stage_dirs[k]
         if cur.step == 0 and rank == 0 and not os.path.isdir(start_dir):
             save_atomically(start_dir, lambda tmp: M.save(policy, processor, tmp))
         barrier()
-        ref = base if rl.ref == "base" else M.load(start_dir, device=device, dtype=dtype)[0]
+        ref = base if rl.ref == "base" else M.set_memory_options(M.load(start_dir, device=device, dtype=dtype)[0],
+                                                                 cfg.model.attn)
         ref.eval().requires_grad_(False)
-        opt = torch.optim.AdamW(policy.parameters(), lr=rl.lr, weight_decay=0.0, betas=(0.9, 0.99))
-        if resumed_opt is not None:  # resumed inside this stage
+        # A fresh AdamW each stage; the fp32 master weights (the policy's true weights in bf16) carry over.
+        opt = MasterAdamW(policy.parameters(), lr=rl.lr, betas=(0.9, 0.99), master=opt.master if opt else None)
+        if resumed_opt is not None:  # the masters, and the moments when resumed inside this stage
             opt.load_state_dict(resumed_opt)
             resumed_opt = None
         bar = tqdm(total=spec.steps, initial=cur.step, desc=f"stage {k + 1}/{len(specs)} {spec.name}",
@@ -242,9 +248,9 @@ def run_rl(cfg, stages, groups, steps, out, rank, device, dtype, policy, process
                     bar.write(f"step {step}: non-finite loss or gradient, update skipped ({bad_in_row} in a row)")
                 bar.update(1)
                 bar.write(log_line(spec.name, step, spec.steps, stats, lr))
-                tag = {"stage": spec.name, "step": step}
+                tag = {"stage": spec.name, "step": step, "global_step": global_step}
                 with open(os.path.join(out, "metrics.jsonl"), "a") as f:
-                    f.write(json.dumps({**tag, "global_step": global_step, "lr": lr, **stats}) + "\n")
+                    f.write(json.dumps({**tag, "lr": lr, **stats}) + "\n")
                 if cfg.run.sample_every and step % cfg.run.sample_every == 1:
                     with open(os.path.join(out, "samples.jsonl"), "a") as f:
                         f.writelines(json.dumps({**tag, **s}) + "\n" for s in samples)
@@ -253,7 +259,7 @@ def run_rl(cfg, stages, groups, steps, out, rank, device, dtype, policy, process
                                    f"{spec.name}, step {step}): lower --lr, check --dtype, and look at samples.jsonl")
             advanced = cur.record()
             if advanced or global_step % cfg.run.ckpt_every == 0:  # at a stage's end the next starts afresh
-                state = {"curriculum": cur.state_dict(), "optimizer": None if advanced else opt.state_dict(),
+                state = {"curriculum": cur.state_dict(), "optimizer": opt.state_dict(moments=not advanced),
                          "config": as_dict(cfg)}
                 save_checkpoint(out, global_step, policy, processor, state, cfg.run.keep, rank)
         bar.close()
@@ -303,7 +309,8 @@ def load_base(cfg, device, dtype, rank):
             tiny_base.build_base(path, seed=0)
         barrier()
     with torch.random.fork_rng(devices=[]):
-        return M.load(path, device=device, dtype=dtype, seed=cfg.run.seed, max_pixels=cfg.model.max_pixels)
+        policy, processor = M.load(path, device=device, dtype=dtype, seed=cfg.run.seed, max_pixels=cfg.model.max_pixels)
+    return M.set_memory_options(policy, cfg.model.attn, cfg.model.grad_checkpointing), processor
 
 def main(argv=None):
     try:  # a bad config: one clear line before any work, no traceback

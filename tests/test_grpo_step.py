@@ -61,11 +61,22 @@ class GradientRecorder:
     def __init__(self, model):
         self.model, self.grads, self.param_groups = model, [], [{"lr": 0.0}]
 
-    def step(self):
+    def step(self, max_norm):  # clips as optim.MasterAdamW.step does, records, clears
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
         self.grads.append({n: p.grad.detach().clone() for n, p in self.model.named_parameters() if p.grad is not None})
+        self.model.zero_grad(set_to_none=True)
+        return norm
 
-    def zero_grad(self, set_to_none=True):
-        self.model.zero_grad(set_to_none=set_to_none)
+
+class SGD(torch.optim.SGD):
+    """SGD with the interface of optim.MasterAdamW: step(max_norm) clips, steps when finite, clears, returns the norm."""
+
+    def step(self, max_norm):
+        norm = torch.nn.utils.clip_grad_norm_([p for group in self.param_groups for p in group["params"]], max_norm)
+        if torch.isfinite(norm):
+            super().step()
+        self.zero_grad(set_to_none=True)
+        return norm
 
 
 def hand_scores(rows, texts, cfg, stage="choice"):
@@ -187,7 +198,7 @@ def test_one_sgd_step_moves_each_answer_with_its_advantage(base, monkeypatch):
     cfg = config(beta=0.0)
     adv = grpo.group_advantages(hand_rewards(rows, ro.texts, cfg), G)
     before = per_answer_logp(policy, processor, rows, ro)
-    run_step(monkeypatch, policy, None, processor, rows, ro, cfg, torch.optim.SGD(policy.parameters(), lr=1e-3))
+    run_step(monkeypatch, policy, None, processor, rows, ro, cfg, SGD(policy.parameters(), lr=1e-3))
     change = per_answer_logp(policy, processor, rows, ro) - before
     # Answers share tokens, so one answer's update can move another's against its sign; on average and weighted
     # by the advantage (the first-order change of the objective) the direction is fixed.
@@ -215,7 +226,7 @@ def test_mu_above_one_uses_the_policy_before_the_update(base, monkeypatch):
     monkeypatch.setattr(grpo, "grpo_loss", spy)
     ref = copy.deepcopy(policy).eval().requires_grad_(False)
     stats, _ = run_step(monkeypatch, policy, ref, processor, rows, ro, config(mu=3, micro_batch=P // 2),
-                        torch.optim.SGD(policy.parameters(), lr=1.0))
+                        SGD(policy.parameters(), lr=1.0))
     assert len(calls) == 3 * 2, "mu = 3 passes over 2 micro-batches"
     olds = torch.cat([old for _, old, _ in calls[:2]])
     for k, (_, old, _) in enumerate(calls):
@@ -238,7 +249,7 @@ def test_a_non_finite_loss_skips_the_update(base, monkeypatch, non_finite_loss):
     ro = fixed_rollout(policy, processor, rows)
     before = [p.detach().clone() for p in policy.parameters()]
     stats, _ = run_step(monkeypatch, policy, None, processor, rows, ro, config(beta=0.0),
-                        torch.optim.SGD(policy.parameters(), lr=0.1))
+                        SGD(policy.parameters(), lr=0.1))
     assert stats["skipped"] == 1, "a non-finite gradient is counted as a skipped update"
     assert all(torch.equal(a, p) for a, p in zip(before, policy.parameters())), "and the weights are left alone"
     assert all(p.grad is None for p in policy.parameters()), "and its gradient is dropped"

@@ -1,0 +1,49 @@
+"""bench.py --memory: parameter counts on the meta device, the activation measurement, the plan's arithmetic."""
+import sys
+
+import pytest
+
+import bench
+
+# A narrow 2-layer shape: the activation measurement in a second.
+NARROW = dict(text=dict(num_hidden_layers=2, hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                        num_key_value_heads=2, vocab_size=1024),
+              vision=dict(bench.VISION, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64),
+              tie_word_embeddings=True)
+FAKE_ACTS = {False: dict(text_layer=130_000, text_rest=17_000, vision_block=66_000, vision_rest=18_000),
+             True: dict(text_layer=4_096, text_rest=17_000, vision_block=2_560, vision_rest=18_000)}
+
+
+def test_parameter_counts_of_the_real_configs():
+    assert bench.count_parameters(bench.SHAPES["3B"]) == {"total": 3_754_622_976, "text": 3_085_938_688,
+                                                          "vision": 668_684_288}
+    assert bench.count_parameters(bench.SHAPES["7B"])["total"] == 8_292_166_656
+
+
+def test_checkpointing_keeps_only_each_layers_input():
+    full, ckpt = bench.activation_bytes(NARROW, False), bench.activation_bytes(NARROW, True)
+    assert ckpt["text_layer"] < full["text_layer"] and ckpt["vision_block"] < full["vision_block"]
+    assert ckpt["text_layer"] == 64 * 2                                           # one bf16 hidden state per token
+    assert ckpt["vision_block"] == pytest.approx(32 * 2, abs=1)                   # per patch, + the block's cu_seqlens
+
+
+@pytest.mark.parametrize("ckpt", [False, True])
+@pytest.mark.parametrize("opt, fsdp", [(1, 1), (8, 1), (1, 8)])
+def test_plan_components_add_up_to_its_total(ckpt, opt, fsdp):
+    P = 3_754_622_976
+    plan = bench.memory_plan(bench.SHAPES["3B"], P, FAKE_ACTS, ckpt, opt_ranks=opt, fsdp_ranks=fsdp)
+    assert set(plan["parts"]) == set(bench.PHASES)
+    for phase in ("held", "rollout", "update"):
+        assert plan[phase] == pytest.approx(sum(v for k, v in plan["parts"].items() if bench.PHASES[k] == phase))
+    assert plan["total"] == pytest.approx(plan["held"] + max(plan["rollout"], plan["update"]))
+    per_param = {(1, 1): 18, (8, 1): 2 + 2 + 2 + 12 / 8, (1, 8): 18 / 8}[opt, fsdp]   # bytes held per parameter
+    assert plan["held"] == pytest.approx(per_param * P + bench.ALLOWANCE_GIB * bench.GIB)
+
+
+def test_memory_flag_runs_the_plan_not_the_speed_benchmark(monkeypatch):
+    calls = []
+    monkeypatch.setattr(bench, "print_memory_plans", lambda: calls.append("plan"))
+    monkeypatch.setattr(bench, "load", lambda job: pytest.fail("the speed benchmark ran"))
+    monkeypatch.setattr(sys, "argv", ["bench.py", "--memory"])
+    bench.main()
+    assert calls == ["plan"]
