@@ -33,7 +33,10 @@ class MasterAdamW:
         self.params = [p for p in params if p.requires_grad]
         self.master = master or [p if p.dtype == torch.float32 else p.detach().float() for p in self.params]
         self.adamw = torch.optim.AdamW(self.master, lr=lr, betas=betas, weight_decay=weight_decay)
-        self.param_groups = self.adamw.param_groups
+
+    @property
+    def param_groups(self):  # AdamW's own list: load_state_dict replaces it
+        return self.adamw.param_groups
 
     def step(self, max_norm):
         """Average the gradients over ranks, clip them to max_norm and, when their norm is finite, update the

@@ -204,14 +204,17 @@ def log_line(stage, step, steps, s, lr):
             f"zero-var {s['zero_var']:.2f} | len {s['length']:.1f} | lr {lr:.2e} | {s['seconds']:.2f}s"
             + (f" | replay acc {s['replay_accuracy']:.3f}" if "replay_accuracy" in s else ""))
 
-def run_rl(cfg, stages, groups, steps, out, rank, device, dtype, policy, processor, base, pool):
-    """The curriculum GRPO loop; returns the folders of every stage's starting model, then of the final one."""
-    rl = cfg.rl
+def make_curriculum(cfg, stages, groups, steps, pool):
+    """The schedule, its stage files opened and every row and image in them checked."""
     specs = [curriculum.StageSpec(name, group_size=g, steps=n, replay=r)
-             for name, g, n, r in zip(stages, groups, steps, replay_ratios(rl, stages))]
+             for name, g, n, r in zip(stages, groups, steps, replay_ratios(cfg.rl, stages))]
     stage_data = curriculum.parse_stage_data(cfg.data.stage_data) if cfg.data.stage_data else {}
     specs = curriculum.assign_stage_data(specs, {k: v for k, v in stage_data.items() if k in stages})
-    cur = curriculum.Curriculum(specs, pool=pool, seed=cfg.run.seed, image_root=cfg.data.image_root or None)
+    return curriculum.Curriculum(specs, pool=pool, seed=cfg.run.seed, image_root=cfg.data.image_root or None)
+
+def run_rl(cfg, cur, out, rank, device, dtype, policy, processor, base):
+    """The curriculum GRPO loop; returns the folders of every stage's starting model, then of the final one."""
+    rl, specs = cfg.rl, cur.stages
     ckpt = latest_checkpoint(out) if cfg.run.resume else None
     resumed_opt = resume(ckpt, out, cur, policy, rank, device, dtype) if ckpt else None
     # Every stage's starting model, whichever stages this process runs (a resumed run starts past some).
@@ -269,11 +272,9 @@ def run_rl(cfg, stages, groups, steps, out, rank, device, dtype, policy, process
     barrier()
     return stage_dirs + [final_dir]
 
-def evaluate_stages(cfg, named_dirs, out, rank, device, dtype):
+def evaluate_stages(cfg, sets, named_dirs, out, rank, device, dtype):
     """The table: every stage's model on the held-out in-domain and out-of-domain sets."""
     eval_stages = cfg.data.eval_stages.split(",")
-    sets = E.load_eval_sets(cfg.data.eval_data or "synthetic", n=cfg.data.eval_n, seed=cfg.run.seed,
-                            image_root=cfg.data.image_root or None, size=cfg.data.image_size, stages=eval_stages)
     records = {}
     results = E.evaluate_models(named_dirs, sets, max_new_tokens=cfg.rl.max_new_tokens, device=device, dtype=dtype,
                                 max_pixels=cfg.model.max_pixels, verbose=rank == 0, records_out=records)
@@ -333,13 +334,21 @@ def main(argv=None):
     barrier()
     torch.manual_seed(cfg.run.seed)
     random.seed(cfg.run.seed)
-    policy, processor = load_base(cfg, device, dtype, rank)
+    try:  # every input opened and checked before the first step: a typo must not cost the hours of training
+        policy, processor = load_base(cfg, device, dtype, rank)
+        pool = data.make_split("train", cfg.data.pool_size, seed=cfg.run.seed, size=cfg.data.image_size)
+        cur = make_curriculum(cfg, stages, groups, steps, pool)
+        eval_sets = E.load_eval_sets(cfg.data.eval_data or "synthetic", n=cfg.data.eval_n, seed=cfg.run.seed,
+                                     image_root=cfg.data.image_root or None, size=cfg.data.image_size,
+                                     stages=cfg.data.eval_stages.split(",")) if cfg.data.eval_n > 0 else None
+        phase2_pool = R.load_pool(cfg, pool) if cfg.phase2.phase2 else None
+    except (ValueError, FileNotFoundError) as e:  # data.DataError is a ValueError
+        raise SystemExit(f"error: {e}")
     base = copy.deepcopy(policy).eval().requires_grad_(False) if cfg.rl.ref == "base" else None
-    pool = data.make_split("train", cfg.data.pool_size, seed=cfg.run.seed, size=cfg.data.image_size)
 
     # Phase 1: curriculum GRPO.
     t0 = time.time()
-    dirs = run_rl(cfg, stages, groups, steps, out, rank, device, dtype, policy, processor, base, pool)
+    dirs = run_rl(cfg, cur, out, rank, device, dtype, policy, processor, base)
     timings = {"rl": time.time() - t0}
     named = list(zip(["base"] + [f"after {s}" for s in stages], dirs))
 
@@ -349,7 +358,7 @@ def main(argv=None):
         t0 = time.time()
         final_dir = os.path.join(out, "stages", f"{len(stages) + 1}_phase2")
         if not os.path.isdir(final_dir):
-            R.phase2(policy, processor, R.load_pool(cfg, pool), os.path.join(out, "phase2"), device=device,
+            R.phase2(policy, processor, phase2_pool, os.path.join(out, "phase2"), device=device,
                      rank=rank, seed=cfg.run.seed, max_new_tokens=cfg.rl.max_new_tokens,
                      n_samples=p2.phase2_samples, bar=p2.phase2_bar, lr=p2.phase2_lr, epochs=p2.phase2_epochs,
                      batch_size=p2.phase2_batch)
@@ -365,7 +374,7 @@ def main(argv=None):
         print(stage_summary(metrics), flush=True)
     if cfg.data.eval_n > 0:
         t0 = time.time()
-        evaluate_stages(cfg, named, out, rank, device, dtype)
+        evaluate_stages(cfg, eval_sets, named, out, rank, device, dtype)
         timings["eval"] = time.time() - t0
     if rank == 0:
         print("wall time (s): " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()), flush=True)

@@ -199,3 +199,29 @@ def test_save_load_and_public_layout(tiny, tmp_path):
     loaded, proc = M.load(str(tmp_path / "public"), max_pixels=448 * 448)
     assert proc.image_processor.size["shortest_edge"] == 3136, "min_pixels read from preprocessor_config.json"
     assert torch.equal(logits_of(loaded.eval(), proc), ref), "the public-release layout must load the same model"
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(any_tiny):
+    """--grad-checkpointing recomputes every decoder layer and vision block in backward: the same gradients,
+    with each layer keeping only its input for backward."""
+    import copy
+    model, processor = any_tiny
+    batch = M.encode(processor, samples()[:2])
+    comp = torch.randint(20, 200, (4, 3), generator=torch.Generator().manual_seed(2))
+    grads, saved = [], []
+    for checkpointing in (False, True):
+        m = M.set_memory_options(copy.deepcopy(model).train(), "sdpa", checkpointing)
+        count = [0]
+
+        def pack(t):
+            count[0] += t.numel() * t.element_size()
+            return t
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = M.completion_logprobs(m, batch, comp).sum()
+        loss.backward()
+        grads.append({n: p.grad for n, p in m.named_parameters() if p.grad is not None})
+        saved.append(count[0])
+    assert set(grads[0]) == set(grads[1]) and len(grads[0]) > 10
+    for name, g in grads[0].items():
+        assert torch.allclose(grads[1][name], g, rtol=1e-4, atol=1e-6), f"{name}: the same gradient"
+    assert saved[1] < saved[0] / 2, f"checkpointing keeps far less for backward ({saved[1]} vs {saved[0]} bytes)"
