@@ -150,7 +150,8 @@ PHASES = {"policy parameters, bf16": "held", "fp32 master weights": "held", "gra
           f"CUDA context + allocator slack ({ALLOWANCE_GIB} GiB allowance)": "held",
           "FSDP: other ranks' bf16 parameters, gathered": "rollout", "KV cache, bf16": "rollout",
           "activations, text layers": "update", "activations, vision blocks": "update",
-          "checkpointing: 1 layer recomputed in backward": "update", "logits, fp32 log_softmax": "update"}
+          "checkpointing: 1 layer recomputed in backward": "update", "logits, fp32 log_softmax": "update",
+          "optimizer step: fp32 gradient copies (less the bf16 ones freed)": "step"}
 
 def qwen_config(shape, text=(), vision=()):
     """A Qwen2_5_VLConfig of `shape`, with fields of its text / vision part overridden."""
@@ -227,9 +228,9 @@ def activation_bytes(shape, checkpointing, model=None, tokens=128, grid=(16, 16)
     them, and per image patch in each vision block and outside them, in one forward of `tokens` tokens / one image."""
     model = model if model is not None else truncated_model(shape)
     if checkpointing:
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        M.set_memory_options(model, "sdpa", checkpointing=True)
     else:
-        model.activation_checkpointing_disable()
+        model.gradient_checkpointing_disable()
     text, visual = model.model.language_model.layers, model.model.visual
     ids = torch.randint(0, 1024, (1, tokens), generator=torch.Generator().manual_seed(0))
     layer, total = _saved_bytes(model, text, lambda: model(input_ids=ids, use_cache=False, logits_to_keep=1).logits)
@@ -242,7 +243,7 @@ def activation_bytes(shape, checkpointing, model=None, tokens=128, grid=(16, 16)
 
 def memory_plan(shape, n_params, acts, checkpointing, opt_ranks=1, fsdp_ranks=1, prompts=1, group=4,
                 prompt_tokens=1300, new_tokens=256, patches=2048, micro_batch=1):
-    """COMPUTED: bytes per rank {component: bytes} (phases in PHASES) and the peak, held + max(rollout, update), of
+    """COMPUTED: bytes per rank {component: bytes} (phases in PHASES) and the peak, held + max(rollout, update, step), of
     GRPO with `prompts` per rank, `group` samples each; acts = {False: activation_bytes(..), True: ..}."""
     t, P = shape["text"], n_params
     F, O = fsdp_ranks, opt_ranks * fsdp_ranks                  # FSDP shards everything, ZeRO-1 the optimizer only
@@ -257,10 +258,11 @@ def memory_plan(shape, n_params, acts, checkpointing, opt_ranks=1, fsdp_ranks=1,
              (t["num_hidden_layers"] * a["text_layer"] + a["text_rest"]) * tokens * rows,
              (shape["vision"]["depth"] * a["vision_block"] + a["vision_rest"]) * patches * mb,   # once per prompt
              max(full["text_layer"] * tokens * rows, full["vision_block"] * patches) if checkpointing else 0,
-             rows * new_tokens * t["vocab_size"] * 4]                               # completion tokens only
+             rows * new_tokens * t["vocab_size"] * 4,                               # completion tokens only
+             4 * P / O - (2 * P / F if O == F else 0)]   # optim.MasterAdamW.step: each bf16 gradient freed once copied
     plan = dict(zip(PHASES, parts))
-    phase = {p: sum(v for k, v in plan.items() if PHASES[k] == p) for p in ("held", "rollout", "update")}
-    return {"parts": plan, **phase, "total": phase["held"] + max(phase["rollout"], phase["update"])}
+    phase = {p: sum(v for k, v in plan.items() if PHASES[k] == p) for p in ("held", "rollout", "update", "step")}
+    return {"parts": plan, **phase, "total": phase["held"] + max(phase["rollout"], phase["update"], phase["step"])}
 
 def print_memory_plans(ranks=8, prompt_lengths=(1300, 600), new_tokens=256, group=4, patches=2048):
     """The measurements, then per prompt length a markdown table: GiB per rank by component, one column per
@@ -301,9 +303,10 @@ def print_memory_plans(ranks=8, prompt_lengths=(1300, 600), new_tokens=256, grou
         print("|---|---|" + "---:|" * len(columns))
         for part, phase in PHASES.items():
             print(f"| {part} | {phase} | " + " | ".join(f"{p['parts'][part] / GIB:.2f}" for p in plans) + " |")
-        for key, label in (("held", "held throughout"), ("rollout", "rollout phase"), ("update", "update phase")):
+        for key, label in (("held", "held throughout"), ("rollout", "rollout phase"), ("update", "update phase"),
+                           ("step", "optimizer step")):
             print(f"| *{label}* | | " + " | ".join(f"{p[key] / GIB:.2f}" for p in plans) + " |")
-        print("| **peak = held + max(rollout, update)** | | " + " | ".join(f"**{p['total'] / GIB:.1f}**" for p in plans)
+        print("| **peak = held + max(rollout, update, step)** | | " + " | ".join(f"**{p['total'] / GIB:.1f}**" for p in plans)
               + " |")
         print(f"| fits 80 GB ({CARD_GIB:.1f} GiB) | | " + " | ".join("yes" if p["total"] <= CARD_GIB * GIB else "no"
                                                                   for p in plans) + " |")

@@ -1,30 +1,27 @@
 """
 gpu_check.py: checks of this project on one or two GPUs, printed as ONE markdown table (under 10 min on an H100).
 
-    python gpu_check.py                    # every check; exits 1 when any failed
-    python gpu_check.py --quick            # checks 0-2 only (tiny runs)
-    python gpu_check.py --skip-3b --out /tmp/gc
-    python gpu_check.py --device cpu --quick   # the same code paths on a CPU: gloo, float32, a 2-layer "3B"
+    python gpu_check.py                        # every check; exits 1 when any failed
+    python gpu_check.py --quick                # checks 0-2 only (tiny runs); --skip-3b: no checks 3-4
+    python gpu_check.py --device cpu --quick   # the same code paths on a CPU: gloo, float32 (and a 2-layer "3B")
 
-0. transformers API: the installed transformers' Qwen2.5-VL forward takes `cache=` and `mm_encoder_outputs=`,
-   which rollout.py and model.completion_logprobs pass (older releases name the cache `past_key_values`).
-1. torchrun DDP: `torchrun --standalone --nproc_per_node=2 train.py` (tiny base, open stage, 3 steps; NCCL with
-   gloo for CPU tensors) against `python train.py` on one process: max abs difference of the final weights
-   (float32 on a CPU: allclose as tests/test_train.py, bit-identical expected; bf16 on CUDA: reported). With one
-   GPU it runs one process under torchrun (train.py puts rank r on cuda:r) and says so.
-2. Kill + resume: the same run with 4 steps and a checkpoint every step, SIGKILLed (its process group) after the
-   checkpoint of step 2 while step 3 is logged and its checkpoint held back, then --resume: the final weights
-   against an uninterrupted run, the log holds each step once, and each rank's peak memory (train.py reports
-   none, so torchrun runs this file's train_worker: train.main, then torch.cuda.max_memory_allocated).
-3. One GRPO step at the real Qwen2.5-VL-3B shape (bench.SHAPES["3B"], random weights built on the GPU, bf16 with
-   fp32 masters, optim.MasterAdamW), a frozen reference copy, one prompt of about 1,300 tokens with a 401,408-pixel
-   random image, 256 new tokens, G = 4: train.grpo_step (rollout.generate, rewards, grpo loss with the k3 KL,
-   backward, MasterAdamW.step); peak memory and seconds without, then with gradient checkpointing
-   (model.set_memory_options). The prompt is encoded by model.encode with the shipped tiny base's processor, the
-   config's image/vision token ids set to its tokenizer's (the vocabulary stays 151,936).
-4. The rollout of check 3 in decode tokens/s (rows x decoded tokens / (rollout - prefill seconds)) against the HBM
-   bound rows / (text-decoder parameter bytes / memory bandwidth); bandwidth by GPU name, or measured by a large
-   device-to-device copy when the name is unknown.
+0. transformers API: Qwen2.5-VL's forward takes the `cache=` and `mm_encoder_outputs=` that rollout.py and
+   model.completion_logprobs pass (5.17 has `past_key_values` and no mm_encoder_outputs: unknown kwargs are dropped).
+1. torchrun DDP: `torchrun --standalone --nproc_per_node=2 train.py` (tiny base, open stage, 3 steps; NCCL, gloo
+   for CPU tensors) against `python train.py`: max abs difference of the final weights (float32: allclose as in
+   tests/test_train.py; bf16: reported). One GPU: one process under torchrun (train.py puts rank r on cuda:r).
+2. Kill + resume: 4 steps, a checkpoint each; SIGKILL to the process groups of torchrun and of each rank (torchrun
+   gives each a session) once checkpoint 2 is written and step 3 logged (its checkpoint held back); then --resume:
+   final weights against an uninterrupted run, each step logged once, each rank's peak memory (train.py reports
+   none: torchrun runs train_worker below, train.main and then the peak).
+3. One GRPO step at the real Qwen2.5-VL-3B shape (bench.SHAPES["3B"], random weights made on the GPU, bf16 with fp32
+   masters: optim.MasterAdamW), a frozen reference, one ~1,300-token prompt with a 401,408-pixel random image, 256
+   new tokens, G = 4: train.grpo_step (rollout, rewards, loss, backward, optimizer step); peak memory and seconds,
+   without and with gradient checkpointing (model.set_memory_options). model.encode lays the prompt out with the
+   tiny base's processor, the config's vision token ids set to its tokenizer's (the vocabulary stays 151,936).
+   Random weights score 0, so advantages and gradients are 0; the backward and the step still run in full.
+4. Check 3's rollout in decode tokens/s (rows x decoded tokens / (rollout - prefill seconds)) against the HBM bound
+   rows / (text-decoder parameter bytes / bandwidth); bandwidth by GPU name, else a timed device-to-device copy.
 """
 import argparse
 import contextlib
@@ -44,56 +41,56 @@ import time
 
 import numpy as np
 import torch
+import transformers
+from PIL import Image
+from safetensors.torch import load_file
+from transformers import Qwen2_5_VLForConditionalGeneration
+
+import bench
+import config
+import data
+import model as M
+import rollout
+import train
+from optim import MasterAdamW
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-# HBM bandwidth in TB/s by GPU name (all the lower-case words must appear in torch.cuda.get_device_name()).
+# HBM bandwidth in TB/s by GPU name: the first entry whose words all appear in the lower-case name.
 BANDWIDTH_TB_S = [(("h200",), 4.8), (("h100", "pcie"), 2.0), (("h100",), 3.35), (("a100", "80gb"), 2.0),
                   (("a100",), 1.56)]
 # Check 3's shape: the real one on a GPU; on a CPU 2 text layers and 2 vision blocks at the real widths.
 SHAPE = {"cuda": dict(text={}, vision={}, image=(448, 896), prompt=1300, new=256, G=4),
          "cpu": dict(text=dict(num_hidden_layers=2, vocab_size=4096), vision=dict(depth=2, fullatt_block_indexes=[1]),
                      image=(112, 112), prompt=120, new=8, G=4)}
-ROWS = []      # (check, setting, result, seconds)
-FAILED = []
-
+ROWS, FAILED = [], []  # (check, setting, result, seconds); the names of the failed checks
 
 class CheckFailed(Exception):
     pass
 
-
 def log(msg):
     print(f"[gpu_check] {msg}", file=sys.stderr, flush=True)
 
-
 def attempt(check, setting, fn):
-    """A table row from fn() -> result text; an exception becomes a FAILED row and the script goes on."""
+    """A table row of fn()'s text; an exception becomes a FAILED row, and the script goes on."""
     log(f"{check}: {setting}")
     t0 = time.time()
     try:
         text = fn()
     except Exception as e:  # noqa: BLE001 -- every failure is a row
         FAILED.append(check)
-        text = f"**FAILED** {type(e).__name__}: {e}"
+        text = f"**FAILED** {type(e).__name__}: {str(e)[:400]}"
         log(f"{check} failed: {type(e).__name__}: {e}")
-    finally:
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
     ROWS.append((check, setting, text, time.time() - t0))
-
-
-def cell(text):
-    return " ".join(str(text).split()).replace("|", "\\|")[:600]
-
 
 def sync(device):
     if device == "cuda":
         torch.cuda.synchronize()
 
-
 def gib(n):
     return f"{n / 2 ** 30:.2f} GiB"
-
 
 # ---- Runs of train.py as subprocesses
 def train_args(a, steps, extra=()):
@@ -101,191 +98,160 @@ def train_args(a, steps, extra=()):
              "--group-size", "4", "--max-new-tokens", "16", "--no-phase2", "--eval-n", "0", "--device", a.device,
              "--dtype", a.dtype] + (["--threads", "1"] if a.device == "cpu" else []) + list(extra))
 
-
 def start(script, args, out, nproc, env=None):
-    """Popen of `torchrun --standalone --nproc_per_node=nproc script args --out out` (nproc 0: plain python), in
-    its own process group, its output in out + '.log'."""
+    """`torchrun --standalone --nproc_per_node=nproc script args --out out` (nproc 0: python script ...) in its own
+    process group, its output in out.log."""
     cmd = [sys.executable] + (["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
                               if nproc else []) + [script] + args + ["--out", out]
-    logf = open(out + ".log", "w")
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=logf, stderr=subprocess.STDOUT, start_new_session=True,
-                            env={**os.environ, **(env or {})})
+    with open(out + ".log", "w") as f:
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, start_new_session=True,
+                                env={**os.environ, **(env or {})})
     proc.log = out + ".log"
     return proc
 
-
 def last_error(path):
+    """The last exception line of a log (a rank's, before torchrun's summary), else its last line."""
     lines = [ln.strip() for ln in open(path, errors="replace") if ln.strip()]
     errors = [ln for ln in lines if re.match(r"^(\[rank\d+\]:\s*)?[\w.]*(Error|Exception|Exit)\b", ln)]
-    return (errors or lines or ["(no output)"])[-1]
+    own = [ln for ln in errors if "torch.distributed.elastic" not in ln]
+    return (own or errors or lines or ["(no output)"])[-1]
 
+def kill_tree(pid):
+    """SIGKILL to the process groups of pid and its descendants (torchrun gives each rank a session of its own)."""
+    ppid = {}
+    for d in filter(str.isdigit, os.listdir("/proc")):
+        with contextlib.suppress(OSError):
+            stat = open(f"/proc/{d}/stat").read()
+            ppid[int(d)] = int(stat[stat.rindex(")") + 2:].split()[1])
+    tree = {pid}
+    while grown := {p for p, pp in ppid.items() if pp in tree} - tree:
+        tree |= grown
+    for p in tree:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(os.getpgid(p), signal.SIGKILL)
 
-def finish(proc, timeout=420):
+def run(script, args, out, nproc, env=None, timeout=420):
+    proc = start(script, args, out, nproc, env)
     try:
         rc = proc.wait(timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+        kill_tree(proc.pid)
         proc.wait()
         raise CheckFailed(f"no end after {timeout} s (log {proc.log})")
     if rc != 0:
         raise CheckFailed(f"exit {rc}: {last_error(proc.log)} (log {proc.log})")
-
-
-def run(script, args, out, nproc, env=None):
-    finish(start(script, args, out, nproc, env))
     return out
 
-
 def weights(folder):
-    from safetensors.torch import load_file
     return load_file(os.path.join(folder, "model.safetensors"))
 
-
 def max_diff(a_dir, b_dir):
+    """(max abs difference, tensors of a, tensors of b) of two saved models."""
     a, b = weights(a_dir), weights(b_dir)
     if a.keys() != b.keys():
         raise CheckFailed(f"{a_dir} and {b_dir} hold different tensors")
     return max(float((a[k].double() - b[k].double()).abs().max()) for k in a), a, b
 
+def same(diff):
+    return "bit-identical" if diff == 0 else f"max abs diff {diff:.3g}"
 
 def train_worker(argv):
     """torchrun's script in check 2: train.main(argv), then this rank's peak memory (CUDA allocated, else the
-    resident set) in $GPU_CHECK_PEAK.rank<r>. With $GPU_CHECK_HOLD=k the run waits, unsaved, at the checkpoint of
-    global step k (its step logged), so the parent's SIGKILL lands after checkpoint k - 1 and before the end."""
-    import train
-    hold = int(os.environ.get("GPU_CHECK_HOLD", 0))
-    save = train.save_checkpoint
+    resident set) into $GPU_CHECK_PEAK.rank<r>. With $GPU_CHECK_HOLD=k the run waits, before writing the checkpoint
+    of global step k (that step logged), for the parent's SIGKILL."""
+    hold, save = int(os.environ.get("GPU_CHECK_HOLD", 0)), train.save_checkpoint
 
     def save_or_hold(out, step, *args, **kwargs):
         if step == hold:
-            time.sleep(3600)
+            time.sleep(900)   # the parent kills it within 420 s
         return save(out, step, *args, **kwargs)
     train.save_checkpoint = save_or_hold
     train.main(argv)
-    rank, local = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
     cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
-    peak = torch.cuda.max_memory_allocated(local) if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = (torch.cuda.max_memory_allocated(int(os.environ.get("LOCAL_RANK", 0))) if cuda
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
     if os.environ.get("GPU_CHECK_PEAK"):
-        with open(f"{os.environ['GPU_CHECK_PEAK']}.rank{rank}", "w") as f:
+        with open(f"{os.environ['GPU_CHECK_PEAK']}.rank{os.environ.get('RANK', 0)}", "w") as f:
             json.dump({"peak_bytes": peak, "kind": "CUDA allocated" if cuda else "resident set"}, f)
-
 
 def peaks(prefix, nproc):
     got = [json.load(open(f"{prefix}.rank{r}")) for r in range(nproc)]
-    return f"peak {got[0]['kind']} per rank: " + ", ".join(gib(g["peak_bytes"]) for g in got)
-
+    return ", ".join(gib(g["peak_bytes"]) for g in got) + f" ({got[0]['kind']})"
 
 # ---- The checks
 def check_api():
-    from transformers import Qwen2_5_VLForConditionalGeneration as C
-    params = inspect.signature(C.forward).parameters
-    missing = [p for p in ("cache", "mm_encoder_outputs") if p not in params]
-    ckpt = "activation_checkpointing_enable" if hasattr(C, "activation_checkpointing_enable") else \
-        "gradient_checkpointing_enable (old name)"
+    C = Qwen2_5_VLForConditionalGeneration
+    missing = [p for p in ("cache", "mm_encoder_outputs") if p not in inspect.signature(C.forward).parameters]
     if missing:
-        raise CheckFailed(f"forward lacks {missing}: rollout.generate reads `out.cache` and completion_logprobs "
-                          f"passes mm_encoder_outputs= (unknown kwargs are ignored: logprobs without the image)")
-    return f"forward(cache=, mm_encoder_outputs=) ok; checkpointing via {ckpt}"
-
+        raise CheckFailed(f"forward lacks {missing}: rollout.generate reads `out.cache` (AttributeError) and "
+                          "completion_logprobs' mm_encoder_outputs= is dropped (log-probs without the image)")
+    how = "activation" if hasattr(C, "activation_checkpointing_enable") else "gradient (older name)"
+    return f"forward(cache=, mm_encoder_outputs=) ok; checkpointing via {how}_checkpointing_enable"
 
 def check_ddp(a, nproc):
     one = run("train.py", train_args(a, 3), os.path.join(a.out, "ddp_one"), 0)
     many = run("train.py", train_args(a, 3), os.path.join(a.out, f"ddp_{nproc}"), nproc)
     diff, A, B = max_diff(os.path.join(one, "stages/1_final"), os.path.join(many, "stages/1_final"))
-    start_w = weights(os.path.join(one, "stages/0_open_start"))
-    moved = any(not torch.equal(A[k], start_w[k]) for k in A)
-    text = (f"{nproc} vs 1 process: " + ("bit-identical" if diff == 0 else f"max abs diff {diff:.3g}")
-            + f" ({len(A)} tensors); the steps moved the weights: {moved}")
-    if not moved:
-        raise CheckFailed(text)
-    if a.dtype == "float32" and not all(torch.allclose(A[k], B[k], atol=1e-6, rtol=1e-4) for k in A):
-        raise CheckFailed(text + "; float32 must match (atol 1e-6, rtol 1e-4)")
+    begin = weights(os.path.join(one, "stages/0_open_start"))
+    moved = any(not torch.equal(A[k], begin[k]) for k in A)
+    text = f"{nproc} processes vs 1: {same(diff)} ({len(A)} tensors); the steps moved the weights: {moved}"
+    if not moved or (a.dtype == "float32" and not all(torch.allclose(A[k], B[k], atol=1e-6, rtol=1e-4) for k in A)):
+        raise CheckFailed(text + ("; float32 must match (atol 1e-6, rtol 1e-4)" if moved else ""))
     return text
 
-
 def check_resume(a, nproc):
-    args = train_args(a, 4, ["--ckpt-every", "1"])
-    full = os.path.join(a.out, "resume_full")
-    run(ROOT + "/gpu_check.py", ["--as-train"] + args, full, nproc, {"GPU_CHECK_PEAK": full + ".peak"})
-    out = os.path.join(a.out, "resume_killed")
-    proc = start(ROOT + "/gpu_check.py", ["--as-train"] + args, out, nproc, {"GPU_CHECK_HOLD": "3"})
-    latest, metrics, deadline = os.path.join(out, "checkpoints", "latest"), os.path.join(out, "metrics.jsonl"), \
-        time.time() + 420
-    while time.time() < deadline and proc.poll() is None and not (
-            os.path.isfile(latest) and open(latest).read().strip() == "step_000002"
-            and os.path.isfile(metrics) and len(open(metrics).readlines()) >= 3):
-        time.sleep(0.05)
-    if proc.poll() is not None:
-        raise CheckFailed(f"the run ended (exit {proc.returncode}) before the kill: {last_error(proc.log)}")
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    if open(latest).read().strip() != "step_000002":
-        raise CheckFailed(f"killed at {open(latest).read().strip()}, not after step 2")
-    run(ROOT + "/gpu_check.py", ["--as-train"] + args + ["--resume"], out, nproc, {"GPU_CHECK_PEAK": out + ".peak"})
+    args, worker = ["--as-train"] + train_args(a, 4, ["--ckpt-every", "1"]), os.path.join(ROOT, "gpu_check.py")
+    full, out = os.path.join(a.out, "resume_full"), os.path.join(a.out, "resume_killed")
+    run(worker, args, full, nproc, {"GPU_CHECK_PEAK": full + ".peak"})
+    latest, metrics = os.path.join(out, "checkpoints", "latest"), os.path.join(out, "metrics.jsonl")
+    proc, deadline = start(worker, args, out, nproc, {"GPU_CHECK_HOLD": "3"}), time.time() + 420
+    try:
+        while time.time() < deadline and proc.poll() is None and not (
+                os.path.isfile(latest) and open(latest).read() == "step_000002"
+                and os.path.isfile(metrics) and len(open(metrics).readlines()) >= 3):
+            time.sleep(0.05)
+        if proc.poll() is not None:
+            raise CheckFailed(f"the run ended (exit {proc.returncode}) before the kill: {last_error(proc.log)}")
+    finally:
+        if proc.poll() is None:
+            kill_tree(proc.pid)
+            proc.wait()
+    if not os.path.isfile(latest) or open(latest).read() != "step_000002":
+        raise CheckFailed(f"not killed after checkpoint 2 (no step 2 and 3 within 420 s?): log {proc.log}")
+    run(worker, args + ["--resume"], out, nproc, {"GPU_CHECK_PEAK": out + ".peak"})
     steps = [json.loads(line)["global_step"] for line in open(metrics)]
     diff, _, _ = max_diff(os.path.join(full, "stages/1_final"), os.path.join(out, "stages/1_final"))
-    text = (f"killed after checkpoint 2 (step 3 logged), resumed: " + ("bit-identical" if diff == 0 else
-            f"max abs diff {diff:.3g}") + f" vs uninterrupted; logged steps {steps}; uninterrupted "
-            + peaks(full + ".peak", nproc) + "; resumed " + peaks(out + ".peak", nproc).split(": ")[1])
+    text = (f"resumed after checkpoint 2 (step 3 redone): {same(diff)} vs uninterrupted; logged steps {steps}; peak "
+            f"per rank: uninterrupted {peaks(full + '.peak', nproc)}, resumed {peaks(out + '.peak', nproc)}")
     if steps != [1, 2, 3, 4] or (a.dtype == "float32" and diff != 0):
         raise CheckFailed(text)
     return text
 
-
 def build_3b(a, processor):
     """(policy, frozen reference) at check 3's shape, random weights made on the device in a.dtype."""
-    import bench
-    from transformers import Qwen2_5_VLForConditionalGeneration
     shape, tid = SHAPE[a.device], processor.token_id
     text = dict(shape["text"], bos_token_id=tid["<|endoftext|>"], eos_token_id=processor.eos_token_id)
     cfg = bench.qwen_config(bench.SHAPES["3B"], text=text, vision=shape["vision"])
     for key, token in (("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
                        ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>")):
-        setattr(cfg, key, tid[token])       # the tiny tokenizer's ids: model.encode then lays the prompt out
+        setattr(cfg, key, tid[token])
     with torch.random.fork_rng(devices=[]), torch.device(a.device):
         torch.manual_seed(0)
         policy = Qwen2_5_VLForConditionalGeneration._from_config(cfg, dtype=getattr(torch, a.dtype))
     return policy, copy.deepcopy(policy).eval().requires_grad_(False)
 
-
 def prompt_row(processor, shape):
-    """One rows-format prompt: a random image of shape['image'] (w, h) and a problem padded to shape['prompt']."""
-    import model as M
-    from PIL import Image
+    """A training row: a random image of shape['image'] (w, h) and a problem that makes it shape['prompt'] tokens."""
     w, h = shape["image"]
     image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (h, w, 3), dtype=np.uint8))
-    base = M.encode(processor, [{"image": image, "problem": ""}])["input_ids"].shape[1]
+    scaffold = M.encode(processor, [{"image": image, "problem": ""}])["input_ids"].shape[1]
     tok, unit = processor.tokenizer, "How many red circles and blue squares are there? Count, then answer. "
-    ids = tok(unit * (shape["prompt"] // 4), add_special_tokens=False)["input_ids"][:max(0, shape["prompt"] - base)]
+    ids = tok(unit * (shape["prompt"] // 4), add_special_tokens=False)["input_ids"][:max(0, shape["prompt"] - scaffold)]
     return {"image": image, "problem": tok.decode(ids), "solution": "<answer>3</answer>", "task": "math"}
 
-
-@contextlib.contextmanager
-def timed_calls(module, name, record):
-    """Wrap module.name so that each call appends (seconds, result) to record."""
-    fn = getattr(module, name)
-
-    def timed(*args, **kwargs):
-        t = time.perf_counter()
-        out = fn(*args, **kwargs)
-        record.append((time.perf_counter() - t, out))
-        return out
-    setattr(module, name, timed)
-    try:
-        yield
-    finally:
-        setattr(module, name, fn)
-
-
 def setup_3b(a, state):
-    """Check 3's model, reference, prompt and optimizer settings into state; an untimed warm-up rollout, then the
-    time of encode + prefill (a 1-token rollout) for check 4."""
-    import config
-    import data
-    import model as M
-    import rollout
-    from transformers.utils import logging as hf_logging
-    hf_logging.set_verbosity_error()
+    """Check 3's model, reference, prompt and config into state; a warm-up rollout, then the seconds of encode +
+    prefill (a 1-token rollout) for check 4."""
     shape = SHAPE[a.device]
     processor = M.Processor.from_pretrained(os.path.join(ROOT, "assets/tiny-base"), max_pixels=401_408)
     row = prompt_row(processor, shape)
@@ -294,7 +260,7 @@ def setup_3b(a, state):
     samples = data.samples_of([row])
     state.update(processor=processor, row=row, policy=policy, ref=ref, cfg=config.Config(rl=rl),
                  prompt_len=M.encode(processor, samples)["input_ids"].shape[1])
-    rollout.generate(policy.eval(), processor, samples, group_size=shape["G"], max_new_tokens=2)   # warm-up
+    rollout.generate(policy.eval(), processor, samples, group_size=shape["G"], max_new_tokens=2)
     sync(a.device)
     t = time.perf_counter()
     rollout.generate(policy, processor, samples, group_size=shape["G"], max_new_tokens=1)
@@ -304,44 +270,48 @@ def setup_3b(a, state):
     return (f"{M.num_parameters(policy) / 1e9:.3f} B parameters{held}; prompt {state['prompt_len']} tokens; "
             f"encode + prefill {state['prefill_s']:.2f} s")
 
-
 def grpo_step_3b(a, state, checkpointing):
-    """train.grpo_step on check 3's prompt with a fresh MasterAdamW: its peak memory and seconds."""
-    import model as M
-    import rollout
-    import train
-    from optim import MasterAdamW
+    """train.grpo_step on check 3's prompt with a fresh MasterAdamW: peak memory and seconds."""
     cuda, policy, rl = a.device == "cuda", state["policy"], state["cfg"].rl
     M.set_memory_options(policy, "sdpa", checkpointing)
     opt = MasterAdamW(policy.parameters(), lr=rl.lr, betas=(0.9, 0.99))
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    held, calls = torch.cuda.memory_allocated() if cuda else 0, []
-    with timed_calls(rollout, "generate", calls):
-        stats, _ = train.grpo_step(policy, state["ref"], state["processor"], [state["row"]], "open", SHAPE[a.device]["G"],
-                                   state["cfg"], opt, 0, a.device, 0)
-    state.setdefault("rollout", calls[0])
+    held, generate = torch.cuda.memory_allocated() if cuda else 0, rollout.generate
+
+    def timed_generate(*args, **kwargs):  # the rollout and its seconds, for check 4
+        t = time.perf_counter()
+        ro = generate(*args, **kwargs)
+        state.setdefault("rollout", (time.perf_counter() - t, ro))
+        return ro
+    rollout.generate = timed_generate
+    try:
+        stats, _ = train.grpo_step(policy, state["ref"], state["processor"], [state["row"]], "open",
+                                   SHAPE[a.device]["G"], state["cfg"], opt, 0, a.device, 0)
+    except torch.cuda.OutOfMemoryError as e:
+        raise CheckFailed(f"out of memory at peak {gib(torch.cuda.max_memory_allocated())}: {str(e)[:110]}") from None
+    finally:
+        rollout.generate = generate
+        policy.zero_grad(set_to_none=True)
     mem = f"peak {gib(torch.cuda.max_memory_allocated())} (held before: {gib(held)}); " if cuda else ""
     return (mem + f"rollout {stats['t_gen']:.1f} s, update {stats['seconds'] - stats['t_gen']:.1f} s, "
             f"grad norm {stats['grad_norm']:.3g}, skipped {stats['skipped']}")
 
-
 def check_3b(a):
-    """Check 3's rows (model, then one GRPO step without and with checkpointing); returns what check 4 needs."""
+    """Check 3's rows: the model, then one GRPO step without and with checkpointing; returns check 4's state."""
     shape, state = SHAPE[a.device], {}
     small = "" if a.device == "cuda" else " (2 layers, 2 vision blocks, vocab 4096)"
     attempt("3 model + prefill", f"Qwen2.5-VL-3B shape{small}, random weights, {a.dtype}, + frozen reference",
             lambda: setup_3b(a, state))
-    if "prefill_s" in state:
-        for ckpt in (False, True):
-            attempt("3 GRPO step", f"{'with' if ckpt else 'no'} grad checkpointing; 1 prompt of {state['prompt_len']} "
-                    f"tokens, {shape['image'][0]}x{shape['image'][1]} px image, {shape['new']} new tokens, "
-                    f"G={shape['G']}, {a.dtype} + fp32 masters", lambda: grpo_step_3b(a, state, ckpt))
+    masters = " + fp32 masters" if a.dtype != "float32" else ""
+    for ckpt in (False, True) if "prefill_s" in state else ():
+        attempt("3 GRPO step", f"{'with' if ckpt else 'no'} grad checkpointing; 1 prompt of {state['prompt_len']} "
+                f"tokens, {shape['image'][0]}x{shape['image'][1]} px image, {shape['new']} new tokens, G={shape['G']}, "
+                f"{a.dtype}{masters}", lambda: grpo_step_3b(a, state, ckpt))
     return state
 
-
 def bandwidth(device):
-    """(bytes/s, where from): the table by GPU name, else a timed large device-to-device copy."""
+    """(bytes/s, where from): the table by GPU name, else a timed large device-to-device copy (read + write)."""
     if device == "cuda":
         name = torch.cuda.get_device_name().lower()
         for words, tb_s in BANDWIDTH_TB_S:
@@ -355,70 +325,62 @@ def bandwidth(device):
     for _ in range(10):
         y.copy_(x)
     sync(device)
-    bw = 10 * 2 * x.numel() * x.element_size() / (time.perf_counter() - t)  # read + write
+    bw = 10 * 2 * x.numel() * x.element_size() / (time.perf_counter() - t)
     return bw, f"{bw / 1e12:.3g} TB/s (measured copy)"
 
-
-def check_decode(a, measured):
-    if not measured or "rollout" not in measured:
+def check_decode(a, state):
+    if "rollout" not in state:
         raise CheckFailed("no rollout from check 3")
-    seconds, ro = measured["rollout"]
-    rows, steps = ro.completion_ids.shape[0], ro.completion_ids.shape[1] - 1
-    rate = rows * steps / (seconds - measured["prefill_s"])
-    policy = measured["policy"]
-    n_bytes = sum(p.numel() * p.element_size() for n, p in policy.named_parameters() if ".visual." not in f".{n}")
+    seconds, ro = state["rollout"]
+    rows, steps, decode_s = ro.completion_ids.shape[0], ro.completion_ids.shape[1] - 1, seconds - state["prefill_s"]
+    n_bytes = sum(p.numel() * p.element_size() for n, p in state["policy"].named_parameters()
+                  if ".visual." not in f".{n}")   # text decoder: embeddings (tied head) + layers
     bw, where = bandwidth(a.device)
-    bound = rows / (n_bytes / bw)
-    return (f"{rate:,.0f} tok/s ({rows} rows x {steps} decoded tokens in {seconds - measured['prefill_s']:.2f} s); "
-            f"HBM bound {bound:,.0f} tok/s ({n_bytes / 1e9:.2f} GB text decoder / {where}); "
-            f"fraction {rate / bound:.3f}")
-
+    rate, bound = rows * steps / decode_s, rows / (n_bytes / bw)
+    return (f"{rate:,.0f} tok/s ({rows} rows x {steps} decoded tokens in {decode_s:.2f} s); HBM bound "
+            f"{bound:,.0f} tok/s ({n_bytes / 1e9:.2f} GB text decoder / {where}); fraction {rate / bound:.3f}")
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
-    p.add_argument("--dtype", default=None, choices=["bfloat16", "float32"],
-                   help="default: bfloat16 on cuda, float32 on cpu")
+    p.add_argument("--dtype", choices=["bfloat16", "float32"], help="default: bfloat16 on cuda, float32 on cpu")
     p.add_argument("--quick", action="store_true", help="checks 0-2 only")
     p.add_argument("--skip-3b", action="store_true", help="skip checks 3-4")
-    p.add_argument("--out", default=None, help="work folder (default: a new temporary one)")
+    p.add_argument("--out", help="work folder: runs and logs (default: a new temporary folder)")
     a = p.parse_args(argv)
     if a.device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("error: torch sees no GPU (use --device cpu to try the code paths)")
+        raise SystemExit("error: torch sees no GPU (--device cpu runs the code paths on the CPU)")
+    transformers.logging.set_verbosity_error()
     a.dtype = a.dtype or ("bfloat16" if a.device == "cuda" else "float32")
     a.out = os.path.abspath(a.out or tempfile.mkdtemp(prefix="gpu_check_"))
-    os.makedirs(a.out, exist_ok=True)
     if any(os.path.exists(os.path.join(a.out, d)) for d in ("ddp_one", "resume_full", "resume_killed")):
         raise SystemExit(f"error: {a.out} holds an earlier gpu_check run: give another --out")
-    t0 = time.time()
-    import transformers
-    gpus = torch.cuda.device_count() if a.device == "cuda" else 0
-    where = (f"{torch.cuda.get_device_name()} x{gpus}" if gpus else f"CPU, {os.cpu_count()} cores")
+    os.makedirs(a.out, exist_ok=True)
+    t0, gpus = time.time(), torch.cuda.device_count() if a.device == "cuda" else 0
+    where = f"{torch.cuda.get_device_name()} x{gpus}" if gpus else f"CPU, {os.cpu_count()} cores"
     nproc = 2 if a.device == "cpu" or gpus >= 2 else 1
-    backend = "NCCL + gloo" if a.device == "cuda" else "gloo"
-    one_gpu = " (1 GPU: 1 process under torchrun)" if nproc == 1 else ""
+    procs = f"{nproc} processes" + (" (1 GPU: 1 process under torchrun)" if nproc == 1 else "")
     log(f"{where}; work folder {a.out}")
     attempt("0 transformers API", f"transformers {transformers.__version__}", check_api)
-    attempt("1 torchrun DDP", f"{nproc} processes{one_gpu}, {backend}, {a.dtype}, tiny base, 3 steps x 8 prompts x G=4",
-            lambda: check_ddp(a, nproc))
-    attempt("2 kill + resume", f"{nproc} processes{one_gpu}, {a.dtype}, 4 steps, --ckpt-every 1, SIGKILL to the group",
+    attempt("1 torchrun DDP", f"{procs}, {'NCCL + gloo' if gpus else 'gloo'}, {a.dtype}, tiny base, 3 steps x 8 "
+            "prompts x G=4, vs `python train.py`", lambda: check_ddp(a, nproc))
+    attempt("2 kill + resume", f"{procs}, {a.dtype}, 4 steps, --ckpt-every 1, SIGKILL to the process groups",
             lambda: check_resume(a, nproc))
     if not (a.quick or a.skip_3b):
-        measured = check_3b(a)
-        attempt("4 rollout vs HBM bound", f"the rollout of check 3 (no checkpointing), {a.dtype}",
-                lambda: check_decode(a, measured))
-    cuda_v = f", CUDA {torch.version.cuda}" if a.device == "cuda" else ""
-    print(f"## gpu_check: {where}, torch {torch.__version__}{cuda_v}, transformers {transformers.__version__}\n")
+        state = check_3b(a)
+        attempt("4 rollout vs HBM bound", f"check 3's rollout (no checkpointing), {a.dtype}",
+                lambda: check_decode(a, state))
+    cuda = f", CUDA {torch.version.cuda}" if gpus else ""
+    print(f"## gpu_check: {where}, torch {torch.__version__}{cuda}, transformers {transformers.__version__}\n")
     print("| check | setting | result | seconds |\n|---|---|---|---:|")
-    for check, setting, result, seconds in ROWS:
-        print(f"| {cell(check)} | {cell(setting)} | {cell(result)} | {seconds:.1f} |")
+    for row in ROWS:
+        print("| " + " | ".join(" ".join(str(c).split()).replace("|", "\\|") for c in row[:3]) + f" | {row[3]:.1f} |")
     print(f"\ntotal {time.time() - t0:.0f} s; {len(FAILED)} failed{': ' + ', '.join(FAILED) if FAILED else ''}; "
-          f"logs and runs in {a.out}", flush=True)
+          f"runs and logs in {a.out}", flush=True)
     return 1 if FAILED else 0
 
-
 if __name__ == "__main__":
-    if sys.argv[1:2] == ["--as-train"]:
+    if sys.argv[1:2] == ["--as-train"]:  # torchrun's script in check 2
         train_worker(sys.argv[2:])
     else:
         sys.exit(main())

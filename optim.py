@@ -32,7 +32,8 @@ class MasterAdamW:
     def __init__(self, params, lr, betas=(0.9, 0.999), weight_decay=0.0, master=None):
         self.params = [p for p in params if p.requires_grad]
         self.master = master or [p if p.dtype == torch.float32 else p.detach().float() for p in self.params]
-        self.adamw = torch.optim.AdamW(self.master, lr=lr, betas=betas, weight_decay=weight_decay)
+        fused = True if self.master and self.master[0].is_cuda else None  # no foreach temporaries of the moments' size
+        self.adamw = torch.optim.AdamW(self.master, lr=lr, betas=betas, weight_decay=weight_decay, fused=fused)
 
     @property
     def param_groups(self):  # AdamW's own list: load_state_dict replaces it

@@ -33,9 +33,11 @@ def test_plan_components_add_up_to_its_total(ckpt, opt, fsdp):
     P = 3_754_622_976
     plan = bench.memory_plan(bench.SHAPES["3B"], P, FAKE_ACTS, ckpt, opt_ranks=opt, fsdp_ranks=fsdp)
     assert set(plan["parts"]) == set(bench.PHASES)
-    for phase in ("held", "rollout", "update"):
+    for phase in ("held", "rollout", "update", "step"):
         assert plan[phase] == pytest.approx(sum(v for k, v in plan["parts"].items() if bench.PHASES[k] == phase))
-    assert plan["total"] == pytest.approx(plan["held"] + max(plan["rollout"], plan["update"]))
+    assert plan["total"] == pytest.approx(plan["held"] + max(plan["rollout"], plan["update"], plan["step"]))
+    step = {(1, 1): 4 - 2, (8, 1): 4 / 8, (1, 8): (4 - 2) / 8}[opt, fsdp]   # fp32 gradient copies at the step
+    assert plan["step"] == pytest.approx(step * P)
     per_param = {(1, 1): 18, (8, 1): 2 + 2 + 2 + 12 / 8, (1, 8): 18 / 8}[opt, fsdp]   # bytes held per parameter
     assert plan["held"] == pytest.approx(per_param * P + bench.ALLOWANCE_GIB * bench.GIB)
 
