@@ -230,7 +230,7 @@ def activation_bytes(shape, checkpointing, model=None, tokens=128, grid=(16, 16)
     if checkpointing:
         M.set_memory_options(model, "sdpa", checkpointing=True)
     else:
-        model.gradient_checkpointing_disable()
+        getattr(model, "activation_checkpointing_disable", model.gradient_checkpointing_disable)()  # 5.2x: new name
     text, visual = model.model.language_model.layers, model.model.visual
     ids = torch.randint(0, 1024, (1, tokens), generator=torch.Generator().manual_seed(0))
     layer, total = _saved_bytes(model, text, lambda: model(input_ids=ids, use_cache=False, logits_to_keep=1).logits)

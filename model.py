@@ -72,6 +72,15 @@ PRESETS = {
 }
 MODEL_CLASSES = {"qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration", "qwen2_vl": "Qwen2VLForConditionalGeneration"}
 
+def check_transformers():
+    """Older transformers call the KV cache `past_key_values` and drop `mm_encoder_outputs` without a word (the
+    policy would then train blind to the image): refuse them with one clear line."""
+    import transformers
+    major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
+    if (major, minor) < (5, 24):
+        raise RuntimeError(f"transformers {transformers.__version__} is too old: this code needs 5.24 "
+                           "(pip install -r requirements.txt)")
+
 class Processor:
     """The tokenizer, the image processor and the chat template, saved and loaded as a checkpoint folder."""
 
@@ -175,6 +184,7 @@ def build_tiny(preset="tiny", seed=0, model_type="qwen2_5_vl", min_pixels=56 * 5
 
 def load(name_or_path="tiny", device="cpu", dtype=torch.float32, min_pixels=None, max_pixels=None, seed=0):
     """(model, processor) from "tiny" / "small" (built in code) or a local Qwen2.5-VL / Qwen2-VL folder."""
+    check_transformers()
     import transformers
     from transformers.utils import logging as hf_logging
     hf_logging.disable_progress_bar()  # no per-file progress bars or info lines from transformers

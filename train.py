@@ -342,7 +342,7 @@ def main(argv=None):
                                      image_root=cfg.data.image_root or None, size=cfg.data.image_size,
                                      stages=cfg.data.eval_stages.split(",")) if cfg.data.eval_n > 0 else None
         phase2_pool = R.load_pool(cfg, pool) if cfg.phase2.phase2 else None
-    except (ValueError, FileNotFoundError) as e:  # data.DataError is a ValueError
+    except (ValueError, FileNotFoundError, RuntimeError) as e:  # data.DataError is a ValueError
         raise SystemExit(f"error: {e}")
     base = copy.deepcopy(policy).eval().requires_grad_(False) if cfg.rl.ref == "base" else None
 

@@ -225,3 +225,12 @@ def test_gradient_checkpointing_gives_the_same_gradients(any_tiny):
     for name, g in grads[0].items():
         assert torch.allclose(grads[1][name], g, rtol=1e-4, atol=1e-6), f"{name}: the same gradient"
     assert saved[1] < saved[0] / 2, f"checkpointing keeps far less for backward ({saved[1]} vs {saved[0]} bytes)"
+
+
+def test_an_older_transformers_is_refused(monkeypatch):
+    import transformers
+    monkeypatch.setattr(transformers, "__version__", "5.17.0")
+    with pytest.raises(RuntimeError, match="5.17.0 is too old"):
+        M.load("tiny")
+    monkeypatch.setattr(transformers, "__version__", "5.24.0")
+    M.check_transformers()
