@@ -4,7 +4,6 @@ import os
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 import model as M
 import train
