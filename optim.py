@@ -50,30 +50,31 @@ class MasterAdamW:
         norm = torch.nn.utils.clip_grad_norm_(self.master, max_norm)
         if torch.isfinite(norm):
             self.adamw.step()
-            with torch.no_grad():
-                for p, m in zip(self.params, self.master):
-                    if m is not p:
-                        p.copy_(m)
-        self.adamw.zero_grad(set_to_none=True)
-        for p in self.params:
-            p.grad = None
+            self._write_back()
+        self.adamw.zero_grad(set_to_none=True)  # the copies' own gradients were dropped above
         return norm
+
+    def _copies(self):
+        return [(p, m) for p, m in zip(self.params, self.master) if m is not p]
+
+    @torch.no_grad()
+    def _write_back(self):
+        for p, m in self._copies():
+            p.copy_(m)
 
     def state_dict(self, moments=True):
         """The masters that are copies (none for fp32 parameters) and, unless moments=False, AdamW's state."""
-        return {"master": [m for p, m in zip(self.params, self.master) if m is not p],
+        return {"master": [m for _, m in self._copies()],
                 "adamw": self.adamw.state_dict() if moments else None}
 
     def load_state_dict(self, state):
-        copies = [m for p, m in zip(self.params, self.master) if m is not p]
+        copies = self._copies()
         if len(copies) != len(state["master"]):
             raise ValueError(f"the checkpoint holds {len(state['master'])} master tensors, this model needs "
                              f"{len(copies)}: was it saved with another --dtype?")
         with torch.no_grad():
-            for m, saved in zip(copies, state["master"]):
+            for (_, m), saved in zip(copies, state["master"]):
                 m.copy_(saved)
-            for p, m in zip(self.params, self.master):
-                if m is not p:
-                    p.copy_(m)
+        self._write_back()
         if state["adamw"] is not None:
             self.adamw.load_state_dict(state["adamw"])
