@@ -243,8 +243,8 @@ def activation_bytes(shape, checkpointing, model=None, tokens=128, grid=(16, 16)
 
 def memory_plan(shape, n_params, acts, checkpointing, opt_ranks=1, fsdp_ranks=1, prompts=1, group=4,
                 prompt_tokens=1300, new_tokens=256, patches=2048, micro_batch=1):
-    """COMPUTED: bytes per rank {component: bytes} (phases in PHASES) and the peak, held + max(rollout, update, step), of
-    GRPO with `prompts` per rank, `group` samples each; acts = {False: activation_bytes(..), True: ..}."""
+    """COMPUTED: bytes per rank {component: bytes} (phases in PHASES) and the peak, held + max(rollout, update,
+    step), of GRPO with `prompts` per rank, `group` samples each; acts = {False: activation_bytes(..), True: ..}."""
     t, P = shape["text"], n_params
     F, O = fsdp_ranks, opt_ranks * fsdp_ranks                  # FSDP shards everything, ZeRO-1 the optimizer only
     mb = min(micro_batch, prompts)                        # the update holds one micro-batch of mb prompts at a time
@@ -306,8 +306,8 @@ def print_memory_plans(ranks=8, prompt_lengths=(1300, 600), new_tokens=256, grou
         for key, label in (("held", "held throughout"), ("rollout", "rollout phase"), ("update", "update phase"),
                            ("step", "optimizer step")):
             print(f"| *{label}* | | " + " | ".join(f"{p[key] / GIB:.2f}" for p in plans) + " |")
-        print("| **peak = held + max(rollout, update, step)** | | " + " | ".join(f"**{p['total'] / GIB:.1f}**" for p in plans)
-              + " |")
+        print("| **peak = held + max(rollout, update, step)** | | "
+              + " | ".join(f"**{p['total'] / GIB:.1f}**" for p in plans) + " |")
         print(f"| fits 80 GB ({CARD_GIB:.1f} GiB) | | " + " | ".join("yes" if p["total"] <= CARD_GIB * GIB else "no"
                                                                   for p in plans) + " |")
     print(f"\n({time.perf_counter() - start:.0f} s)")

@@ -108,8 +108,9 @@ PRESETS = {
         "run": {"out": "runs/qwen2.5-vl-3b", "ckpt_every": 100, "sample_every": 20},
     },
 }
-CHOICES = {"dtype": ("auto", "float32", "bfloat16"), "attn": ("sdpa", "flash_attention_2", "eager"), "schedule": ("constant", "linear", "cosine"),
-           "agg": ("seq", "token", "dr_grpo"), "ref": ("stage", "base"), "box_reward": ("hard", "iou", "giou")}
+CHOICES = {"dtype": ("auto", "float32", "bfloat16"), "attn": ("sdpa", "flash_attention_2", "eager"),
+           "schedule": ("constant", "linear", "cosine"), "agg": ("seq", "token", "dr_grpo"), "ref": ("stage", "base"),
+           "box_reward": ("hard", "iou", "giou")}
 
 def add_flags(parser, group, fields=None):
     """One flag per field of Config's `group` (or of those named in `fields`), stored as "group.field"; None

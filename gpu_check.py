@@ -28,7 +28,6 @@ import contextlib
 import copy
 import dataclasses
 import gc
-import inspect
 import json
 import os
 import re
@@ -181,10 +180,7 @@ def peaks(prefix, nproc):
 # ---- The checks
 def check_api():
     C = Qwen2_5_VLForConditionalGeneration
-    missing = [p for p in ("cache", "mm_encoder_outputs") if p not in inspect.signature(C.forward).parameters]
-    if missing:
-        raise CheckFailed(f"forward lacks {missing}: rollout.generate reads `out.cache` (AttributeError) and "
-                          "completion_logprobs' mm_encoder_outputs= is dropped (log-probs without the image)")
+    M.check_transformers()  # forward(cache=, mm_encoder_outputs=), which rollout and the log-probs rely on
     how = "activation" if hasattr(C, "activation_checkpointing_enable") else "gradient (older name)"
     return f"forward(cache=, mm_encoder_outputs=) ok; checkpointing via {how}_checkpointing_enable"
 

@@ -73,13 +73,15 @@ PRESETS = {
 MODEL_CLASSES = {"qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration", "qwen2_vl": "Qwen2VLForConditionalGeneration"}
 
 def check_transformers():
-    """Older transformers call the KV cache `past_key_values` and drop `mm_encoder_outputs` without a word (the
-    policy would then train blind to the image): refuse them with one clear line."""
+    """transformers before 5.24 names the KV cache `past_key_values` and drops `mm_encoder_outputs` without a word
+    (the policy would then train blind to the image): refuse it with one clear line."""
+    import inspect
     import transformers
-    major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
-    if (major, minor) < (5, 24):
-        raise RuntimeError(f"transformers {transformers.__version__} is too old: this code needs 5.24 "
-                           "(pip install -r requirements.txt)")
+    forward = inspect.signature(transformers.Qwen2_5_VLForConditionalGeneration.forward).parameters
+    missing = [p for p in ("cache", "mm_encoder_outputs") if p not in forward]
+    if missing:
+        raise ValueError(f"transformers {transformers.__version__} is too old: its forward takes no "
+                         f"{', '.join(missing)}; this code needs 5.24 (pip install -r requirements.txt)")
 
 class Processor:
     """The tokenizer, the image processor and the chat template, saved and loaded as a checkpoint folder."""

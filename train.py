@@ -90,8 +90,8 @@ def latest_checkpoint(out):
             return os.path.join(out, "checkpoints", f.read().strip())
 
 def resume(ckpt, out, cur, policy, rank, device, dtype):
-    """Load a checkpoint into the schedule, the policy and this rank's RNG; returns the optimizer state (None at a
-    stage boundary). Rank 0 drops the log lines of steps taken after the checkpoint."""
+    """Load a checkpoint into the schedule, the policy and this rank's RNG; returns the optimizer state (the masters,
+    without moments at a stage boundary). Rank 0 drops the log lines of steps taken after the checkpoint."""
     # Memory-mapped on the CPU: ranks share the pages, and nothing lands on the device rank 0 saved from.
     state = torch.load(os.path.join(ckpt, "trainer_state.pt"), map_location="cpu", mmap=True, weights_only=False)
     cur.load_state_dict(state["curriculum"])
@@ -342,7 +342,7 @@ def main(argv=None):
                                      image_root=cfg.data.image_root or None, size=cfg.data.image_size,
                                      stages=cfg.data.eval_stages.split(",")) if cfg.data.eval_n > 0 else None
         phase2_pool = R.load_pool(cfg, pool) if cfg.phase2.phase2 else None
-    except (ValueError, FileNotFoundError, RuntimeError) as e:  # data.DataError is a ValueError
+    except (ValueError, FileNotFoundError) as e:  # data.DataError is a ValueError
         raise SystemExit(f"error: {e}")
     base = copy.deepcopy(policy).eval().requires_grad_(False) if cfg.rl.ref == "base" else None
 
