@@ -205,8 +205,38 @@ def load(name_or_path="tiny", device="cpu", dtype=torch.float32, min_pixels=None
         model_type = json.load(f).get("model_type")
     if model_type not in MODEL_CLASSES:
         raise ValueError(f"{config_file} has model_type {model_type!r}; expected one of {sorted(MODEL_CLASSES)}")
-    model = getattr(transformers, MODEL_CLASSES[model_type]).from_pretrained(path, dtype=dtype).to(device)
+    model = load_weights(getattr(transformers, MODEL_CLASSES[model_type]), path, device, dtype)
     return model, Processor.from_pretrained(path, min_pixels=min_pixels, max_pixels=max_pixels)
+
+# Checkpoint names -> this transformers' module names (checkpoints keep the original Qwen-VL layout).
+RENAMES = [("", ""), ("model.", "model.language_model."), ("visual.", "model.visual.")]
+
+def load_weights(cls, path, device, dtype):
+    """The model built on `device` and its safetensors read straight onto it: no host copy per rank (transformers'
+    `device_map` would need accelerate). A checkpoint whose names do not map plainly goes through `from_pretrained`."""
+    import transformers
+    from safetensors import safe_open
+    files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
+    config = transformers.AutoConfig.from_pretrained(path)
+    cuda = torch.device(device).type == "cuda"
+    with torch.random.fork_rng(devices=[torch.device(device)] if cuda else []), torch.device(device):
+        model = cls._from_config(config, dtype=dtype)  # its random init is overwritten below
+    params, loaded = dict(model.named_parameters(remove_duplicate=False)), set()
+    with torch.no_grad():
+        for file in files:
+            with safe_open(os.path.join(path, file), "pt", device=str(device)) as f:
+                for key in f.keys():  # one tensor at a time: the peak is the model plus its largest tensor
+                    name = next((new + key[len(old):] for old, new in RENAMES
+                                 if key.startswith(old) and new + key[len(old):] in params), None)
+                    if name:
+                        params[name].copy_(f.get_tensor(key))
+                        loaded.add(id(params[name]))  # a tied lm_head comes with the embeddings
+    if not files or any(id(p) not in loaded for p in params.values()):  # names that do not map
+        del model
+        return cls.from_pretrained(path, dtype=dtype).to(device)
+    if os.path.isfile(os.path.join(path, "generation_config.json")):
+        model.generation_config = transformers.GenerationConfig.from_pretrained(path)
+    return model.eval()
 
 def set_memory_options(model, attn="sdpa", checkpointing=False):
     """Attention kernels (sdpa | flash_attention_2 | eager) and gradient checkpointing: each decoder layer and

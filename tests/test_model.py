@@ -201,6 +201,36 @@ def test_save_load_and_public_layout(tiny, tmp_path):
     assert torch.equal(logits_of(loaded.eval(), proc), ref), "the public-release layout must load the same model"
 
 
+def test_weights_are_read_straight_onto_the_device(any_tiny, tmp_path, monkeypatch):
+    """load() builds the model on its device and reads the safetensors there, without transformers'
+    from_pretrained (whose device_map needs accelerate): the same weights, buffers and tying, on both types."""
+    import safetensors
+    model, processor = any_tiny
+    tied = type(model)(model.config.__class__(**{**model.config.to_dict(), "tie_word_embeddings": True}))
+    devices = []
+    safe_open = safetensors.safe_open
+    monkeypatch.setattr(safetensors, "safe_open", lambda *a, device="cpu", **k: devices.append(device) or
+                        safe_open(*a, device="cpu", **k))  # safetensors itself refuses "cpu:0"
+    for name, m in (("plain", model), ("tied", tied)):
+        M.save(m, processor, tmp_path / name)
+        with monkeypatch.context() as mp:
+            mp.setattr(type(m), "from_pretrained", None)  # calling it would fail
+            loaded, _ = M.load(str(tmp_path / name), device="cpu:0")
+        want, got = m.state_dict(), loaded.state_dict()
+        assert sorted(got) == sorted(want) and all(torch.equal(got[k], want[k]) for k in want), name
+        assert all(torch.equal(b, dict(m.named_buffers())[k]) for k, b in loaded.named_buffers()), name
+        assert (loaded.lm_head.weight is loaded.get_input_embeddings().weight) == (name == "tied")
+        assert not loaded.training
+    assert devices == ["cpu:0", "cpu:0"], "each safetensors file is opened on the model's device"
+    # A checkpoint whose names do not map goes through from_pretrained (which then reports what is wrong).
+    weights = load_file(tmp_path / "plain" / "model.safetensors")
+    save_file({"renamed." + k: v for k, v in weights.items()}, tmp_path / "plain" / "model.safetensors")
+    called = []
+    monkeypatch.setattr(type(model), "from_pretrained", lambda *a, **k: called.append(a) or model)
+    M.load(str(tmp_path / "plain"))
+    assert called, "names that do not map must fall back to from_pretrained"
+
+
 def test_gradient_checkpointing_gives_the_same_gradients(any_tiny):
     """--grad-checkpointing recomputes every decoder layer and vision block in backward: the same gradients,
     with each layer keeping only its input for backward."""
