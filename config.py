@@ -31,6 +31,8 @@ class ModelConfig:
     attn: str = arg("sdpa", "attention kernels: sdpa | flash_attention_2 (needs the flash-attn package) | eager")
     grad_checkpointing: bool = arg(False, "recompute each layer in backward: far less activation memory, ~1/3 "
                                           "more update time")
+    shard: str = arg("none", "what is split over the ranks: none (DDP) | optimizer (fp32 masters, gradients and "
+                             "moments: optim.ShardedAdamW) | fsdp (the parameters too: torch FSDP2, fsdp.py)")
     max_pixels: int = arg(401_408, "images are resized to at most this many pixels (the model card's value)")
 
 @dataclass
@@ -100,7 +102,7 @@ class Config:
 PRESETS = {
     "tiny": {},  # the defaults above
     "qwen2.5-vl-3b": {
-        "model": {"model": "", "dtype": "bfloat16", "grad_checkpointing": True},
+        "model": {"model": "", "dtype": "bfloat16", "grad_checkpointing": True, "shard": "optimizer"},
         "rl": {"group_size": "4,2,4", "stage_steps": "600,500,2300", "prompts_per_step": 8, "micro_batch": 1,
                "max_new_tokens": 256, "lr": 1e-6, "schedule": "linear", "warmup": 0, "beta": 0.04, "mu": 1,
                "choice_partial": 0.0, "box_reward": "hard"},
@@ -108,7 +110,7 @@ PRESETS = {
         "run": {"out": "runs/qwen2.5-vl-3b", "ckpt_every": 100, "sample_every": 20},
     },
 }
-CHOICES = {"dtype": ("auto", "float32", "bfloat16"), "attn": ("sdpa", "flash_attention_2", "eager"),
+CHOICES = {"dtype": ("auto", "float32", "bfloat16"), "shard": ("none", "optimizer", "fsdp"), "attn": ("sdpa", "flash_attention_2", "eager"),
            "schedule": ("constant", "linear", "cosine"), "agg": ("seq", "token", "dr_grpo"), "ref": ("stage", "base"),
            "box_reward": ("hard", "iou", "giou")}
 

@@ -47,7 +47,7 @@ import data
 import model as M
 import rewards
 from rollout import generate
-from optim import MasterAdamW
+import optim
 from runtime import all_reduce_sum, barrier, lr_factor, resolve_dtype, setup_dist, world_size
 
 def target_text(row):
@@ -74,12 +74,12 @@ def sft_loss(model, processor, rows, targets, num_tokens, device):
     return -(torch.where(mask.bool(), logp, 0.0)).sum() / num_tokens
 
 def sft(model, processor, next_rows, steps, lr=1e-3, warmup=20, micro_batch=None, rank=0, device="cpu",
-        callback=None, desc="sft"):
+        callback=None, desc="sft", shard="none"):
     """Supervised fine-tuning (AdamW (0.9, 0.95), clip 1.0, constant lr after a linear warm-up) on the global batch
     `next_rows(step)` returns, this rank on its slice. callback(step, loss) may return True to stop. Returns the
     number of steps taken."""
     W = world_size()
-    opt = MasterAdamW(model.parameters(), lr=lr, betas=(0.9, 0.95))
+    opt = optim.make(shard, model.parameters(), lr=lr, betas=(0.9, 0.95))
     model.train()
     bar = tqdm(range(steps), desc=desc, disable=rank != 0, dynamic_ncols=True,
                mininterval=1 if sys.stderr.isatty() else 60)
@@ -286,7 +286,7 @@ P2 = config.Phase2Config()  # one set of phase-2 defaults, for train.py and this
 
 def phase2(model, processor, pool_rows, out_dir, n_samples=P2.phase2_samples, lr=P2.phase2_lr,
            epochs=P2.phase2_epochs, batch_size=P2.phase2_batch, bar=P2.phase2_bar, scorer=None, max_new_tokens=64,
-           temperature=1.0, seed=0, rank=0, device=None):
+           temperature=1.0, seed=0, rank=0, device=None, shard="none"):
     """Rejection sampling, out_dir/sft.jsonl, then `epochs` passes of `sft` over the kept rows in global batches
     of batch_size: fine-tunes `model` in place (unchanged when nothing was kept) and returns the report, also
     written to out_dir/phase2_report.json."""
@@ -322,7 +322,7 @@ def phase2(model, processor, pool_rows, out_dir, n_samples=P2.phase2_samples, lr
             return False
 
         sft(model, processor, next_rows, steps, lr=lr, warmup=0, rank=rank, device=device, callback=callback,
-            desc="phase 2 sft")
+            desc="phase 2 sft", shard=shard)
         model.train(was_training)
     report["sft"] = {"skipped": steps == 0, "rows": len(kept), "steps": steps, "epochs": epochs,
                      "batch_size": batch_size, "lr": lr, "warmup": 0, "schedule": "constant",
@@ -411,7 +411,7 @@ def main(argv=None):
     report = phase2(model, processor, pool, out, n_samples=p2.phase2_samples, lr=p2.phase2_lr,
                     epochs=p2.phase2_epochs, batch_size=p2.phase2_batch, bar=p2.phase2_bar, scorer=scorer,
                     max_new_tokens=cfg.rl.max_new_tokens, temperature=cfg.rl.temperature, seed=seed, rank=rank,
-                    device=device)
+                    device=device, shard=cfg.model.shard)
     if rank == 0:
         report["config"] = resolved
         with open(os.path.join(out, "phase2_report.json"), "w") as f:

@@ -50,13 +50,14 @@ import rollout
 import tiny_base
 from config import ModelConfig, as_dict, make_config, replay_ratios, validate
 from report import plot_rewards, stage_summary
-from optim import MasterAdamW
+import optim
 from runtime import (all_reduce_sum, barrier, lr_factor, resolve_dtype, save_atomically,
                      setup_dist, world_size, write_atomic)
 
 # ---- Checkpoints: atomic, complete, resumable
-def save_checkpoint(out, step, policy, processor, state, keep, rank):
-    """Rank 0 writes checkpoints/step_XXXXXX (via a temporary folder + rename) and points `latest` at it."""
+def save_checkpoint(out, step, policy, processor, state, keep, rank, shard=None):
+    """Rank 0 writes checkpoints/step_XXXXXX (via a temporary folder + rename) and points `latest` at it; with a
+    sharded optimizer every rank first writes its `shard` (on a file system that all nodes share)."""
     W = world_size()
     total = sum(p.detach().double().sum().item() for p in policy.parameters())    # the weights' checksum
     rng = {"torch": torch.get_rng_state(), "python": random.getstate(),
@@ -68,16 +69,21 @@ def save_checkpoint(out, step, policy, processor, state, keep, rank):
             raise RuntimeError(f"ranks disagree on the weights at step {step} (checksums {sums}): "
                                "gradients were not synchronised")
         dist.all_gather_object(all_rng, rng)
+    root = os.path.join(out, "checkpoints")
+    final, shards = os.path.join(root, f"step_{step:06d}"), os.path.join(root, f"step_{step:06d}.shards")
+    if shard is not None:
+        os.makedirs(shards, exist_ok=True)
+        torch.save(shard, os.path.join(shards, f"rank{rank}.pt"))
+        barrier()
     if rank == 0:
-        root = os.path.join(out, "checkpoints")
-        final = os.path.join(root, f"step_{step:06d}")
-
         def write(tmp):
             M.save(policy, processor, tmp)
             torch.save({**state, "rng": all_rng, "checksum": total}, os.path.join(tmp, "trainer_state.pt"))
+            if shard is not None:
+                os.rename(shards, os.path.join(tmp, "optimizer"))
         save_atomically(final, write)
         write_atomic(os.path.join(root, "latest"), os.path.basename(final))
-        done = sorted(d for d in os.listdir(root) if d.startswith("step_") and not d.endswith(".tmp"))
+        done = sorted(d for d in os.listdir(root) if d.startswith("step_") and not d.endswith((".tmp", ".shards")))
         for old in done[:-keep]:
             shutil.rmtree(os.path.join(root, old), ignore_errors=True)
     barrier()
@@ -89,11 +95,18 @@ def latest_checkpoint(out):
         with open(path) as f:
             return os.path.join(out, "checkpoints", f.read().strip())
 
-def resume(ckpt, out, cur, policy, rank, device, dtype):
-    """Load a checkpoint into the schedule, the policy and this rank's RNG; returns the optimizer state (the masters,
-    without moments at a stage boundary). Rank 0 drops the log lines of steps taken after the checkpoint."""
+def resume(ckpt, out, cur, policy, rank, device, dtype, shard="none"):
+    """Load a checkpoint into the schedule, the policy and this rank's RNG; returns this rank's optimizer state (the
+    masters, without moments at a stage boundary). Rank 0 drops the log lines of steps taken after the checkpoint."""
     # Memory-mapped on the CPU: ranks share the pages, and nothing lands on the device rank 0 saved from.
     state = torch.load(os.path.join(ckpt, "trainer_state.pt"), map_location="cpu", mmap=True, weights_only=False)
+    saved, W = state.get("shard", ["none", 1]), world_size()
+    if saved[0] != shard or (shard != "none" and saved[1] != W):
+        raise SystemExit(f"error: {ckpt} was saved with --shard {saved[0]} on {saved[1]} processes; resume it with "
+                         f"the same (this run: --shard {shard} on {W})")
+    if shard != "none":
+        state["optimizer"] = torch.load(os.path.join(ckpt, "optimizer", f"rank{rank}.pt"), map_location="cpu",
+                                        mmap=True, weights_only=False)
     cur.load_state_dict(state["curriculum"])
     loaded, _ = M.load(ckpt, device=device, dtype=dtype)
     policy.load_state_dict(loaded.state_dict())
@@ -216,7 +229,7 @@ def run_rl(cfg, cur, out, rank, device, dtype, policy, processor, base):
     """The curriculum GRPO loop; returns the folders of every stage's starting model, then of the final one."""
     rl, specs = cfg.rl, cur.stages
     ckpt = latest_checkpoint(out) if cfg.run.resume else None
-    resumed_opt = resume(ckpt, out, cur, policy, rank, device, dtype) if ckpt else None
+    resumed_opt = resume(ckpt, out, cur, policy, rank, device, dtype, cfg.model.shard) if ckpt else None
     # Every stage's starting model, whichever stages this process runs (a resumed run starts past some).
     stage_dirs = [os.path.join(out, "stages", f"{k}_{s.name}_start") for k, s in enumerate(specs)]
     bad_in_row, opt = 0, None
@@ -229,7 +242,8 @@ def run_rl(cfg, cur, out, rank, device, dtype, policy, processor, base):
                                                                  cfg.model.attn)
         ref.eval().requires_grad_(False)
         # A fresh AdamW each stage; the fp32 master weights (the policy's true weights in bf16) carry over.
-        opt = MasterAdamW(policy.parameters(), lr=rl.lr, betas=(0.9, 0.99), master=opt.master if opt else None)
+        opt = optim.make(cfg.model.shard, policy.parameters(), lr=rl.lr, betas=(0.9, 0.99),
+                         master=opt.master if opt else None)
         if resumed_opt is not None:  # the masters, and the moments when resumed inside this stage
             opt.load_state_dict(resumed_opt)
             resumed_opt = None
@@ -262,9 +276,12 @@ def run_rl(cfg, cur, out, rank, device, dtype, policy, processor, base):
                                    f"{spec.name}, step {step}): lower --lr, check --dtype, and look at samples.jsonl")
             advanced = cur.record()
             if advanced or global_step % cfg.run.ckpt_every == 0:  # at a stage's end the next starts afresh
-                state = {"curriculum": cur.state_dict(), "optimizer": opt.state_dict(moments=not advanced),
-                         "config": as_dict(cfg)}
-                save_checkpoint(out, global_step, policy, processor, state, cfg.run.keep, rank)
+                own = opt.state_dict(moments=not advanced)  # this rank's shard, or all of it without sharding
+                sharded = cfg.model.shard != "none"
+                state = {"curriculum": cur.state_dict(), "optimizer": None if sharded else own,
+                         "shard": [cfg.model.shard, world_size()], "config": as_dict(cfg)}
+                save_checkpoint(out, global_step, policy, processor, state, cfg.run.keep, rank,
+                                shard=own if sharded else None)
         bar.close()
     final_dir = os.path.join(out, "stages", f"{len(specs)}_final")
     if rank == 0 and not os.path.isdir(final_dir):
@@ -361,7 +378,7 @@ def main(argv=None):
             R.phase2(policy, processor, phase2_pool, os.path.join(out, "phase2"), device=device,
                      rank=rank, seed=cfg.run.seed, max_new_tokens=cfg.rl.max_new_tokens,
                      n_samples=p2.phase2_samples, bar=p2.phase2_bar, lr=p2.phase2_lr, epochs=p2.phase2_epochs,
-                     batch_size=p2.phase2_batch)
+                     batch_size=p2.phase2_batch, shard=cfg.model.shard)
             if rank == 0:
                 save_atomically(final_dir, lambda tmp: M.save(policy, processor, tmp))
             barrier()
