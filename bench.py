@@ -142,7 +142,8 @@ SHAPES = {
                vision=dict(VISION, out_hidden_size=3584), tie_word_embeddings=False),
 }
 GIB = 2 ** 30
-CARD_GIB = 81559 / 1024          # an "80 GB" H100 has 81,559 MiB (an A100 80 GB: 81,920)
+# GiB a card offers: an "80 GB" H100 has 81,559 MiB (an A100 80 GB: 81,920), an A100 40 GB 40,960, an L40S 46,068.
+CARDS_GIB = {"40 GB": 40960 / 1024, "48 GB": 46068 / 1024, "80 GB": 81559 / 1024}
 ALLOWANCE_GIB = 4                # CUDA context + allocator slack: an allowance, not a measurement
 # Each component's phase: "held" for the whole step; the rollout's and the update's are never resident together.
 PHASES = {"policy parameters, bf16": "held", "fp32 master weights": "held", "gradients, bf16": "held",
@@ -308,8 +309,9 @@ def print_memory_plans(ranks=8, prompt_lengths=(1300, 600), new_tokens=256, grou
             print(f"| *{label}* | | " + " | ".join(f"{p[key] / GIB:.2f}" for p in plans) + " |")
         print("| **peak = held + max(rollout, update, step)** | | "
               + " | ".join(f"**{p['total'] / GIB:.1f}**" for p in plans) + " |")
-        print(f"| fits 80 GB ({CARD_GIB:.1f} GiB) | | " + " | ".join("yes" if p["total"] <= CARD_GIB * GIB else "no"
-                                                                  for p in plans) + " |")
+        for card, size in CARDS_GIB.items():
+            print(f"| fits {card} ({size:.1f} GiB) | | " + " | ".join("yes" if p["total"] <= size * GIB else "no"
+                                                                    for p in plans) + " |")
     print(f"\n({time.perf_counter() - start:.0f} s)")
 
 def spread(xs, fmt):

@@ -110,7 +110,16 @@ PRESETS = {
         "run": {"out": "runs/qwen2.5-vl-3b", "ckpt_every": 100, "sample_every": 20},
     },
 }
-CHOICES = {"dtype": ("auto", "float32", "bfloat16"), "shard": ("none", "optimizer", "fsdp"), "attn": ("sdpa", "flash_attention_2", "eager"),
+# The release's 7B run: 16 prompts per step (2 nodes x 8 GPUs), G = 4 in every stage, FSDP; the 3B preset's
+# stage lengths in prompts (half the steps at twice the prompts per step).
+PRESETS["qwen2.5-vl-7b"] = {**PRESETS["qwen2.5-vl-3b"],
+                            "model": {**PRESETS["qwen2.5-vl-3b"]["model"], "shard": "fsdp"},
+                            "rl": {**PRESETS["qwen2.5-vl-3b"]["rl"], "group_size": "4", "stage_steps": "300,250,1150",
+                                   "prompts_per_step": 16},
+                            "phase2": {**PRESETS["qwen2.5-vl-3b"]["phase2"], "phase2_batch": 16},
+                            "run": {**PRESETS["qwen2.5-vl-3b"]["run"], "out": "runs/qwen2.5-vl-7b"}}
+CHOICES = {"dtype": ("auto", "float32", "bfloat16"), "shard": ("none", "optimizer", "fsdp"),
+           "attn": ("sdpa", "flash_attention_2", "eager"),
            "schedule": ("constant", "linear", "cosine"), "agg": ("seq", "token", "dr_grpo"), "ref": ("stage", "base"),
            "box_reward": ("hard", "iou", "giou")}
 

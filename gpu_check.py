@@ -22,6 +22,8 @@ gpu_check.py: checks of this project on one or two GPUs, printed as ONE markdown
    Random weights score 0, so advantages and gradients are 0; the backward and the step still run in full.
 4. Check 3's rollout in decode tokens/s (rows x decoded tokens / (rollout - prefill seconds)) against the HBM bound
    rows / (text-decoder parameter bytes / bandwidth); bandwidth by GPU name, else a timed device-to-device copy.
+5. Where 2 GPUs exist (and on a CPU): check 3's GRPO step, with checkpointing, on 2 processes under each --shard mode
+   (none, optimizer, fsdp), one prompt per rank; each rank's peak memory and the step's seconds.
 """
 import argparse
 import contextlib
@@ -48,10 +50,13 @@ from transformers import Qwen2_5_VLForConditionalGeneration
 import bench
 import config
 import data
+import fsdp
 import model as M
+import optim
 import rollout
 import train
 from optim import MasterAdamW
+from runtime import setup_dist
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 # HBM bandwidth in TB/s by GPU name: the first entry whose words all appear in the lower-case name.
@@ -223,9 +228,9 @@ def check_resume(a, nproc):
         raise CheckFailed(text)
     return text
 
-def build_3b(a, processor):
+def build_3b(a, processor, shape=None):
     """(policy, frozen reference) at check 3's shape, random weights made on the device in a.dtype."""
-    shape, tid = SHAPE[a.device], processor.token_id
+    shape, tid = shape or SHAPE[a.device], processor.token_id
     text = dict(shape["text"], bos_token_id=tid["<|endoftext|>"], eos_token_id=processor.eos_token_id)
     cfg = bench.qwen_config(bench.SHAPES["3B"], text=text, vision=shape["vision"])
     for key, token in (("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
@@ -306,6 +311,37 @@ def check_3b(a):
                 f"{a.dtype}{masters}", lambda: grpo_step_3b(a, state, ckpt))
     return state
 
+def shard_step_worker(mode, device, dtype):
+    """torchrun's script in check 5: check 3's model on every rank, sharded by `mode`, one GRPO step of one prompt per
+    rank; this rank's peak memory and seconds into $GPU_CHECK_PEAK.rank<r>."""
+    rank, _, W, dev = setup_dist(device)
+    a = argparse.Namespace(device=device, dtype=dtype)
+    shape = json.loads(os.environ.get("GPU_CHECK_SHAPE", "null")) or SHAPE[device]
+    processor = M.Processor.from_pretrained(os.path.join(ROOT, "assets/tiny-base"), max_pixels=401_408)
+    row, (policy, ref) = prompt_row(processor, shape), build_3b(a, processor, shape)
+    M.set_memory_options(policy, "sdpa", checkpointing=True)
+    if mode == "fsdp":
+        policy, ref = fsdp.shard(policy, getattr(torch, dtype)), fsdp.shard(ref, getattr(torch, dtype), master=False)
+    rl = dataclasses.replace(config.RLConfig(**config.PRESETS["qwen2.5-vl-3b"]["rl"]), max_new_tokens=shape["new"])
+    opt = optim.make(mode, policy.parameters(), lr=rl.lr, betas=(0.9, 0.99))
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    t = time.perf_counter()
+    train.grpo_step(policy, ref, processor, [row] * W, "open", shape["G"], config.Config(rl=rl), opt, rank, dev, 0)
+    peak = (torch.cuda.max_memory_allocated() if device == "cuda"
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    with open(f"{os.environ['GPU_CHECK_PEAK']}.rank{rank}", "w") as f:
+        json.dump({"peak_bytes": peak, "kind": "CUDA allocated" if device == "cuda" else "resident set",
+                   "seconds": time.perf_counter() - t}, f)
+    torch.distributed.destroy_process_group()  # a gloo group left at exit can abort the process
+
+def check_shard(a, mode, shape=None):
+    out = os.path.join(a.out, f"shard_{mode}")
+    env = {"GPU_CHECK_PEAK": out + ".peak", "GPU_CHECK_SHAPE": json.dumps(shape)}
+    run(os.path.join(ROOT, "gpu_check.py"), ["--as-shard-step", mode, a.device, a.dtype], out, 2, env)
+    seconds = json.load(open(f"{out}.peak.rank0"))["seconds"]
+    return f"peak per rank {peaks(out + '.peak', 2)}; step {seconds:.1f} s"
+
 def bandwidth(device):
     """(bytes/s, where from): the table by GPU name, else a timed large device-to-device copy (read + write)."""
     if device == "cuda":
@@ -366,6 +402,10 @@ def main(argv=None):
         state = check_3b(a)
         attempt("4 rollout vs HBM bound", f"check 3's rollout (no checkpointing), {a.dtype}",
                 lambda: check_decode(a, state))
+        del state
+        for mode in ("none", "optimizer", "fsdp") if nproc == 2 else ():
+            attempt("5 sharded GRPO step", f"2 processes, --shard {mode}, check 3's step with checkpointing, "
+                    f"1 prompt per rank, {a.dtype}", lambda: check_shard(a, mode))
     cuda = f", CUDA {torch.version.cuda}" if gpus else ""
     print(f"## gpu_check: {where}, torch {torch.__version__}{cuda}, transformers {transformers.__version__}\n")
     print("| check | setting | result | seconds |\n|---|---|---|---:|")
@@ -378,5 +418,7 @@ def main(argv=None):
 if __name__ == "__main__":
     if sys.argv[1:2] == ["--as-train"]:  # torchrun's script in check 2
         train_worker(sys.argv[2:])
+    elif sys.argv[1:2] == ["--as-shard-step"]:  # torchrun's script in check 5 (its --out is ignored)
+        shard_step_worker(*sys.argv[2:5])
     else:
         sys.exit(main())

@@ -211,6 +211,11 @@ def load(name_or_path="tiny", device="cpu", dtype=torch.float32, min_pixels=None
 # Checkpoint names -> this transformers' module names (checkpoints keep the original Qwen-VL layout).
 RENAMES = [("", ""), ("model.", "model.language_model."), ("visual.", "model.visual.")]
 
+def checkpoint_name(name):
+    """A module's parameter name as the checkpoints spell it (what save_pretrained writes): RENAMES undone."""
+    old, new = next(((o, n) for o, n in RENAMES[1:] if name.startswith(n)), ("", ""))
+    return old + name[len(new):]
+
 def load_weights(cls, path, device, dtype):
     """The model built on `device` and its safetensors read straight onto it: no host copy per rank (transformers'
     `device_map` would need accelerate). A checkpoint whose names do not map plainly goes through `from_pretrained`."""

@@ -26,6 +26,7 @@ import math
 import torch
 import torch.distributed as dist
 
+import fsdp
 from runtime import all_reduce_grads, world_size
 
 class MasterAdamW:
@@ -89,7 +90,8 @@ ALL_GATHER = getattr(dist, "all_gather_single", dist.all_gather_into_tensor)
 
 def make(shard, params, lr, betas, master=None):
     """The optimizer of a --shard mode."""
-    return {"none": MasterAdamW, "optimizer": ShardedAdamW}[shard](params, lr=lr, betas=betas, master=master)
+    cls = {"none": MasterAdamW, "optimizer": ShardedAdamW, "fsdp": fsdp.ShardedParamsAdamW}[shard]
+    return cls(params, lr=lr, betas=betas, master=master)
 
 class ShardedAdamW:
     """MasterAdamW with its state split over the W ranks (ZeRO-1, and the fp32 gradient shards of ZeRO-2): the

@@ -47,6 +47,7 @@ import data
 import model as M
 import rewards
 from rollout import generate
+import fsdp
 import optim
 from runtime import all_reduce_sum, barrier, lr_factor, resolve_dtype, setup_dist, world_size
 
@@ -88,12 +89,14 @@ def sft(model, processor, next_rows, steps, lr=1e-3, warmup=20, micro_batch=None
             g["lr"] = lr * lr_factor(step, warmup, steps, "constant")
         rows = next_rows(step)
         local = rows[rank::W]  # may be empty when a batch has fewer rows than ranks
+        idle = not local and fsdp.is_sharded(model)  # then it still runs FSDP's collectives, on a row weighted 0
+        local = rows[:1] if idle else local
         mb = micro_batch or max(1, len(local))
         chunks = [(local[i:i + mb], sft_targets(processor, local[i:i + mb])) for i in range(0, len(local), mb)]
-        num_tokens = all_reduce_sum(sum(mask.sum().item() for _, (_, mask) in chunks))  # global count
+        num_tokens = all_reduce_sum(0 if idle else sum(mask.sum().item() for _, (_, mask) in chunks))  # global
         loss_sum = 0.0
         for chunk, targets in chunks:
-            loss = sft_loss(model, processor, chunk, targets, num_tokens, device) * W  # grads are averaged
+            loss = sft_loss(model, processor, chunk, targets, num_tokens, device) * (0 if idle else W)  # averaged
             loss.backward()
             loss_sum += loss.item() / W
         opt.step(max_norm=1.0)  # all-reduce, clip, AdamW on the fp32 masters (optim.py)
@@ -211,25 +214,26 @@ def rejection_sample(model, processor, rows, n_samples=4, bar=2.0, scorer=None, 
     was_training = model.training
     model.eval()
     kept, stats = [], Counter()
-    for start in tqdm(range(0, len(local), SAMPLE_BATCH), desc="rejection sampling", disable=rank != 0,
-                      dynamic_ncols=True, mininterval=1 if sys.stderr.isatty() else 60):
-        chunk = local[start:start + SAMPLE_BATCH]
-        gens = [torch.Generator(device=device).manual_seed(seed * 1_000_003 + i) for i, _ in chunk]
-        ro = generate(model, processor, data.samples_of([row for _, row in chunk]), group_size=n_samples,
-                      max_new_tokens=max_new_tokens, temperature=temperature, generator=gens)
-        for b, (i, row) in enumerate(chunk):
-            answers = ro.texts[b * n_samples:(b + 1) * n_samples]               # the group of prompt b
-            verdicts = scorer(row, answers)
-            chosen, repeats = select(answers, verdicts, per_prompt)
-            for j in chosen:  # an SFT row: what write_sft_file stores and load_rows gives back
-                text = clean_answer(answers[j])
-                kept.append({"image": row.get("image"), "problem": row["problem"],
-                             "solution": data.normalize_solution(text), "task": row["task"],
-                             "stage": row.get("stage", "open"), "answer": text, "score": float(verdicts[j]["score"]),
-                             "index": i})
-            stats["duplicate_answers"] += repeats
-            stats["answers_passed"] += sum(bool(v["passed"]) for v in verdicts)
-            stats["answers_sampled"] += len(answers)
+    with fsdp.gathered(model):  # FSDP: gathered once; the ranks' sampling loops then differ in length freely
+        for start in tqdm(range(0, len(local), SAMPLE_BATCH), desc="rejection sampling", disable=rank != 0,
+                          dynamic_ncols=True, mininterval=1 if sys.stderr.isatty() else 60):
+            chunk = local[start:start + SAMPLE_BATCH]
+            gens = [torch.Generator(device=device).manual_seed(seed * 1_000_003 + i) for i, _ in chunk]
+            ro = generate(model, processor, data.samples_of([row for _, row in chunk]), group_size=n_samples,
+                          max_new_tokens=max_new_tokens, temperature=temperature, generator=gens)
+            for b, (i, row) in enumerate(chunk):
+                answers = ro.texts[b * n_samples:(b + 1) * n_samples]               # the group of prompt b
+                verdicts = scorer(row, answers)
+                chosen, repeats = select(answers, verdicts, per_prompt)
+                for j in chosen:  # an SFT row: what write_sft_file stores and load_rows gives back
+                    text = clean_answer(answers[j])
+                    kept.append({"image": row.get("image"), "problem": row["problem"],
+                                 "solution": data.normalize_solution(text), "task": row["task"],
+                                 "stage": row.get("stage", "open"), "answer": text,
+                                 "score": float(verdicts[j]["score"]), "index": i})
+                stats["duplicate_answers"] += repeats
+                stats["answers_passed"] += sum(bool(v["passed"]) for v in verdicts)
+                stats["answers_sampled"] += len(answers)
     model.train(was_training)
     if W > 1 and world_size() > 1:  # every rank gets every rank's kept rows (images included)
         parts = [None] * W
@@ -404,9 +408,12 @@ def main(argv=None):
         pool = load_pool(cfg)
         load_kw = dict(device=device, dtype=dtype, max_pixels=cfg.model.max_pixels)
         model, processor = M.load(cfg.model.model, seed=seed, **load_kw)
+        M.set_memory_options(model, cfg.model.attn, cfg.model.grad_checkpointing)
         scorer = Judge.load(args.judge, threshold=args.judge_threshold, **load_kw) if args.judge else None
     except (FileNotFoundError, ValueError) as e:  # data.DataError is a ValueError
         raise SystemExit(f"error: {e}")
+    if cfg.model.shard == "fsdp":
+        model = fsdp.shard(model, dtype)
     torch.manual_seed(seed)
     report = phase2(model, processor, pool, out, n_samples=p2.phase2_samples, lr=p2.phase2_lr,
                     epochs=p2.phase2_epochs, batch_size=p2.phase2_batch, bar=p2.phase2_bar, scorer=scorer,
@@ -418,8 +425,9 @@ def main(argv=None):
             json.dump(report, f, indent=1)
         if report["sft"]["skipped"]:
             print(f"phase 2: nothing kept, no model written; report in {out}/phase2_report.json", flush=True)
-        else:
-            M.save(model, processor, os.path.join(out, "model"))
+    if not report["sft"]["skipped"]:
+        fsdp.save(model, processor, os.path.join(out, "model"), dtype, rank)
+        if rank == 0:
             print(f"phase 2: fine-tuned model written to {os.path.join(out, 'model')}", flush=True)
     barrier()
     return report

@@ -42,6 +42,7 @@ from tqdm import tqdm
 import curriculum
 import data
 import eval as E
+import fsdp
 import grpo
 import model as M
 import reject_sample as R
@@ -55,17 +56,17 @@ from runtime import (all_reduce_sum, barrier, lr_factor, resolve_dtype, save_ato
                      setup_dist, world_size, write_atomic)
 
 # ---- Checkpoints: atomic, complete, resumable
-def save_checkpoint(out, step, policy, processor, state, keep, rank, shard=None):
+def save_checkpoint(out, step, policy, processor, state, keep, rank, dtype, shard=None):
     """Rank 0 writes checkpoints/step_XXXXXX (via a temporary folder + rename) and points `latest` at it; with a
     sharded optimizer every rank first writes its `shard` (on a file system that all nodes share)."""
-    W = world_size()
-    total = sum(p.detach().double().sum().item() for p in policy.parameters())    # the weights' checksum
+    W, whole = world_size(), not fsdp.is_sharded(policy)  # under FSDP each rank holds other weights
+    total = sum(fsdp.local(p).detach().double().sum().item() for p in policy.parameters())  # the weights' checksum
     rng = {"torch": torch.get_rng_state(), "python": random.getstate(),
            "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
     sums, all_rng = [total] * W, [rng] * W
     if W > 1:
         dist.all_gather_object(sums, total)
-        if max(sums) - min(sums) > 1e-6 * max(1.0, abs(total)):
+        if whole and max(sums) - min(sums) > 1e-6 * max(1.0, abs(total)):
             raise RuntimeError(f"ranks disagree on the weights at step {step} (checksums {sums}): "
                                "gradients were not synchronised")
         dist.all_gather_object(all_rng, rng)
@@ -75,9 +76,10 @@ def save_checkpoint(out, step, policy, processor, state, keep, rank, shard=None)
         os.makedirs(shards, exist_ok=True)
         torch.save(shard, os.path.join(shards, f"rank{rank}.pt"))
         barrier()
+    weights = fsdp.full_state_dict(policy, dtype) if not whole else None  # gathered by every rank
     if rank == 0:
         def write(tmp):
-            M.save(policy, processor, tmp)
+            M.save(policy, processor, tmp) if whole else fsdp.write(policy, processor, tmp, weights, dtype)
             torch.save({**state, "rng": all_rng, "checksum": total}, os.path.join(tmp, "trainer_state.pt"))
             if shard is not None:
                 os.rename(shards, os.path.join(tmp, "optimizer"))
@@ -87,6 +89,12 @@ def save_checkpoint(out, step, policy, processor, state, keep, rank, shard=None)
         for old in done[:-keep]:
             shutil.rmtree(os.path.join(root, old), ignore_errors=True)
     barrier()
+
+def missing(folder):
+    """Whether `folder` does not exist yet, as every rank sees it before any rank writes it (fsdp.save is collective)."""
+    gone = not os.path.isdir(folder)
+    barrier()
+    return gone
 
 def latest_checkpoint(out):
     """The newest complete checkpoint's folder, or None."""
@@ -109,7 +117,10 @@ def resume(ckpt, out, cur, policy, rank, device, dtype, shard="none"):
                                         mmap=True, weights_only=False)
     cur.load_state_dict(state["curriculum"])
     loaded, _ = M.load(ckpt, device=device, dtype=dtype)
-    policy.load_state_dict(loaded.state_dict())
+    if fsdp.is_sharded(policy):
+        fsdp.load_full_state_dict(policy, loaded.state_dict())  # each rank cuts its own shards
+    else:
+        policy.load_state_dict(loaded.state_dict())
     del loaded
     rng = state["rng"][min(rank, len(state["rng"]) - 1)]  # this rank's own generators
     torch.set_rng_state(rng["torch"])
@@ -136,8 +147,9 @@ def grpo_step(policy, ref, processor, rows, stage, G, cfg, opt, rank, device, gl
 
     # 1. Rollout: G answers per prompt from the current policy, each prompt from its own seeded generator.
     gens = rollout.prompt_generators(cfg.run.seed, global_step, rank * P, P, device)
-    ro = rollout.generate(policy.eval(), processor, data.samples_of(local), group_size=G, generator=gens,
-                          max_new_tokens=rl.max_new_tokens, temperature=rl.temperature)     # N = P * G answers
+    with fsdp.gathered(policy):  # FSDP: the whole model gathered once, not at every decoded token
+        ro = rollout.generate(policy.eval(), processor, data.samples_of(local), group_size=G, generator=gens,
+                              max_new_tokens=rl.max_new_tokens, temperature=rl.temperature)  # N = P * G answers
     t_gen = time.time() - t0
 
     # 2. Reward, each answer in its row's form (a replayed open question, curriculum.StageSpec.replay, by open rules).
@@ -235,11 +247,12 @@ def run_rl(cfg, cur, out, rank, device, dtype, policy, processor, base):
     bad_in_row, opt = 0, None
     for k in range(cur.stage_index, len(specs)):
         spec, start_dir = specs[k], stage_dirs[k]
-        if cur.step == 0 and rank == 0 and not os.path.isdir(start_dir):
-            save_atomically(start_dir, lambda tmp: M.save(policy, processor, tmp))
-        barrier()
+        if cur.step == 0 and missing(start_dir):
+            fsdp.save(policy, processor, start_dir, dtype, rank)
         ref = base if rl.ref == "base" else M.set_memory_options(M.load(start_dir, device=device, dtype=dtype)[0],
                                                                  cfg.model.attn)
+        if cfg.model.shard == "fsdp" and not fsdp.is_sharded(ref):
+            ref = fsdp.shard(ref, dtype, master=False)
         ref.eval().requires_grad_(False)
         # A fresh AdamW each stage; the fp32 master weights (the policy's true weights in bf16) carry over.
         opt = optim.make(cfg.model.shard, policy.parameters(), lr=rl.lr, betas=(0.9, 0.99),
@@ -280,13 +293,12 @@ def run_rl(cfg, cur, out, rank, device, dtype, policy, processor, base):
                 sharded = cfg.model.shard != "none"
                 state = {"curriculum": cur.state_dict(), "optimizer": None if sharded else own,
                          "shard": [cfg.model.shard, world_size()], "config": as_dict(cfg)}
-                save_checkpoint(out, global_step, policy, processor, state, cfg.run.keep, rank,
+                save_checkpoint(out, global_step, policy, processor, state, cfg.run.keep, rank, dtype,
                                 shard=own if sharded else None)
         bar.close()
     final_dir = os.path.join(out, "stages", f"{len(specs)}_final")
-    if rank == 0 and not os.path.isdir(final_dir):
-        save_atomically(final_dir, lambda tmp: M.save(policy, processor, tmp))
-    barrier()
+    if missing(final_dir):
+        fsdp.save(policy, processor, final_dir, dtype, rank)
     return stage_dirs + [final_dir]
 
 def evaluate_stages(cfg, sets, named_dirs, out, rank, device, dtype):
@@ -362,6 +374,10 @@ def main(argv=None):
     except (ValueError, FileNotFoundError) as e:  # data.DataError is a ValueError
         raise SystemExit(f"error: {e}")
     base = copy.deepcopy(policy).eval().requires_grad_(False) if cfg.rl.ref == "base" else None
+    if cfg.model.shard == "fsdp":  # each rank keeps 1/W of the fp32 weights (fsdp.py)
+        policy = fsdp.shard(policy, dtype)
+        if base is not None:
+            base = fsdp.shard(base, dtype, master=False)
 
     # Phase 1: curriculum GRPO.
     t0 = time.time()
@@ -374,14 +390,12 @@ def main(argv=None):
     if p2.phase2:
         t0 = time.time()
         final_dir = os.path.join(out, "stages", f"{len(stages) + 1}_phase2")
-        if not os.path.isdir(final_dir):
+        if missing(final_dir):
             R.phase2(policy, processor, phase2_pool, os.path.join(out, "phase2"), device=device,
                      rank=rank, seed=cfg.run.seed, max_new_tokens=cfg.rl.max_new_tokens,
                      n_samples=p2.phase2_samples, bar=p2.phase2_bar, lr=p2.phase2_lr, epochs=p2.phase2_epochs,
                      batch_size=p2.phase2_batch, shard=cfg.model.shard)
-            if rank == 0:
-                save_atomically(final_dir, lambda tmp: M.save(policy, processor, tmp))
-            barrier()
+            fsdp.save(policy, processor, final_dir, dtype, rank)
         named.append(("final (+ phase 2)", final_dir))
         timings["phase2"] = time.time() - t0
 

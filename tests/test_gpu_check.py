@@ -77,6 +77,18 @@ def test_checks_3_and_4_on_a_miniature(monkeypatch, fresh_table):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("mode", ["none", "optimizer", "fsdp"])
+def test_check_5_runs_a_sharded_step_on_two_processes(tmp_path, mode):
+    """Check 5's torchrun worker (check 3's model sharded by --shard, one GRPO step) at the miniature's width."""
+    mini = dict(text=dict(num_hidden_layers=1, hidden_size=128, intermediate_size=256, num_attention_heads=4,
+                          num_key_value_heads=2, vocab_size=1024),
+                vision=dict(depth=1, hidden_size=64, intermediate_size=128, num_heads=4, out_hidden_size=128,
+                            fullatt_block_indexes=[0]), image=(56, 112), prompt=60, new=4, G=2)
+    text = gpu_check.check_shard(types.SimpleNamespace(device="cpu", dtype="float32", out=str(tmp_path)), mode, mini)
+    assert text.startswith("peak per rank ") and text.count("GiB") == 2 and "step " in text, text
+
+
+@pytest.mark.slow
 def test_the_quick_cpu_run_passes(tmp_path):
     r = subprocess.run([sys.executable, os.path.join(ROOT, "gpu_check.py"), "--device", "cpu", "--quick",
                         "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=900)

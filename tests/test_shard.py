@@ -122,24 +122,47 @@ def torchrun(args, out, nproc=2, port=29651, nnodes=1, node_rank=0, wait=True):
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
 
 
+# Then phase 2 on 6 prompts, all kept (bar 0), in SFT batches of 5 rows: each epoch's second batch has 1 row, so
+# one of 2 ranks has none (under FSDP it still runs the forward, its loss weighted 0).
+PHASE2 = ["--phase2", "--phase2-prompts", "6", "--phase2-samples", "2", "--phase2-bar", "0", "--phase2-batch", "5"]
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory):
+    out = tmp_path_factory.mktemp("one")
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "train.py")] + TWO_STEPS + PHASE2 + ["--out", str(out)],
+                       cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return out
+
+
+def assert_same_weights(one, other, what):
+    start = weights(one / "stages/0_choice_start")
+    for stage in ("1_final", "2_phase2"):
+        a, b = weights(one / "stages" / stage), weights(other / "stages" / stage)
+        assert any(not torch.equal(a[k], start[k]) for k in a), "the steps must change the weights"
+        for k in a:
+            assert torch.allclose(a[k], b[k], atol=1e-6, rtol=1e-4), f"{stage} {k}: {what} must match 1 process"
+
+
 @pytest.mark.slow
-def test_two_nodes_with_a_sharded_optimizer_equal_one_process(tmp_path):
-    one = subprocess.run([sys.executable, os.path.join(ROOT, "train.py")] + TWO_STEPS + ["--out", str(tmp_path / "one")],
-                         cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert one.returncode == 0, one.stderr[-3000:]
-    two = torchrun(TWO_STEPS, tmp_path / "two")
+def test_two_nodes_with_a_sharded_optimizer_equal_one_process(one_process, tmp_path):
+    two = torchrun(TWO_STEPS + PHASE2, tmp_path / "two")
     assert two.returncode == 0, two.stderr[-3000:]
-    nodes = [torchrun(TWO_STEPS + ["--shard", "optimizer"], tmp_path / "nodes", nproc=1, port=29653, nnodes=2,
-                      node_rank=r, wait=False) for r in (0, 1)]
+    assert_same_weights(one_process, tmp_path / "two", "2 processes")
+    nodes = [torchrun(TWO_STEPS + PHASE2 + ["--shard", "optimizer"], tmp_path / "nodes", nproc=1, port=29653,
+                      nnodes=2, node_rank=r, wait=False) for r in (0, 1)]
     for p in nodes:
         _, err = p.communicate(timeout=600)
         assert p.returncode == 0, err[-3000:]
-    a, b, c = (weights(tmp_path / run / "stages/1_final") for run in ("one", "two", "nodes"))
-    start = weights(tmp_path / "one/stages/0_choice_start")
-    assert any(not torch.equal(a[k], start[k]) for k in a), "the steps must change the weights"
-    for k in a:
-        assert torch.allclose(a[k], b[k], atol=1e-6, rtol=1e-4), f"{k}: 2 processes must match 1"
-        assert torch.allclose(a[k], c[k], atol=1e-6, rtol=1e-4), f"{k}: 2 nodes, sharded, must match 1 process"
+    assert_same_weights(one_process, tmp_path / "nodes", "2 nodes with a sharded optimizer")
+
+
+@pytest.mark.slow
+def test_two_processes_with_fsdp_equal_one_process(one_process, tmp_path):
+    r = torchrun(TWO_STEPS + PHASE2 + ["--shard", "fsdp"], tmp_path / "fsdp", port=29655)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert_same_weights(one_process, tmp_path / "fsdp", "2 processes with FSDP")
 
 
 def children(pid):
@@ -156,8 +179,9 @@ def children(pid):
 
 
 @pytest.mark.slow
-def test_a_sharded_run_killed_and_resumed_is_bit_identical(tmp_path):
-    args = QUICK + ["--stage-steps", "4", "--ckpt-every", "1", "--shard", "optimizer", "--dtype", "bfloat16"]
+@pytest.mark.parametrize("shard", ["optimizer", "fsdp"])
+def test_a_sharded_run_killed_and_resumed_is_bit_identical(tmp_path, shard):
+    args = QUICK + ["--stage-steps", "4", "--ckpt-every", "1", "--shard", shard, "--dtype", "bfloat16"]
     full = torchrun(args, tmp_path / "full")
     assert full.returncode == 0, full.stderr[-3000:]
     out = tmp_path / "killed"
@@ -174,7 +198,7 @@ def test_a_sharded_run_killed_and_resumed_is_bit_identical(tmp_path):
     assert sorted(os.listdir(out / "checkpoints" / latest.read_text() / "optimizer")) == ["rank0.pt", "rank1.pt"]
     one = subprocess.run([sys.executable, os.path.join(ROOT, "train.py")] + args + ["--resume", "--out", str(out)],
                          cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert one.returncode != 0 and "saved with --shard optimizer on 2 processes" in one.stderr, one.stderr[-2000:]
+    assert one.returncode != 0 and f"saved with --shard {shard} on 2 processes" in one.stderr, one.stderr[-2000:]
     resumed = torchrun(args + ["--resume"], out)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     a, b = weights(tmp_path / "full/stages/1_final"), weights(out / "stages/1_final")
