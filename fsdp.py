@@ -65,6 +65,12 @@ def shard(model, dtype=torch.bfloat16, master=True):
     model._get_fsdp_state()._lazy_init()        # the root is the root, whichever unit runs forward first
     return model
 
+def check_images(model, batch):
+    """Under FSDP every rank runs the vision tower's collectives in a training forward: refuse a batch with no image."""
+    if is_sharded(model) and "pixel_values" not in batch:
+        raise ValueError("--shard fsdp needs an image in every micro-batch (this one has none): drop the rows "
+                         "without an image, or use --shard optimizer")
+
 @contextmanager
 def gathered(model):
     """Every unit all-gathered once at entry and kept for the no-grad forwards inside (the rollout's decode loop,

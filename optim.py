@@ -20,6 +20,9 @@ Why this design and not fp32 parameters under torch.autocast: the rollout, most 
 reads bf16 weights instead of re-casting fp32 ones at every decoded token, and the master and moments (the 12
 bytes a parameter of optimizer state) are what a sharded optimizer splits over ranks. The gradients of one
 step accumulate in the parameters' dtype over micro-batches (as DeepSpeed's bf16 mode does by default).
+
+`ShardedAdamW` (--shard optimizer) is the same update with the masters, moments and fp32 gradients split over the
+ranks; `make(shard, ...)` picks the optimizer of a --shard mode (fsdp: fsdp.ShardedParamsAdamW).
 """
 import math
 

@@ -70,6 +70,7 @@ def sft_targets(processor, rows):
 def sft_loss(model, processor, rows, targets, num_tokens, device):
     """Summed negative log-likelihood of the rows' targets (sft_targets: assistant tokens only) / num_tokens."""
     batch = {k: v.to(device) for k, v in M.encode(processor, data.samples_of(rows)).items()}
+    fsdp.check_images(model, batch)
     ids, mask = (t.to(device) for t in targets)
     logp = M.completion_logprobs(model, batch, ids, mask)          # (n, T)
     return -(torch.where(mask.bool(), logp, 0.0)).sum() / num_tokens

@@ -17,6 +17,7 @@ then phase 2 (reject_sample.phase2) and the table. A stage starts from the previ
 out/stages/<k>_<name>_start) with a fresh optimizer and schedule; its reference is those weights or --ref base.
 Distributed: rank r takes P/W prompts with all their G answers, from per-prompt generators seeded by (seed, step,
 global index), so 1 and N processes give the same rollouts; gradients are averaged, counts and statistics global.
+--shard optimizer splits the optimizer state over the ranks (optim.ShardedAdamW), --shard fsdp the weights too.
 
 Departures from the paper's release, and why:
 - One command runs the curriculum and resumes; the release chains three jobs by hand and saves weights only.
@@ -211,6 +212,7 @@ def micro_batches(policy, ref, processor, local, ro, adv, G, rl, device):
         batch = ro.batch if mb == P else \
             {k: v.to(device) for k, v in M.encode(processor, data.samples_of(local[i:i + mb])).items()}
         ids, mask = ro.completion_ids[sl, :T], ro.mask[sl, :T]                                    # (mb * G, T)
+        fsdp.check_images(policy, batch)
         with torch.no_grad():
             ref_logp = M.completion_logprobs(ref, batch, ids, mask) if rl.beta > 0 else None
             old_logp = M.completion_logprobs(policy, batch, ids, mask) if rl.mu > 1 else None

@@ -207,3 +207,13 @@ def test_a_sharded_run_killed_and_resumed_is_bit_identical(tmp_path, shard):
     masters = [[torch.load(run / "checkpoints/step_000004/optimizer" / f"rank{r}.pt", weights_only=False)["master"]
                 for r in (0, 1)] for run in (tmp_path / "full", out)]
     assert all(torch.equal(x, y) for r in (0, 1) for x, y in zip(masters[0][r], masters[1][r])), "and the masters"
+
+
+def test_fsdp_refuses_a_micro_batch_without_an_image(monkeypatch):
+    import fsdp
+    model = M.load(BASE)[0]
+    fsdp.check_images(model, {"input_ids": None})  # an unsharded model has no collectives to keep in step
+    monkeypatch.setattr(fsdp, "is_sharded", lambda m: True)
+    fsdp.check_images(model, {"input_ids": None, "pixel_values": None})
+    with pytest.raises(ValueError, match="needs an image in every micro-batch"):
+        fsdp.check_images(model, {"input_ids": None})
