@@ -430,7 +430,10 @@ def main(argv=None):
         fsdp.save(model, processor, os.path.join(out, "model"), dtype, rank)
         if rank == 0:
             print(f"phase 2: fine-tuned model written to {os.path.join(out, 'model')}", flush=True)
-    barrier()
+    if dist.is_initialized():
+        del model  # FSDP's state holds the process group: free it first, or gloo may abort at exit
+        barrier()
+        dist.destroy_process_group()
     return report
 
 if __name__ == "__main__":

@@ -414,6 +414,8 @@ def main(argv=None):
         with open(os.path.join(out, "timings.json"), "w") as f:
             json.dump(timings, f)
     if dist.is_initialized():
+        del policy, base  # FSDP's state holds the process group: free it first, or gloo may abort at exit
+        barrier()
         dist.destroy_process_group()
 
 if __name__ == "__main__":
