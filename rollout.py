@@ -8,8 +8,9 @@ Rollouts: G sampled answers for each of B prompts, written by hand with a KV cac
 A group is sampled as in nanochat: (1) prefill the B prompts and their images once (left padded, 3-D rotary
 positions), keeping every layer's keys and values; (2) repeat each prompt's cache and last logits G times, so
 the vision tower and the prompt run once per prompt; (3) decode one token per step for all N rows at explicit
-positions (a prompt's largest 3-D position + 1) under a growing attention mask, each row until its first EOS
-(<|im_end|> or <|endoftext|>), padded after it.
+positions (a prompt's largest 3-D position + 1), each row until its first EOS (<|im_end|> or <|endoftext|>),
+padded after it. The keys, values and attention mask live in buffers sized for prompt + max_new_tokens, written
+in place (PreallocatedLayer): nothing in the loop grows by concatenation.
 
 Temperature, top-k and top-p shape a copy of the logits; the vision tokens (<|image_pad|>, ...) are never
 sampled (one in an answer breaks every later forward with the image). The recorded log-probs are the
@@ -22,6 +23,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from transformers.cache_utils import DynamicLayer
 
 from model import encode, repeat_batch, rope_positions
 
@@ -60,23 +62,42 @@ def sample_next(logits, temperature=1.0, top_k=0, top_p=1.0, greedy=False, gener
                           for p, g in zip(probs.split(group_size), generator)])
     return torch.multinomial(probs, 1, generator=generator).squeeze(1)
 
-def _cached_stepper(model, batch, G):
-    """Prefill the B prompts once, replicate the cache to N = B*G rows; return (first logits, step)."""
+class PreallocatedLayer(DynamicLayer):
+    """One layer's keys and values in buffers sized for the prompt and every new token, written in place: the
+    cache grows by a write, never by a copy of what it holds (transformers' DynamicLayer concatenates)."""
+
+    def __init__(self, keys, values, G, capacity):                       # keys, values (B, kv, L, hs)
+        super().__init__()
+        (B, H, self.n, D), self.is_initialized = keys.shape, True
+        self.k_buf, self.v_buf = (x.new_empty(B * G, H, capacity, D) for x in (keys, values))  # (N, kv, L + T, hs)
+        self.k_buf.view(B, G, H, capacity, D)[:, :, :, :self.n] = keys[:, None]  # each prompt's rows, G times
+        self.v_buf.view(B, G, H, capacity, D)[:, :, :, :self.n] = values[:, None]
+        self.keys, self.values = self.k_buf[:, :, :self.n], self.v_buf[:, :, :self.n]
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        t = key_states.shape[2]
+        self.k_buf[:, :, self.n:self.n + t], self.v_buf[:, :, self.n:self.n + t] = key_states, value_states
+        self.n += t
+        self.keys, self.values = self.k_buf[:, :, :self.n], self.v_buf[:, :, :self.n]
+        return self.keys, self.values
+
+def _cached_stepper(model, batch, G, max_new_tokens):
+    """Prefill the B prompts once, copy the cache into preallocated buffers of N = B*G rows (each prompt's G times);
+    return (first logits, step)."""
     prompt_pos, next_pos = rope_positions(model, batch)                      # (3, B, L), (B,)
     out = model(**batch, position_ids=prompt_pos, use_cache=True, logits_to_keep=1)
-    cache = out.cache
-    for layer in cache.layers:                                               # (B, kv, L, hs) -> (N, kv, L, hs)
-        layer.keys = layer.keys.repeat_interleave(G, dim=0)
-        layer.values = layer.values.repeat_interleave(G, dim=0)
-    attention_mask = batch["attention_mask"].repeat_interleave(G, dim=0)     # (N, L)
+    cache, L = out.cache, batch["input_ids"].shape[1]
+    cache.layers = [PreallocatedLayer(layer.keys, layer.values, G, L + max_new_tokens) for layer in cache.layers]
+    mask = batch["attention_mask"].new_ones(batch["input_ids"].shape[0] * G, L + max_new_tokens)    # (N, L + T)
+    mask[:, :L] = batch["attention_mask"].repeat_interleave(G, dim=0)
     pos = next_pos.repeat_interleave(G)                                      # (N,)
+    t = 0
 
     def step(token):                                                         # token (N,) -> logits (N, V)
-        nonlocal attention_mask, pos
-        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(token), 1)], dim=1)
-        out = model(input_ids=token[:, None], cache=cache, attention_mask=attention_mask,
-                    position_ids=pos.view(1, -1, 1).expand(3, -1, 1), use_cache=True)
-        pos = pos + 1
+        nonlocal t
+        t += 1
+        out = model(input_ids=token[:, None], cache=cache, attention_mask=mask[:, :L + t],
+                    position_ids=(pos + t - 1).view(1, -1, 1).expand(3, -1, 1), use_cache=True)
         return out.logits[:, -1]
     return out.logits[:, -1].repeat_interleave(G, dim=0), step
 
@@ -105,7 +126,7 @@ def generate(model, processor, samples, group_size=1, max_new_tokens=128, temper
     device = next(model.parameters()).device
     batch = {k: v.to(device) for k, v in encode(processor, samples).items()}
     B, G = batch["input_ids"].shape[0], group_size
-    logits, step = (_cached_stepper if use_cache else _uncached_stepper)(model, batch, G)
+    logits, step = _cached_stepper(model, batch, G, max_new_tokens) if use_cache else _uncached_stepper(model, batch, G)
     stop = torch.tensor(processor.stop_token_ids, device=device)
     banned = torch.tensor(processor.vision_token_ids, device=device)
     done = torch.zeros(B * G, dtype=torch.bool, device=device)

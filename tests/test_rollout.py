@@ -190,3 +190,27 @@ def test_bad_arguments(tiny):
         generate(model, processor, prompts(), generator=[torch.Generator()])
     with pytest.raises(ValueError, match="temperature"):
         generate(model, processor, prompts(), temperature=0.0)
+
+
+def test_the_cache_is_preallocated_and_written_in_place(any_tiny, monkeypatch):
+    """Every decode step writes into the same buffers, sized for prompt + max_new_tokens, and attends to a view of
+    them: no copy of the cache per step (transformers' DynamicLayer concatenates)."""
+    import rollout
+    model, processor = any_tiny
+    seen, update = {}, rollout.PreallocatedLayer.update
+
+    def spy(self, keys, values, *args, **kwargs):
+        out = update(self, keys, values, *args, **kwargs)
+        seen.setdefault(id(self), []).append((self.k_buf.data_ptr(), out[0].data_ptr(), out[1].data_ptr(),
+                                              self.v_buf.data_ptr(), out[0].shape[2]))
+        return out
+    monkeypatch.setattr(rollout.PreallocatedLayer, "update", spy)
+    T, G = 6, 2
+    ro = generate(model, processor, prompts(), group_size=G, max_new_tokens=T, greedy=True)
+    L = M.encode(processor, prompts())["input_ids"].shape[1]
+    assert len(seen) == model.config.get_text_config().num_hidden_layers
+    for steps in seen.values():
+        assert len(steps) == ro.completion_ids.shape[1] - 1, "one write per decoded token after the first"
+        assert all(k == ok and v == ov for k, ok, ov, v, _ in steps), "views of the buffers, not copies"
+        assert len({k for k, *_ in steps}) == 1, "the same buffer at every step"
+        assert [n for *_, n in steps] == list(range(L + 1, L + len(steps) + 1)), "the prefix grows by one a step"
