@@ -17,6 +17,8 @@ sampled every 2 ms). Rows: the tiny and small presets (random weights rarely sto
 token) at --sizes px, B = --batch; and the training shape of `python train.py` (the shipped base, 32 synthetic
 prompts at 112 px, G = 8, 64 new tokens, answers stopping at their EOS).
 Target: a/b >= 1.0 in every row, with its spread, and >= 1.5 at 448 px (vision tower and prompt once per group).
+Then one line: the GRPO update of one default-run step (reference log-probs, policy log-probs, loss, backward) against
+a bare forward + backward of the policy on the same tokens, as a ratio of interleaved pairs (target <= 1.2).
 
 --memory: GPU memory per rank of GRPO training of Qwen2.5-VL-3B / 7B, by component, under plain DDP, an optimizer
 sharded over 8 ranks and FSDP over 8, with and without gradient checkpointing (see memory_plan). Measured here: the
@@ -35,6 +37,7 @@ import torch
 from PIL import Image
 
 import data
+import grpo
 import model as M
 from rollout import generate, prompt_generators
 
@@ -88,6 +91,54 @@ def throughput(fns, device, warmup, repeats):
             seconds[name].append(time.perf_counter() - t)
             rates[name].append(n / seconds[name][-1])
     return rates, seconds
+
+def update_arms(device, dtype, micro_batch=16):
+    """The GRPO update of one default-run step against a bare forward + backward of the same tokens: the shipped
+    base, 32 training prompts x G = 8, their sampled answers. {"grpo": call, "bare": call}, each returning the number
+    of completion tokens. grpo: the frozen reference's log-probs, the policy's, grpo.grpo_loss, backward, per
+    micro-batch of 16 prompts (as train.grpo_step); bare: the policy's log-probs of the same tokens, summed, backward."""
+    job = dict(TRAINING, device=device, dtype=dtype)
+    policy, processor, samples, _ = load(job)
+    ref = M.load(job["model"], device=device, dtype=getattr(torch, dtype))[0].eval().requires_grad_(False)
+    G, T = job["group"], job["max_new_tokens"]
+    ro = generate(policy, processor, samples, group_size=G, max_new_tokens=T,
+                  generator=prompt_generators(0, 0, 0, len(samples), device))
+    adv = grpo.group_advantages(torch.randn(len(ro.texts), generator=torch.Generator().manual_seed(0)), G).to(device)
+    chunks = []
+    for i in range(0, len(samples), micro_batch):
+        rows = slice(i * G, (i + micro_batch) * G)
+        n = int(ro.mask[rows].sum(1).max())
+        batch = {k: v.to(device) for k, v in M.encode(processor, samples[i:i + micro_batch]).items()}
+        chunks.append((batch, ro.completion_ids[rows, :n], ro.mask[rows, :n], adv[rows]))
+    tokens, seqs = int(ro.mask.sum()), float(len(ro.texts))
+
+    def grpo_update():
+        for batch, ids, mask, a in chunks:
+            with torch.no_grad():
+                ref_logp = M.completion_logprobs(ref, batch, ids, mask)
+            logp = M.completion_logprobs(policy, batch, ids, mask)
+            loss, _ = grpo.grpo_loss(logp, logp.detach(), ref_logp, a, mask, num_seqs=seqs, num_tokens=tokens,
+                                     max_len=T)
+            loss.backward()
+        policy.zero_grad(set_to_none=True)
+        return tokens
+
+    def bare():
+        for batch, ids, mask, _ in chunks:
+            (M.completion_logprobs(policy, batch, ids, mask) * mask).sum().backward()
+        policy.zero_grad(set_to_none=True)
+        return tokens
+    policy.train()
+    return {"a": grpo_update, "b": bare}
+
+def print_update(args):
+    """One line: the update's time against the bare forward + backward, median (min-max) of interleaved pairs."""
+    rates, seconds = throughput(update_arms(args.device, args.dtype), args.device, args.warmup, args.repeats)
+    ratios = [a / b for a, b in zip(seconds["a"], seconds["b"])]
+    print(f"\nGRPO update of one default-run step (32 prompts x G = 8, micro-batches of 16; reference log-probs + "
+          f"policy log-probs + loss + backward) against a bare forward + backward of the same tokens: "
+          f"{spread(seconds['a'], '.2f')} s against {spread(seconds['b'], '.2f')} s, ratio {spread(ratios, '.2f')} "
+          "(target <= 1.2)", flush=True)
 
 def _resident_bytes():
     with open("/proc/self/statm") as f:
@@ -359,6 +410,8 @@ def main():
               f"{job['max_new_tokens']} | {M.encode(processor, samples)['input_ids'].shape[1]} | "
               f"{spread(rates['a'], '.0f')} | {spread(rates['b'], '.0f')} | {spread(ratios, '.2f')} | "
               f"{statistics.median(seconds['a']):.2f} | {mem['a'] / 2**20:.0f} | {mem['b'] / 2**20:.0f} |", flush=True)
+    if args.training:
+        print_update(args)
 
 if __name__ == "__main__":
     main()
