@@ -214,3 +214,23 @@ def test_the_cache_is_preallocated_and_written_in_place(any_tiny, monkeypatch):
         assert all(k == ok and v == ov for k, ok, ov, v, _ in steps), "views of the buffers, not copies"
         assert len({k for k, *_ in steps}) == 1, "the same buffer at every step"
         assert [n for *_, n in steps] == list(range(L + 1, L + len(steps) + 1)), "the prefix grows by one a step"
+
+
+def test_checking_for_the_end_every_k_steps_only_adds_padding(monkeypatch):
+    """On a GPU the loop checks every 8 steps whether all rows ended: the answers, masks and log-probs are those of
+    a check every step, followed by pad columns (the shipped base, whose answers end)."""
+    import os
+    import data
+    import rollout
+    model, processor = M.load(os.path.join(os.path.dirname(os.path.dirname(__file__)), "assets", "tiny-base"))
+    rows = data.samples_of(data.make_rows("train", 4, seed=0))
+    every = generate(model.eval(), processor, rows, group_size=2, max_new_tokens=80, greedy=True)
+    assert every.finished.all() and every.completion_ids.shape[1] < 64, "the rows must end well before the limit"
+    monkeypatch.setitem(rollout.CHECK_EVERY, "cpu", 16)
+    rare = generate(model, processor, rows, group_size=2, max_new_tokens=80, greedy=True)
+    T = every.completion_ids.shape[1]
+    assert rare.completion_ids.shape[1] % 16 == 0 and rare.completion_ids.shape[1] >= T
+    assert rare.texts == every.texts and torch.equal(rare.lengths, every.lengths)
+    assert torch.equal(rare.completion_ids[:, :T], every.completion_ids)
+    assert (rare.completion_ids[:, T:] == processor.pad_token_id).all() and rare.mask[:, T:].sum() == 0
+    assert torch.equal(rare.logp[:, :T], every.logp) and rare.logp[:, T:].abs().sum() == 0
