@@ -46,13 +46,13 @@ import eval as E
 import fsdp
 import grpo
 import model as M
+import optim
 import reject_sample as R
 import rewards
 import rollout
 import tiny_base
 from config import ModelConfig, as_dict, make_config, replay_ratios, validate
 from report import plot_rewards, stage_summary
-import optim
 from runtime import (all_reduce_sum, barrier, lr_factor, resolve_dtype, save_atomically,
                      setup_dist, world_size, write_atomic)
 
@@ -80,7 +80,10 @@ def save_checkpoint(out, step, policy, processor, state, keep, rank, dtype, shar
     weights = fsdp.full_state_dict(policy, dtype) if not whole else None  # gathered by every rank
     if rank == 0:
         def write(tmp):
-            M.save(policy, processor, tmp) if whole else fsdp.write(policy, processor, tmp, weights, dtype)
+            if whole:
+                M.save(policy, processor, tmp)
+            else:
+                fsdp.write(policy, processor, tmp, weights, dtype)
             torch.save({**state, "rng": all_rng, "checksum": total}, os.path.join(tmp, "trainer_state.pt"))
             if shard is not None:
                 os.rename(shards, os.path.join(tmp, "optimizer"))
