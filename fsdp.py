@@ -162,12 +162,13 @@ def save(model, processor, path, dtype, rank):
     through a temporary folder. Every rank calls it; it returns when the folder is complete."""
     state_dict = full_state_dict(model, dtype) if is_sharded(model) else None
     if rank == 0:
-        save_atomically(path, lambda tmp: M.save(model, processor, tmp) if state_dict is None else
-                        write(model, processor, tmp, state_dict, dtype))
+        save_atomically(path, lambda tmp: write(model, processor, tmp, state_dict, dtype))
     barrier()
 
 def write(model, processor, path, state_dict, dtype):
-    """Rank 0: the folder of a sharded model from its full_state_dict."""
+    """Rank 0: the folder of a model, from its full_state_dict when sharded (state_dict None: M.save)."""
+    if state_dict is None:
+        return M.save(model, processor, path)
     model.save_pretrained(path, state_dict={M.checkpoint_name(k): v for k, v in state_dict.items()})
     config = copy.deepcopy(model.config)        # its dtype is the fp32 shards': say what the files hold
     for c in [config] + [getattr(config, k) for k in config.sub_configs]:

@@ -171,12 +171,16 @@ def train_worker(argv):
         return save(out, step, *args, **kwargs)
     train.save_checkpoint = save_or_hold
     train.main(argv)
+    if os.environ.get("GPU_CHECK_PEAK"):
+        write_peak()
+
+def write_peak(**extra):
+    """This rank's peak memory (CUDA allocated, else the resident set) into $GPU_CHECK_PEAK.rank<r>."""
     cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
     peak = (torch.cuda.max_memory_allocated(int(os.environ.get("LOCAL_RANK", 0))) if cuda
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
-    if os.environ.get("GPU_CHECK_PEAK"):
-        with open(f"{os.environ['GPU_CHECK_PEAK']}.rank{os.environ.get('RANK', 0)}", "w") as f:
-            json.dump({"peak_bytes": peak, "kind": "CUDA allocated" if cuda else "resident set"}, f)
+    with open(f"{os.environ['GPU_CHECK_PEAK']}.rank{os.environ.get('RANK', 0)}", "w") as f:
+        json.dump({"peak_bytes": peak, "kind": "CUDA allocated" if cuda else "resident set", **extra}, f)
 
 def peaks(prefix, nproc):
     got = [json.load(open(f"{prefix}.rank{r}")) for r in range(nproc)]
@@ -328,11 +332,7 @@ def shard_step_worker(mode, device, dtype):
         torch.cuda.reset_peak_memory_stats()
     t = time.perf_counter()
     train.grpo_step(policy, ref, processor, [row] * W, "open", shape["G"], config.Config(rl=rl), opt, rank, dev, 0)
-    peak = (torch.cuda.max_memory_allocated() if device == "cuda"
-            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
-    with open(f"{os.environ['GPU_CHECK_PEAK']}.rank{rank}", "w") as f:
-        json.dump({"peak_bytes": peak, "kind": "CUDA allocated" if device == "cuda" else "resident set",
-                   "seconds": time.perf_counter() - t}, f)
+    write_peak(seconds=time.perf_counter() - t)
     del policy, ref, opt  # FSDP's state holds the group: free it before the group goes
     gc.collect()
     torch.distributed.barrier()

@@ -80,10 +80,7 @@ def save_checkpoint(out, step, policy, processor, state, keep, rank, dtype, shar
     weights = fsdp.full_state_dict(policy, dtype) if not whole else None  # gathered by every rank
     if rank == 0:
         def write(tmp):
-            if whole:
-                M.save(policy, processor, tmp)
-            else:
-                fsdp.write(policy, processor, tmp, weights, dtype)
+            fsdp.write(policy, processor, tmp, weights, dtype)
             torch.save({**state, "rng": all_rng, "checksum": total}, os.path.join(tmp, "trainer_state.pt"))
             if shard is not None:
                 os.rename(shards, os.path.join(tmp, "optimizer"))

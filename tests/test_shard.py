@@ -1,7 +1,6 @@
 """--shard optimizer (optim.ShardedAdamW) and multi-node runs: the same weights as plain AdamW, one process or
 two, one collective per bucket instead of one per tensor, and a kill + resume that is bit-identical."""
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -11,6 +10,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+import gpu_check
 import model as M
 import optim
 from optim import MasterAdamW, ShardedAdamW
@@ -118,7 +118,8 @@ def torchrun(args, out, nproc=2, port=29651, nnodes=1, node_rank=0, wait=True):
            f"--node-rank={node_rank}", "--master-addr=127.0.0.1", f"--master-port={port}",
            os.path.join(ROOT, "train.py")] + args + ["--out", str(out)]
     if not wait:
-        return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                start_new_session=True)  # gpu_check.kill_tree kills whole process groups
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
 
 
@@ -165,19 +166,6 @@ def test_two_processes_with_fsdp_equal_one_process(one_process, tmp_path):
     assert_same_weights(one_process, tmp_path / "fsdp", "2 processes with FSDP")
 
 
-def children(pid):
-    """The processes whose parent is `pid` (Linux /proc)."""
-    out = []
-    for d in os.listdir("/proc"):
-        try:
-            with open(f"/proc/{d}/stat") as f:
-                if d.isdigit() and int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
-                    out.append(int(d))
-        except (OSError, IndexError, ValueError):
-            pass
-    return out
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("shard", ["optimizer", "fsdp"])
 def test_a_sharded_run_killed_and_resumed_is_bit_identical(tmp_path, shard):
@@ -190,8 +178,7 @@ def test_a_sharded_run_killed_and_resumed_is_bit_identical(tmp_path, shard):
     deadline = time.time() + 300
     while time.time() < deadline and not (latest.exists() and latest.read_text() >= "step_000002"):
         time.sleep(0.05)
-    for pid in [proc.pid] + children(proc.pid):  # torchrun starts each worker in a session of its own
-        os.kill(pid, signal.SIGKILL)
+    gpu_check.kill_tree(proc.pid)  # torchrun and each worker, which it starts in a session of its own
     proc.wait()
     time.sleep(1)
     assert latest.read_text() < "step_000004", "the run must be killed before it ends"
