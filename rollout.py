@@ -11,7 +11,8 @@ the vision tower and the prompt run once per prompt; (3) decode one token per st
 positions (a prompt's largest 3-D position + 1), each row until its first EOS (<|im_end|> or <|endoftext|>),
 padded after it. The keys, values and attention mask live in buffers sized for prompt + max_new_tokens, written
 in place (PreallocatedLayer): nothing in the loop grows by concatenation. On a GPU the loop asks whether every
-row has ended (a host sync) every 8 steps; rows that ended meanwhile only pad.
+row has ended (a host sync) every 8 steps; rows that ended meanwhile only pad. Sampling is one batched inverse-CDF
+search per step, on uniforms drawn before the loop, (T, G) of them from each prompt's own generator (uniforms).
 
 Temperature, top-k and top-p shape a copy of the logits; the vision tokens (<|image_pad|>, ...) are never
 sampled (one in an answer breaks every later forward with the image). The recorded log-probs are the
@@ -47,8 +48,16 @@ def prompt_generators(seed, step, first_index, n, device):
     return [torch.Generator(device=device).manual_seed((seed * 1_000_003 + step) * 100_003 + first_index + i)
             for i in range(n)]
 
-def sample_next(logits, temperature=1.0, top_k=0, top_p=1.0, greedy=False, generator=None, group_size=1):
-    """One token per row of logits (N, V); a list of generators has one per prompt (its rows use generator[b])."""
+def uniforms(generator, B, G, T, device):
+    """(T, N) uniforms in [0, 1), one per decode step and row; a list of generators has one per prompt, whose
+    (T, G) draw serves its rows alone, so a prompt's answers depend on its own seed only (1 process == N)."""
+    if isinstance(generator, (list, tuple)):
+        return torch.cat([torch.rand(T, G, generator=g, device=device) for g in generator], dim=1)
+    return torch.rand(T, B * G, generator=generator, device=device)
+
+def sample_next(logits, u, temperature=1.0, top_k=0, top_p=1.0, greedy=False):
+    """One token per row of logits (N, V), by inverse CDF: the first token whose cumulative probability exceeds the
+    row's uniform u (N,), a single batched search for all rows (torch.multinomial takes one generator per call)."""
     if greedy:
         return logits.argmax(-1)
     logits = logits / temperature
@@ -60,11 +69,10 @@ def sample_next(logits, temperature=1.0, top_k=0, top_p=1.0, greedy=False, gener
         p = sorted_logits.softmax(-1)
         drop = p.cumsum(-1) - p > top_p       # keep the smallest prefix whose mass reaches top_p
         logits = logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
-    probs = logits.softmax(-1)
-    if isinstance(generator, (list, tuple)):
-        return torch.cat([torch.multinomial(p, 1, generator=g).squeeze(1)
-                          for p, g in zip(probs.split(group_size), generator)])
-    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+    cdf = logits.softmax(-1).cumsum(-1)                                      # (N, V)
+    total = cdf[:, -1:]
+    target = torch.minimum(u[:, None] * total, torch.nextafter(total, torch.zeros_like(total)))  # below the total:
+    return torch.searchsorted(cdf, target, right=True).squeeze(1)  # the token found has a nonzero probability
 
 class PreallocatedLayer(DynamicLayer):
     """One layer's keys and values in buffers sized for the prompt and every new token, written in place: the
@@ -135,12 +143,13 @@ def generate(model, processor, samples, group_size=1, max_new_tokens=128, temper
     banned = torch.tensor(processor.vision_token_ids, device=device)
     done = torch.zeros(B * G, dtype=torch.bool, device=device)
     lengths = torch.zeros(B * G, dtype=torch.long, device=device)  # tokens up to and including the first EOS
+    u = None if greedy else uniforms(generator, B, G, max_new_tokens, device)  # (T, N)
     tokens, logps = [], []
     for t in range(max_new_tokens):
         logits = logits.float()
         logp_all = F.log_softmax(logits, dim=-1)                   # the unmodified model distribution
-        token = sample_next(logits.index_fill(1, banned, float("-inf")), temperature, top_k, top_p, greedy,
-                            generator, G)
+        token = sample_next(logits.index_fill(1, banned, float("-inf")), None if greedy else u[t], temperature,
+                            top_k, top_p, greedy)
         token = torch.where(done, processor.pad_token_id, token)  # finished rows only pad
         tokens.append(token)
         logps.append(torch.where(done, 0.0, logp_all.gather(1, token[:, None]).squeeze(1)))

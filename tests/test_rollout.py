@@ -160,17 +160,18 @@ def test_top_k_and_top_p_restrict_the_support():
     from rollout import sample_next
     logits = torch.tensor([[3.0, 2.0, 1.0, 0.0, -1.0]]).repeat(2000, 1)
     g = torch.Generator().manual_seed(0)
-    assert set(sample_next(logits, top_k=2, generator=g).tolist()) == {0, 1}
+    u = lambda: torch.rand(len(logits), generator=g)
+    assert set(sample_next(logits, u(), top_k=2).tolist()) == {0, 1}
     p = logits[0].softmax(-1)  # p = 0.636, 0.234, 0.086, 0.032, 0.012: top two hold p0 + p1 = 0.87
     assert p[0] < 0.8 < p[0] + p[1]  # so top_p = 0.8 keeps exactly them
-    assert set(sample_next(logits, top_p=0.8, generator=g).tolist()) == {0, 1}
-    assert set(sample_next(logits, temperature=100.0, generator=g).tolist()) == {0, 1, 2, 3, 4}
+    assert set(sample_next(logits, u(), top_p=0.8).tolist()) == {0, 1}
+    assert set(sample_next(logits, u(), temperature=100.0).tolist()) == {0, 1, 2, 3, 4}
     # Temperature divides the logits. At 1, token 0 has p0 = e^3 / (e^3 + e^2 + e + 1 + 1/e) = 0.636
     # (2000 draws: standard error 0.011); at 0.05 the gap of 1 becomes 20 (p1 / p0 = e^-20 = 2e-9), only
     # the argmax is drawn; at 100 the distribution is near uniform (p0 = 0.204).
-    share0 = lambda t: (sample_next(logits, temperature=t, generator=g) == 0).float().mean().item()
+    share0 = lambda t: (sample_next(logits, u(), temperature=t) == 0).float().mean().item()
     assert 0.60 < share0(1.0) < 0.67, "temperature 1 samples the softmax of the logits as they are"
-    assert (sample_next(logits, temperature=0.05, generator=g) == 0).all(), "a low temperature gives the argmax"
+    assert (sample_next(logits, u(), temperature=0.05) == 0).all(), "a low temperature gives the argmax"
     assert share0(100.0) < 0.3, "a high temperature flattens the distribution: token 0 falls from 0.64 to ~0.2"
 
 
@@ -234,3 +235,15 @@ def test_checking_for_the_end_every_k_steps_only_adds_padding(monkeypatch):
     assert torch.equal(rare.completion_ids[:, :T], every.completion_ids)
     assert (rare.completion_ids[:, T:] == processor.pad_token_id).all() and rare.mask[:, T:].sum() == 0
     assert torch.equal(rare.logp[:, :T], every.logp) and rare.logp[:, T:].abs().sum() == 0
+
+
+def test_inverse_cdf_never_draws_a_zero_probability_token():
+    """The uniforms at both ends, 0 and the largest float below 1, land on tokens of nonzero probability: never
+    on a banned (-inf) token at either end of the vocabulary, nor past the last one."""
+    from rollout import sample_next
+    logits = torch.tensor([[float("-inf"), 1.0, 2.0, float("-inf")], [5.0, float("-inf"), float("-inf"), 30.0]])
+    for u in (0.0, 0.5, 1.0 - 2 ** -24):
+        token = sample_next(logits, torch.full((2,), u))
+        assert torch.isfinite(logits.gather(1, token[:, None])).all(), f"u={u} drew a banned token: {token}"
+    assert sample_next(logits, torch.tensor([0.0, 0.0])).tolist() == [1, 0], "u = 0: the first allowed token"
+    assert sample_next(logits, torch.tensor([0.99, 0.99])).tolist() == [2, 3]
