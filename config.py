@@ -48,7 +48,8 @@ class DataConfig:
 
 @dataclass
 class RLConfig:
-    stages: str = arg("judge,choice,open", "the curriculum, in order ('open' alone = RL without curriculum)")
+    stages: str = arg("judge,choice,open", "the curriculum, in order ('open' alone = RL without curriculum; 'mixed': "
+                                           "one stage whose batches ask the three forms in turn)")
     group_size: str = arg("8", "G answers per prompt: one value, or one per stage ('4,2,4')")
     stage_steps: str = arg("100,100,200", "optimizer steps per stage: one value or one per stage")
     prompts_per_step: int = arg(32, "prompts per optimizer step, over all ranks")
@@ -191,8 +192,8 @@ def validate(cfg):
     """(stages, group sizes, steps), one value per stage; a ValueError naming the flag to fix on a bad config."""
     rl, run, p2, model = cfg.rl, cfg.run, cfg.phase2, cfg.model
     stages = [s.strip() for s in rl.stages.split(",") if s.strip()]
-    if not stages or any(s not in curriculum.STAGES for s in stages):
-        raise ValueError(f"--stages {rl.stages!r}: use judge, choice and open, comma-separated")
+    if not stages or any(s not in curriculum.SCHEDULE for s in stages):
+        raise ValueError(f"--stages {rl.stages!r}: use judge, choice, open (or mixed), comma-separated")
     groups, steps = per_stage(rl.group_size, stages, "group_size"), per_stage(rl.stage_steps, stages, "stage_steps")
     replay_ratios(rl, stages)
     bad_forms = [s for s in cfg.data.eval_stages.split(",") if s not in curriculum.STAGES]

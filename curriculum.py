@@ -5,6 +5,7 @@ The stages share their images and questions; only the answer form (and so its re
     judge   a yes/no claim about the image          "How many circles are there? Is it 3?"   -> yes | no
     choice  options A-D (multi-select for classify)  "How many circles are there?\\nA. 1 ..."  -> B | A, C
     open    the question itself                     "How many circles are there?"            -> 2
+    mixed   (an ablation, not a stage of the paper) every batch asks the three forms in turn
 
     cur = curriculum.Curriculum([curriculum.StageSpec(s, group_size=8, steps=100) for s in curriculum.STAGES],
                                 pool=data.make_split("train", 3000), seed=0)    # cur.state_dict() resumes it
@@ -19,7 +20,9 @@ dropped, another shape, another object's box or the true one moved to IoU < 0.5.
 right among such distractors, or 1-3 present labels for "which colours / shapes". Stage files (StageSpec.data,
 a mixture spec) are used as they are; a problem without `<answer>` gets its instruction line.
 Each stage runs `steps` optimizer steps over epochs of task-interleaved permutations seeded by (seed, stage,
-epoch); `replay` r adds floor(n * r) open rows along a stage's first n. The state is a few integers: a resumed
+epoch); `replay` r adds floor(n * r) open rows along a stage's first n. A mixed stage asks data position p in form
+STAGES[(p // 3) % 3], so that every 9 positions hold each task in each form once (the tasks take turns); given files,
+it takes each form's rows from that form's own files (StageSpec.data = {form: mixture spec}). The state is a few integers: a resumed
 run draws the same batches.
 
 Departures from the paper, and why:
@@ -42,6 +45,8 @@ from data import COLOURS, GEOMETRY, SHAPES, STAGES, build_problem, format_value
 from rewards import box_iou
 
 LETTERS = "ABCD"
+MIXED = "mixed"                # a stage whose batches mix the three forms (ablate.py's no-curriculum arm)
+SCHEDULE = STAGES + (MIXED,)   # what a schedule's stages may be named
 
 def wrong_boxes(meta, rng):
     """Plausible wrong boxes, all with IoU < 0.5 to the truth: (other objects' boxes, moved true boxes)."""
@@ -159,15 +164,15 @@ def prepare_stage_rows(rows, stage):
 
 @dataclass
 class StageSpec:
-    name: str                               # judge | choice | open
-    data: str | list | None = None          # a mixture spec of this stage's files; None = derive from the pool
+    name: str                               # judge | choice | open | mixed
+    data: str | list | dict | None = None   # a mixture spec of this stage's files (mixed: {form: spec}); None = the pool
     group_size: int = 4                     # G completions per prompt
     steps: int = 100                        # stage length in optimizer steps
     replay: float = 0.0                     # open questions rehearsed per row of the stage (added to a batch)
 
     def __post_init__(self):
-        if self.name not in STAGES:
-            raise ValueError(f"unknown stage {self.name!r}; expected one of {', '.join(STAGES)}")
+        if self.name not in SCHEDULE:
+            raise ValueError(f"unknown stage {self.name!r}; expected one of {', '.join(SCHEDULE)}")
         if self.group_size < 1 or self.steps < 1:
             raise ValueError(f"stage {self.name!r}: group_size and steps must be >= 1")
         if not 0.0 <= self.replay <= 4.0:
@@ -217,7 +222,11 @@ class Curriculum:
         self.seed = seed
         self.pools, self.replay_pool = [], None  # replay asks the (last) open stage's rows
         for spec in self.stages:
-            if spec.data is not None:
+            if isinstance(spec.data, dict):  # a mixed stage's files, form by form
+                rows = {form: prepare_stage_rows(data.load_mixture(d, seed=seed, image_root=image_root,
+                                                                   on_error=on_error), form)
+                        for form, d in spec.data.items()}
+            elif spec.data is not None:
                 rows = data.load_mixture(spec.data, seed=seed, image_root=image_root, on_error=on_error)
                 rows = prepare_stage_rows(rows, spec.name)
             elif pool is None:
@@ -227,7 +236,7 @@ class Curriculum:
                 if spec.name != "open" and not all(r.get("meta") for r in rows):
                     raise ValueError(f"stage {spec.name!r} derives its questions from `meta`; "
                                      "the pool holds rows without it")
-            if not rows:
+            if not rows or (isinstance(rows, dict) and not all(rows.values())):
                 raise ValueError(f"stage {spec.name!r} has no rows")
             self.pools.append(rows)
             if spec.name == "open":
@@ -256,12 +265,19 @@ class Curriculum:
 
     def _row_at(self, position):
         """The row at data position `position` of the current stage (a pure function of the state)."""
-        spec = self.stages[self.stage_index]
-        row = self._pick(self.pools[self.stage_index], position, "")
+        spec, pool = self.stages[self.stage_index], self.pools[self.stage_index]
+        form, truth = spec.name, position % 2 == 0
+        if spec.name == MIXED:
+            forms = list(pool) if isinstance(pool, dict) else STAGES
+            form, truth = forms[(position // 3) % len(forms)], (position // (3 * len(forms))) % 2 == 0
+            if isinstance(pool, dict):  # the form's own rows, the k-th of those it has asked so far
+                k = position // (3 * len(forms)) * 3 + position % 3
+                return dict(self._pick(pool[form], k, f"{form}:"))
+        row = self._pick(pool, position, "")
         if spec.data is not None:
             return dict(row)
         rng = random.Random(f"curriculum:{self.seed}:{self.stage_index}:row:{position}")
-        return make_stage_row(row, spec.name, rng, truth=position % 2 == 0)
+        return make_stage_row(row, form, rng, truth=truth)
 
     def next_batch(self, n):
         """The next n rows of the current stage (a global batch: ranks slice it), with the open questions its

@@ -42,7 +42,7 @@ import data
 import model as M
 import rewards
 from rollout import generate
-from runtime import all_reduce_sum, barrier, resolve_dtype, setup_dist, world_size
+from runtime import all_reduce_sum, barrier, resolve_dtype, setup_dist, world_size, write_atomic
 
 IOU_THRESHOLD = 0.5
 TASK_METRICS = {("detection", "open"): {"acc@0.5": "acc@0.5", "iou_mean": "IoU"},   # metric: column label
@@ -362,6 +362,8 @@ def build_parser():
     p.add_argument("--samples", type=int, default=0, help="answers sampled per row for pass@k (0: greedy only)")
     p.add_argument("--pass-k", default="", help="k values of pass@k, comma-separated (default: 1 and --samples)")
     p.add_argument("--out", default="", help="write the results as JSON here (rank 0)")
+    p.add_argument("--records", action="store_true", help="--out also holds every row's scores, per model (for "
+                                                           "paired statistics such as ablate.py's; one process)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="auto: bfloat16 on GPU, float32 on CPU")
@@ -386,6 +388,9 @@ def main(argv=None):
         sets = load_eval_sets(args.data, args.n, args.seed, stages, args.image_root, args.task)
     except (ValueError, FileNotFoundError) as e:   # data.DataError is a ValueError
         raise SystemExit(f"error: {e}")
+    if args.records and (not args.out or int(os.environ.get("WORLD_SIZE", 1)) > 1):
+        raise SystemExit("error: --records writes every row's scores into --out, from one process: give --out, "
+                         "and run it without torchrun")
     rank, _, W, device = setup_dist(None if args.device == "auto" else args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -404,9 +409,10 @@ def main(argv=None):
         print(table, flush=True)
         if args.out:
             os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-            with open(args.out, "w") as f:
-                json.dump({"config": vars(args), "world_size": W, "seconds": round(time.time() - t0, 1),
-                           "results": results, "changes": changes, "table": table}, f, indent=1)
+            extra = {"records": records} if args.records else {}
+            write_atomic(args.out, json.dumps({"config": vars(args), "world_size": W, "seconds": round(time.time() - t0, 1),
+                                               "results": results, "changes": changes, "table": table, **extra},
+                                              indent=1))
             print(f"wrote {args.out}", file=sys.stderr)
     barrier()
     return results

@@ -1,11 +1,14 @@
 """
 report.py: what a run prints and draws from its metrics log at the end: the per-stage training accuracy (its change
-by a least-squares line through every step, with a standard error) and the reward curve (a PNG drawn with pillow).
+by a least-squares line through every step, with a standard error) and the reward curve (a PNG drawn with pillow);
+and ablate.py's picture of each arm's change from the base, with error bars.
 
     metrics = [json.loads(line) for line in open("runs/tiny/metrics.jsonl")]
     print(stage_summary(metrics))
     plot_rewards(metrics, "runs/tiny/rewards.png")
 """
+import math
+
 from PIL import Image, ImageDraw
 
 def stage_summary(metrics):
@@ -64,4 +67,46 @@ def plot_rewards(metrics, path, keys=("reward_total", "reward_accuracy"), width=
                 d.line([(x(a + j), y(v)) for j, v in enumerate(seg)], fill=c, width=2)
     d.text((L, height - B + 12), "training step (all stages)   blue: reward (accuracy + format)   "
                                  "orange: accuracy", fill="black")
+    img.save(path)
+
+def plot_changes(changes, path, width=960, height=400):
+    """PNG of each arm's change from the base per (task, split) of the open answers: a bar per arm at its mean over
+    seeds with its 95% interval as an error bar. changes: {arm: {(split, task, form): {"mean", "half"}}}."""
+    arms = list(changes)
+    cells = sorted({c for per in changes.values() for c in per if c[2] == "open"},
+                   key=lambda c: (("detection", "classify", "math").index(c[1]), c[0]))
+    palette = [(90, 90, 90), (40, 80, 200), (220, 90, 30), (40, 160, 60), (160, 60, 160), (200, 170, 20),
+               (20, 170, 190), (120, 60, 20)]
+    img = Image.new("RGB", (width, height), "white")
+    d = ImageDraw.Draw(img)
+    L, R, T, B = 50, 20, 30, 60
+    ends = [100 * (v["mean"] + s * v["half"]) for per in changes.values() for c, v in per.items() if c in cells
+            for s in (-1, 1)] or [0.0]
+    lo, hi = min(min(ends), 0.0) - 1, max(max(ends), 0.0) + 1
+    y = lambda v: T + (height - T - B) * (hi - v) / (hi - lo)
+    step = max(1, round((hi - lo) / 8))
+    for v in range(math.ceil(lo / step) * step, int(hi) + 1, step):
+        d.line([(L, y(v)), (width - R, y(v))], fill=(225, 225, 225) if v else (0, 0, 0))
+        d.text((8, y(v) - 6), f"{v:+d}", fill="black")
+    slot = (width - L - R) / max(1, len(cells))
+    bar = slot * 0.8 / max(1, len(arms))
+    for k, cell in enumerate(cells):
+        x0 = L + k * slot + slot * 0.1
+        for j, arm in enumerate(arms):
+            v = changes[arm].get(cell)
+            if v is None:
+                continue
+            m, h, c = 100 * v["mean"], 100 * v["half"], palette[j % len(palette)]
+            xa, xm = x0 + j * bar, x0 + (j + 0.5) * bar
+            d.rectangle([xa + 1, min(y(m), y(0)), xa + bar - 1, max(y(m), y(0))], fill=c)
+            d.line([(xm, y(m - h)), (xm, y(m + h))], fill="black", width=1)
+            for e in (m - h, m + h):
+                d.line([(xm - bar / 4, y(e)), (xm + bar / 4, y(e))], fill="black")
+        d.text((x0, height - B + 6), f"{cell[1]} {cell[0]}", fill="black")
+    x = L
+    for j, arm in enumerate(arms):  # the legend
+        d.rectangle([x, height - 22, x + 10, height - 12], fill=palette[j % len(palette)])
+        d.text((x + 14, height - 24), arm, fill="black")
+        x += 20 + 7 * len(arm)
+    d.text((L, 8), "change from the base, open answers, points (mean over seeds, 95% interval)", fill="black")
     img.save(path)

@@ -153,9 +153,10 @@ def grpo_step(policy, ref, processor, rows, stage, G, cfg, opt, rank, device, gl
                               max_new_tokens=rl.max_new_tokens, temperature=rl.temperature)  # N = P * G answers
     t_gen = time.time() - t0
 
-    # 2. Reward, each answer in its row's form (a replayed open question, curriculum.StageSpec.replay, by open rules).
+    # 2. Reward, each answer in its row's form (a replayed open question, curriculum.StageSpec.replay, by open rules;
+    #    a mixed stage's rows each in their own).
     row_of = [local[n // G] for n in range(len(ro.texts))]                  # (N,) the row of each answer
-    scores = [rewards.score(text, row["solution"], row["task"], "open" if row.get("replay") else stage,
+    scores = [rewards.score(text, row["solution"], row["task"], row.get("stage", stage),
                             choice_partial=rl.choice_partial, box_mode=rl.box_reward)
               for text, row in zip(ro.texts, row_of)]
     r = torch.tensor([s["total"] for s in scores], dtype=torch.float32)     # (N,)
@@ -236,7 +237,8 @@ def make_curriculum(cfg, stages, groups, steps, pool):
     specs = [curriculum.StageSpec(name, group_size=g, steps=n, replay=r)
              for name, g, n, r in zip(stages, groups, steps, replay_ratios(cfg.rl, stages))]
     stage_data = curriculum.parse_stage_data(cfg.data.stage_data) if cfg.data.stage_data else {}
-    specs = curriculum.assign_stage_data(specs, {k: v for k, v in stage_data.items() if k in stages})
+    mixed = {curriculum.MIXED: stage_data} if curriculum.MIXED in stages and stage_data else {}  # each form's files
+    specs = curriculum.assign_stage_data(specs, {**{k: v for k, v in stage_data.items() if k in stages}, **mixed})
     return curriculum.Curriculum(specs, pool=pool, seed=cfg.run.seed, image_root=cfg.data.image_root or None)
 
 def run_rl(cfg, cur, out, rank, device, dtype, policy, processor, base):

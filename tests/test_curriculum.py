@@ -2,13 +2,14 @@
 instruction lines, the rewards agreeing with every derived solution, stage files, the schedule and resume."""
 import json
 import random
+from collections import Counter
 
 import pytest
 
 import curriculum
 import data
 import rewards
-from curriculum import Curriculum, StageSpec
+from curriculum import STAGES, Curriculum, StageSpec
 
 POOL = data.make_rows("train", 240, seed=0, draw=False)  # open rows; the scene lives in meta
 ROWS_PER_KIND = {}
@@ -272,3 +273,25 @@ def test_replay_resumes_exactly():
     b = Curriculum(stages, pool=POOL, seed=0)
     b.load_state_dict(a.state_dict())
     assert [r["problem"] for r in a.next_batch(7)] == [r["problem"] for r in b.next_batch(7)]
+
+
+def test_a_mixed_stage_asks_every_task_in_every_form_in_turn(tmp_path):
+    """--stages mixed: every 9 data positions hold each task in each form once, judge claims alternate true and
+    false per task, and with files each form's rows come from its own file."""
+    cur = Curriculum([StageSpec("mixed", group_size=4, steps=2)], pool=POOL[:90], seed=0)
+    rows = cur.next_batch(36)
+    assert Counter((r["task"], r["stage"]) for r in rows) == {(t, f): 4 for t in data.TASKS for f in STAGES}
+    for k in range(0, 36, 9):
+        assert len({(r["task"], r["stage"]) for r in rows[k:k + 9]}) == 9
+    judge = [r for r in rows if r["stage"] == "judge"]
+    for task in data.TASKS:
+        answers = [r["solution"] for r in judge if r["task"] == task]
+        assert answers.count("<answer>yes</answer>") == answers.count("<answer>no</answer>") == 2
+    for r in rows:  # every row's reference answer is right in its own form
+        assert rewards.score(data.reference_completion(r) if r["stage"] == "open" else
+                             "<think></think>" + r["solution"], r["solution"], r["task"], r["stage"])["accuracy"] == 1
+    paths = {f: curriculum.write_split(str(tmp_path / f), "train", n=6, seed=1, size=56, stage=f)
+             for f in ("judge", "open")}
+    cur = Curriculum([StageSpec("mixed", steps=1, data=paths)])
+    forms = [r["stage"] for r in cur.next_batch(12)]
+    assert forms == ["judge"] * 3 + ["open"] * 3 + ["judge"] * 3 + ["open"] * 3

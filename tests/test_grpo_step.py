@@ -163,6 +163,23 @@ def test_the_step_statistics_are_hand_values(setup, monkeypatch):
     assert [s["answer"] for s in samples] == ro.texts[:2 * G] and samples[0]["total"] == parts[0]["total"]
 
 
+def test_a_mixed_stage_scores_each_answer_in_its_own_rows_form(base, monkeypatch):
+    """--stages mixed: a batch of judge, choice and open rows; each answer is rewarded by its row's form."""
+    policy, processor = base
+    open_rows = data.make_split("train", P, seed=5)
+    rows = [curriculum.make_stage_row(r, f, random.Random(i), truth=True)
+            for i, (r, f) in enumerate(zip(open_rows, ("judge", "choice", "open", "judge")))]
+    ro = fixed_rollout(policy, processor, rows)
+    cfg = config()
+    monkeypatch.setattr(rollout, "generate", lambda *a, **kw: ro)
+    stats, _ = train.grpo_step(policy, copy.deepcopy(policy).eval(), processor, rows, "mixed", G, cfg,
+                               GradientRecorder(policy), 0, "cpu", 0)
+    want = [rewards.score(t, rows[n // G]["solution"], rows[n // G]["task"], rows[n // G]["stage"],
+                          choice_partial=cfg.rl.choice_partial)["total"] for n, t in enumerate(ro.texts)]
+    assert stats["reward_total"] == pytest.approx(sum(want) / len(want))
+    assert want[0] == want[2 * G] == want[3 * G] == 2.0, "the reference answers are right in their own forms"
+
+
 def test_the_reference_sees_the_image_and_starts_equal(base, monkeypatch):
     policy, processor = base
     rows = choice_rows()
