@@ -12,6 +12,7 @@ intervals and paired differences, a picture and one JSON.
 
 The arms (ARMS; a fork adds one in a line). B is the RL budget, the sum of the curriculum's --stage-steps:
     SFT        supervised fine-tuning on the open questions' reference answers: B steps of --prompts-per-step rows
+               in the RL runs' order, at --lr with --warmup, then constant (reject_sample.sft: AdamW (0.9, 0.95))
     RL         GRPO on open questions only, B steps (the release's no-curriculum baseline)
     Curr-RL    judge -> choice -> open, each stage its --stage-steps
     Curr-ReFT  Curr-RL's run continued by phase 2 (rejection-sampling SFT): the same run, nothing computed twice
@@ -44,11 +45,18 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
+import torch
+import torch.distributed as dist
 from tqdm import tqdm
 
 import config
 import curriculum
+import data
+import fsdp
+import reject_sample as R
+import train
 from report import plot_changes
+from runtime import barrier, resolve_dtype, setup_dist, write_atomic
 
 @dataclass(frozen=True)
 class Arm:
@@ -85,13 +93,16 @@ class Run:
     arms: dict                # arm name -> "final" | "phase2"
 
 def plan_runs(arms, common):
-    """The runs the arms need, arms with equal flags in one run."""
+    """The runs the arms need, in the table's order, arms with equal flags in one run; a run is named after the first
+    arm of the table that it serves, whichever arms were asked for (so a grid of some arms reuses a fuller one's)."""
+    key = {name: (arm.sft, tuple(resolve(arm, common))) for name, arm in ARMS.items()}
+    names = {}
+    for name in ARMS:
+        names.setdefault(key[name], name.lower())
     runs = {}
-    for name in [a for a in ARMS if a in arms]:  # a run is named after the first of its arms in the table
-        arm = ARMS[name]
-        key = (arm.sft, tuple(resolve(arm, common)))
-        run = runs.setdefault(key, Run(name.lower(), list(key[1]), arm.sft, {}))
-        run.arms[name] = arm.model
+    for name in [a for a in ARMS if a in arms]:
+        run = runs.setdefault(key[name], Run(names[key[name]], list(key[name][1]), ARMS[name].sft, {}))
+        run.arms[name] = ARMS[name].model
     return list(runs.values())
 
 def model_dirs(run, folder, common):
@@ -111,66 +122,82 @@ def read_json(path):
         return None
 
 @dataclass
+class Step:
+    command: object           # () -> argv, decided when the step starts
+    done: object              # () -> whether its output is complete (then it is skipped)
+    finish: object = None     # () -> None, after the command succeeded
+
+@dataclass
 class Job:
     name: str
-    folder: str
-    commands: list            # [(argv, done marker)]: each runs unless its marker exists
+    folder: str               # its log: folder/ablate.log
+    steps: list
 
-def train_command(run, seed, folder, common, launcher, threads):
-    """The command of a run (train.py, or the SFT baseline), with --resume when it has a checkpoint; a half-written
-    run without one starts afresh."""
-    done = os.path.join(folder, "trained")
-    if os.path.isfile(done):
-        return [], done
-    resume = os.path.isfile(os.path.join(folder, "checkpoints", "latest"))
-    if os.path.isdir(folder) and not resume:
-        shutil.rmtree(folder)
-    phase2 = "phase2" in run.arms.values()
-    argv = ([sys.executable, os.path.abspath(__file__), "--sft-baseline"] if run.sft else
-            launcher + [os.path.join(HERE, "train.py")] + ([] if phase2 else ["--no-phase2"]))
-    argv += common + run.flags + ["--seed", str(seed), "--out", folder, "--eval-n", "0"]
-    return argv + (["--resume"] if resume else []) + threads, done
+def train_step(run, seed, folder, common, launcher, threads):
+    """Train a run (train.py, or the SFT baseline) into `folder`; done once trained.json says so, with phase 2 if
+    the run's arms now need it."""
+    marker, phase2 = os.path.join(folder, "trained.json"), "phase2" in run.arms.values()
 
-def eval_command(models, out, cfg, threads):
-    """eval.py of `models` (comma-joined folders), one process, on the default run's evaluation rows (seed 0), with
-    every row's scores."""
-    return ([sys.executable, os.path.join(HERE, "eval.py"), "--model", models, "--records", "--seed", "0", "--out", out,
-             "--data", cfg.data.eval_data or "synthetic", "--n", str(cfg.data.eval_n), "--stages", cfg.data.eval_stages,
-             "--max-new-tokens", str(cfg.rl.max_new_tokens), "--device", cfg.model.device, "--dtype", cfg.model.dtype,
-             "--max-pixels", str(cfg.model.max_pixels)]
+    def done():
+        m = read_json(marker)
+        return m is not None and (m["phase2"] or not phase2)
+
+    def command():  # --resume from a checkpoint (a killed run, or one trained before phase 2 was asked); else afresh
+        resume = os.path.isfile(os.path.join(folder, "checkpoints", "latest"))
+        if not resume:
+            shutil.rmtree(folder, ignore_errors=True)
+            os.makedirs(folder)
+        argv = launcher + ([os.path.join(HERE, "ablate.py"), "--sft-baseline"] if run.sft else
+                           [os.path.join(HERE, "train.py")] + ([] if phase2 else ["--no-phase2"]))
+        argv += common + run.flags + ["--seed", str(seed), "--out", folder, "--eval-n", "0"] + threads
+        return argv + (["--resume"] if resume else [])
+
+    return Step(command, done, lambda: write_atomic(marker, json.dumps({"phase2": phase2})))
+
+def eval_step(models, out, cfg, threads):
+    """eval.py of the model folders `models`, one process, on the default run's evaluation rows (seed 0), with
+    every row's scores; done once out holds every model's records."""
+    argv = ([sys.executable, os.path.join(HERE, "eval.py"), "--model", ",".join(models), "--records", "--seed", "0",
+             "--out", out, "--data", cfg.data.eval_data or "synthetic", "--n", str(cfg.data.eval_n),
+             "--stages", cfg.data.eval_stages, "--max-new-tokens", str(cfg.rl.max_new_tokens),
+             "--device", cfg.model.device, "--dtype", cfg.model.dtype, "--max-pixels", str(cfg.model.max_pixels)]
             + (["--image-root", cfg.data.image_root] if cfg.data.image_root else []) + threads)
+    return Step(lambda: argv, lambda: set(models) <= set((read_json(out) or {}).get("records", {})))
 
 def plan_jobs(runs, seeds, common, out, launcher, threads):
     """One job for the base's evaluation, then one per (run, seed): train, then evaluate its models."""
     cfg = config.make_config(common)
-    base = os.path.join(out, "base")
-    jobs = [Job("base", base, [(eval_command(cfg.model.model, os.path.join(base, "eval.json"), cfg, threads), None)])]
+    jobs = [Job("base", os.path.join(out, "base"),
+                [eval_step([cfg.model.model], os.path.join(out, "base", "eval.json"), cfg, threads)])]
     for run in runs:
         for seed in range(seeds):
             folder = os.path.join(out, f"{run.name}-s{seed}")
-            train = train_command(run, seed, folder, common, launcher, threads)
-            models = ",".join(dict.fromkeys(model_dirs(run, folder, common).values()))
-            jobs.append(Job(f"{run.name}-s{seed}", folder,
-                            [train, (eval_command(models, os.path.join(folder, "eval.json"), cfg, threads), None)]))
-    for job in jobs:  # an evaluation is done when its JSON reads
-        job.commands = [(argv, done or argv[argv.index("--out") + 1]) for argv, done in job.commands]
+            models = list(dict.fromkeys(model_dirs(run, folder, common).values()))
+            jobs.append(Job(f"{run.name}-s{seed}", folder, [train_step(run, seed, folder, common, launcher, threads),
+                                                            eval_step(models, os.path.join(folder, "eval.json"), cfg,
+                                                                      threads)]))
     return jobs
 
 def run_job(job):
-    """Run a job's commands that are not done yet, in order, into folder/ablate.log; (name, seconds, error)."""
+    """Run a job's steps that are not done yet, in order, logged to folder/ablate.log, their seconds added up over
+    calls in folder/seconds.json; (name, seconds of this call, error)."""
     t0 = time.time()
-    os.makedirs(job.folder, exist_ok=True)
-    for argv, done in job.commands:
-        if not argv or (done.endswith(".json") and read_json(done) is not None):
+    for step in job.steps:
+        if step.done():
             continue
+        t_step = time.time()
+        argv = step.command()
+        os.makedirs(job.folder, exist_ok=True)
         with open(os.path.join(job.folder, "ablate.log"), "a") as log:
             log.write("$ " + shlex.join(argv) + "\n")
             log.flush()
             code = subprocess.run(argv, stdout=log, stderr=subprocess.STDOUT).returncode
+        spent = os.path.join(job.folder, "seconds.json")
+        write_atomic(spent, json.dumps(round((read_json(spent) or 0) + time.time() - t_step, 1)))
         if code != 0:
             return job.name, time.time() - t0, f"exit {code}: see {os.path.join(job.folder, 'ablate.log')}"
-        if not done.endswith(".json"):
-            open(done, "w").close()
+        if step.finish:
+            step.finish()
     return job.name, time.time() - t0, None
 
 # ---- Statistics
@@ -260,11 +287,6 @@ def tables(stats, splits, seeds, base):
 def sft_baseline(argv):
     """`ablate.py --sft-baseline <train.py flags>`: SFT of the base on the open stage's rows with their reference
     answers, B steps of --prompts-per-step rows in the RL runs' order, at the RL lr and warm-up; stages/1_final."""
-    import torch
-    import fsdp
-    import reject_sample as R
-    import train
-    from runtime import barrier, resolve_dtype, setup_dist
     cfg = config.make_config(argv)
     rank, _, _, device = setup_dist(None if cfg.model.device == "auto" else cfg.model.device)
     if cfg.run.threads:
@@ -273,14 +295,17 @@ def sft_baseline(argv):
     budget = sum(config.per_stage(cfg.rl.stage_steps, curriculum.STAGES, "stage_steps"))
     torch.manual_seed(cfg.run.seed)
     policy, processor = train.load_base(cfg, device, dtype, rank)
-    pool = train.data.make_split("train", cfg.data.pool_size, seed=cfg.run.seed, size=cfg.data.image_size)
-    cur = train.make_curriculum(cfg, ["open"], [2], [budget], pool)
+    pool = data.make_split("train", cfg.data.pool_size, seed=cfg.run.seed, size=cfg.data.image_size)
+    cur = train.make_curriculum(cfg, ["open"], [2], [budget], pool)  # the RL arm's rows, in its order
     if cfg.model.shard == "fsdp":
         policy = fsdp.shard(policy, dtype)
     R.sft(policy, processor, lambda step: cur.next_batch(cfg.rl.prompts_per_step), budget, lr=cfg.rl.lr,
           warmup=cfg.rl.warmup, rank=rank, device=device, desc="sft baseline", shard=cfg.model.shard)
     fsdp.save(policy, processor, os.path.join(cfg.run.out, "stages", "1_final"), dtype, rank)
-    barrier()
+    if dist.is_initialized():
+        del policy  # FSDP's state holds the process group: free it first
+        barrier()
+        dist.destroy_process_group()
 
 # ---- The command
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -290,7 +315,8 @@ def build_parser():
                                 epilog="Flags after -- go to every run (train.py's; see python train.py --help).")
     p.add_argument("--arms", default=",".join(ARMS), help=f"arms, comma-separated, of {', '.join(ARMS)}")
     p.add_argument("--seeds", type=int, default=3, help="seeds per arm (0 .. S-1)")
-    p.add_argument("--jobs", type=int, default=1, help="runs at a time, each on one CPU thread when > 1")
+    p.add_argument("--jobs", type=int, default=1, help="runs at a time, each on one CPU thread when > 1 (on a CPU; "
+                                                        "GPU runs take the GPUs: keep 1)")
     p.add_argument("--out", default=None, help="output folder (default runs/ablate, --quick runs/ablate-quick)")
     p.add_argument("--quick", action="store_true", help="1 seed, stages of 4/4/8 steps, 60 evaluation rows per split "
                                                         "and form: a smoke test of the grid, not results")
@@ -322,7 +348,7 @@ def main(argv=None):
         runs = plan_runs(arms, common)
         for run in runs:
             config.make_config(common + run.flags)
-    except (ValueError, SystemExit) as e:
+    except ValueError as e:
         raise SystemExit(f"error: {e}")
     launcher = shlex.split(args.launcher) or [sys.executable]
     threads = ["--threads", "1"] if args.jobs > 1 else []
@@ -331,10 +357,9 @@ def main(argv=None):
     print(f"ablation: {len(arms)} arms ({', '.join(arms)}) x {seeds} seed(s) = {len(jobs) - 1} runs + the base, "
           f"{args.jobs} at a time, in {out}/", flush=True)
 
-    t0, seconds, failed = time.time(), {}, []
+    t0, failed = time.time(), []
     with ThreadPoolExecutor(args.jobs) as pool, tqdm(total=len(jobs), desc="ablation", dynamic_ncols=True) as bar:
         for name, s, error in pool.map(run_job, jobs):
-            seconds[name] = round(s, 1)
             bar.update(1)
             bar.write(f"{name}: {'failed, ' + error if error else 'done'} ({s:.0f} s)")
             if error:
@@ -351,20 +376,18 @@ def main(argv=None):
             records = read_json(os.path.join(folder, "eval.json"))["records"]
             for arm, path in model_dirs(run, folder, common).items():
                 per_arm[arm].append(scores(records[path]))
-    per_arm = {a: per_arm[a] for a in arms}
     stats = statistics(base, per_arm)
     splits = list(dict.fromkeys(c[0] for c in base))
     table = tables(stats, splits, seeds, base)
     plot_changes(stats["vs base"], os.path.join(out, "ablation.png"))
     wall = round(time.time() - t0, 1)
-    with open(os.path.join(out, "ablation.json"), "w") as f:
-        json.dump({"settings": {"arms": {a: vars(ARMS[a]) for a in arms}, "seeds": seeds, "common": common,
-                                "runs": [vars(r) for r in runs], "config": config.as_dict(cfg)},
-                   "stats": {k: {a: {"|".join(c): v for c, v in cells.items()} for a, cells in d.items()}
-                             for k, d in stats.items()},
-                   "seconds": seconds, "wall_seconds": wall, "table": table}, f, indent=1)
-    with open(os.path.join(out, "ablation.md"), "w") as f:
-        f.write(table + "\n")
+    seconds = {job.name: read_json(os.path.join(job.folder, "seconds.json")) for job in jobs}
+    write_atomic(os.path.join(out, "ablation.json"), json.dumps(
+        {"settings": {"arms": {a: vars(ARMS[a]) for a in arms}, "seeds": seeds, "common": common,
+                      "runs": [vars(r) for r in runs], "config": config.as_dict(cfg)},
+         "stats": {k: {a: {"|".join(c): v for c, v in cells.items()} for a, cells in d.items()} for k, d in stats.items()},
+         "seconds": seconds, "wall_seconds_this_call": wall, "table": table}, indent=1))
+    write_atomic(os.path.join(out, "ablation.md"), table + "\n")
     print("\n" + table, flush=True)
     print(f"ablation: {wall:.0f} s this call; {out}/ablation.json, ablation.md, ablation.png", flush=True)
     return stats

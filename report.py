@@ -73,8 +73,9 @@ def plot_changes(changes, path, width=960, height=400):
     """PNG of each arm's change from the base per (task, split) of the open answers: a bar per arm at its mean over
     seeds with its 95% interval as an error bar. changes: {arm: {(split, task, form): {"mean", "half"}}}."""
     arms = list(changes)
-    cells = sorted({c for per in changes.values() for c in per if c[2] == "open"},
-                   key=lambda c: (("detection", "classify", "math").index(c[1]), c[0]))
+    cells = list(dict.fromkeys(c for per in changes.values() for c in per if c[2] == "open"))  # splits as given
+    splits = list(dict.fromkeys(c[0] for c in cells))
+    cells.sort(key=lambda c: (("detection", "classify", "math").index(c[1]), splits.index(c[0])))
     palette = [(90, 90, 90), (40, 80, 200), (220, 90, 30), (40, 160, 60), (160, 60, 160), (200, 170, 20),
                (20, 170, 190), (120, 60, 20)]
     img = Image.new("RGB", (width, height), "white")
@@ -84,7 +85,7 @@ def plot_changes(changes, path, width=960, height=400):
             for s in (-1, 1)] or [0.0]
     lo, hi = min(min(ends), 0.0) - 1, max(max(ends), 0.0) + 1
     y = lambda v: T + (height - T - B) * (hi - v) / (hi - lo)
-    step = max(1, round((hi - lo) / 8))
+    step = next(s for s in (1, 2, 5, 10, 20, 50, 100) if (hi - lo) / s <= 8)
     for v in range(math.ceil(lo / step) * step, int(hi) + 1, step):
         d.line([(L, y(v)), (width - R, y(v))], fill=(225, 225, 225) if v else (0, 0, 0))
         d.text((8, y(v) - 6), f"{v:+d}", fill="black")

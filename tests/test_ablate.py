@@ -75,23 +75,25 @@ def test_bad_arguments_stop_before_any_work(tmp_path):
     assert not (tmp_path / "x").exists()
 
 
-def grid(out, *extra):
-    return [sys.executable, os.path.join(ROOT, "ablate.py"), "--arms", "RL,Curr-ReFT", "--seeds", "1",
-            "--out", str(out), *extra, "--", *TINY]
+def grid(out, arms):
+    return [sys.executable, os.path.join(ROOT, "ablate.py"), "--arms", arms, "--seeds", "1", "--out", str(out),
+            "--", *TINY]
 
 
 @pytest.mark.slow
 def test_a_killed_grid_resumes_to_the_same_result(tmp_path):
-    """A grid killed while its Curr-ReFT run is half done (a checkpoint written, the base and RL finished) ends, when
-    rerun, with the uninterrupted grid's numbers; the finished runs are not run again."""
-    whole = subprocess.run(grid(tmp_path / "whole"), cwd=ROOT, capture_output=True, text=True)
+    """A grid of RL and Curr-RL killed inside its Curr-RL run (a checkpoint written, the base and RL finished),
+    rerun with Curr-ReFT added, resumes that run from its checkpoint through phase 2 and ends with the numbers of
+    an uninterrupted grid of RL and Curr-ReFT; the finished base and RL are not run again."""
+    whole = subprocess.run(grid(tmp_path / "whole", "RL,Curr-ReFT"), cwd=ROOT, capture_output=True, text=True)
     assert whole.returncode == 0, whole.stdout[-3000:] + whole.stderr[-3000:]
     want = json.load(open(tmp_path / "whole" / "ablation.json"))
     assert set(want["stats"]["value"]) == {"base", "RL", "Curr-ReFT"} and (tmp_path / "whole" / "ablation.png").is_file()
     assert "Open answers" in want["table"] and "change from RL" in want["table"]
+    assert any(c["mean"] > 0 for c in want["stats"]["value"]["base"].values()), "the base answers some rows"
 
     out = tmp_path / "killed"
-    p = subprocess.Popen(grid(out), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    p = subprocess.Popen(grid(out, "RL,Curr-RL"), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                          start_new_session=True)
     latest = out / "curr-rl-s0" / "checkpoints" / "latest"
     deadline = time.time() + 300
@@ -99,12 +101,14 @@ def test_a_killed_grid_resumes_to_the_same_result(tmp_path):
         time.sleep(0.05)
     os.killpg(p.pid, signal.SIGKILL)
     p.wait()
-    assert latest.is_file() and not (out / "curr-rl-s0" / "trained").exists(), "killed inside the run"
-    finished = {f: os.path.getmtime(out / f / "eval.json") for f in ("base", "rl-s0") if (out / f / "eval.json").exists()}
-    again = subprocess.run(grid(out), cwd=ROOT, capture_output=True, text=True)
+    assert latest.is_file() and not (out / "curr-rl-s0" / "trained.json").exists(), "killed inside the run"
+    finished = {f: os.path.getmtime(out / f / "eval.json") for f in ("base", "rl-s0")}
+    again = subprocess.run(grid(out, "RL,Curr-RL,Curr-ReFT"), cwd=ROOT, capture_output=True, text=True)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert "resumed from" in open(out / "curr-rl-s0" / "ablate.log").read()
     for f, t in finished.items():
         assert os.path.getmtime(out / f / "eval.json") == t, f"{f} was finished and must not run again"
-    got = json.load(open(out / "ablation.json"))
-    assert got["stats"] == want["stats"], "the resumed grid must give the uninterrupted grid's numbers"
+    got = json.load(open(out / "ablation.json"))["stats"]
+    for kind in ("value", "vs base", "vs RL"):
+        for arm, cells in want["stats"][kind].items():
+            assert got[kind][arm] == cells, f"{kind} {arm}: the resumed grid must give the uninterrupted one's numbers"
