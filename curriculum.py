@@ -21,9 +21,9 @@ right among such distractors, or 1-3 present labels for "which colours / shapes"
 a mixture spec) are used as they are; a problem without `<answer>` gets its instruction line.
 Each stage runs `steps` optimizer steps over epochs of task-interleaved permutations seeded by (seed, stage,
 epoch); `replay` r adds floor(n * r) open rows along a stage's first n. A mixed stage asks data position p in form
-STAGES[(p // 3) % 3], so that every 9 positions hold each task in each form once (the tasks take turns); given files,
-it takes each form's rows from that form's own files (StageSpec.data = {form: mixture spec}). The state is a few integers: a resumed
-run draws the same batches.
+STAGES[(p // 3) % 3], so that every 9 positions hold each task in each form once (the tasks take turns); given
+files, it takes each form's rows from that form's own files (StageSpec.data = {form: mixture spec}). The state is
+a few integers: a resumed run draws the same batches.
 
 Departures from the paper, and why:
 - Judge and choice rows are derived from one open pool, as the paper's stages share their images and questions.
