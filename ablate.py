@@ -22,7 +22,7 @@ Arms with the same flags share a run; a run goes through phase 2 only when one o
 Each run is `train.py --seed s --eval-n 0` in out/<run>-s<seed>/ (the SFT arm: `ablate.py --sft-baseline`), then
 `eval.py --records` of its models on the rows of the default run's evaluation (seed 0), the same for every arm.
 A killed ablation continues where it stopped: finished runs and evaluations are kept, a half-run one resumes from
-its latest checkpoint (`train.py --resume`; the SFT arm, a minute on a CPU, restarts).
+its latest checkpoint (`train.py --resume`; the SFT arm, which keeps no checkpoint, restarts).
 
 Statistics, per cell (a task, answer form and split) and its headline metric: x[s, i] is seed s's score on row i,
 d[s, i] = x[s, i] - y[s, i] a paired difference on the same rows (y: the base, the same for every seed, or RL's
