@@ -52,6 +52,7 @@ from tqdm import tqdm
 import config
 import curriculum
 import data
+import eval as E
 import fsdp
 import reject_sample as R
 import train
@@ -78,12 +79,15 @@ T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2
         2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042]
 
 # ---- The grid: arms -> runs -> jobs
+def rl_budget(cfg):
+    """B: the optimizer steps of the judge, choice and open stages of cfg's --stage-steps, summed."""
+    return sum(config.per_stage(cfg.rl.stage_steps, curriculum.STAGES, "stage_steps"))
+
 def resolve(arm, common):
     """The train.py flags of an arm's run, its {budget} and {g_open} filled from the common flags' curriculum."""
     cfg = config.make_config(common)
-    budget = sum(config.per_stage(cfg.rl.stage_steps, curriculum.STAGES, "stage_steps"))
     g_open = config.per_stage(cfg.rl.group_size, curriculum.STAGES, "group_size")[-1]
-    return [f.format(budget=budget, g_open=g_open) for f in arm.flags]
+    return [f.format(budget=rl_budget(cfg), g_open=g_open) for f in arm.flags]
 
 @dataclass
 class Run:
@@ -164,9 +168,9 @@ def eval_step(models, out, cfg, threads):
             + (["--image-root", cfg.data.image_root] if cfg.data.image_root else []) + threads)
     return Step(lambda: argv, lambda: set(models) <= set((read_json(out) or {}).get("records", {})))
 
-def plan_jobs(runs, seeds, common, out, launcher, threads):
-    """One job for the base's evaluation, then one per (run, seed): train, then evaluate its models."""
-    cfg = config.make_config(common)
+def plan_jobs(runs, seeds, cfg, common, out, launcher, threads):
+    """One job for the base's evaluation, then one per (run, seed): train, then evaluate its models (cfg: the
+    config of the common flags)."""
     jobs = [Job("base", os.path.join(out, "base"),
                 [eval_step([cfg.model.model], os.path.join(out, "base", "eval.json"), cfg, threads)])]
     for run in runs:
@@ -247,23 +251,19 @@ def statistics(base, arms):
     return out
 
 def markdown(stats, kind, forms, splits, signed=False):
-    """One table: a row per model of stats[kind], a column per (task, form, split) of `forms`."""
-    short = {"detection": "det", "classify": "cls", "math": "math"}
+    """One table (eval.py's layout): a row per model of stats[kind], a column per (task, form, split) of `forms`."""
     label = {"open": {"detection": "acc@0.5", "classify": "exact", "math": "acc"}}
     rows = stats[kind]
-    cells = [(split, task, form) for form in forms for task in short for split in splits
+    cells = [(split, task, form) for form in forms for task in E.SHORT for split in splits
              if any((split, task, form) in r for r in rows.values())]
-    head = [f"{short[t]} {label.get(f, {}).get(t, f)} {s}" for s, t, f in cells]
-    lines = ["| " + " | ".join(["arm"] + head) + " |", "|---" + "|---:" * len(cells) + "|"]
-    for name, r in rows.items():
-        def fmt(c):
-            if c not in r:
-                return "–"
-            m, h = 100 * r[c]["mean"], 100 * r[c]["half"]
-            star = " *" if signed and abs(m) > h else ""
-            return f"{m:{'+' if signed else ''}.1f} ± {h:.1f}{star}"
-        lines.append("| " + " | ".join([name] + [fmt(c) for c in cells]) + " |")
-    return "\n".join(lines)
+    head = [f"{E.SHORT[t]} {label.get(f, {}).get(t, f)} {s}" for s, t, f in cells]
+
+    def fmt(r, c):  # "mean ± half-width" in percent, * where a difference's interval excludes 0
+        if c not in r:
+            return "–"
+        star = " *" if signed and abs(r[c]["mean"]) > r[c]["half"] else ""
+        return E._pct(r[c]["mean"], r[c]["half"], signed) + star
+    return "\n".join(E._table(["arm"] + head, [[name] + [fmt(r, c) for c in cells] for name, r in rows.items()]))
 
 def tables(stats, splits, seeds, base):
     """The markdown of the whole grid: per group its values, changes from the base and changes from RL."""
@@ -292,7 +292,7 @@ def sft_baseline(argv):
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)
     dtype = resolve_dtype(cfg.model.dtype, device)
-    budget = sum(config.per_stage(cfg.rl.stage_steps, curriculum.STAGES, "stage_steps"))
+    budget = rl_budget(cfg)
     torch.manual_seed(cfg.run.seed)
     policy, processor = train.load_base(cfg, device, dtype, rank)
     pool = data.make_split("train", cfg.data.pool_size, seed=cfg.run.seed, size=cfg.data.image_size)
@@ -353,7 +353,7 @@ def main(argv=None):
     launcher = shlex.split(args.launcher) or [sys.executable]
     threads = ["--threads", "1"] if args.jobs > 1 else []
     os.makedirs(out, exist_ok=True)
-    jobs = plan_jobs(runs, seeds, common, out, launcher, threads)
+    jobs = plan_jobs(runs, seeds, cfg, common, out, launcher, threads)
     print(f"ablation: {len(arms)} arms ({', '.join(arms)}) x {seeds} seed(s) = {len(jobs) - 1} runs + the base, "
           f"{args.jobs} at a time, in {out}/", flush=True)
 
