@@ -343,12 +343,42 @@ def image_features(model, batch, G):
 
 def completion_logprobs(model, batch, completion_ids, completion_mask=None):
     """Teacher-forced log pi(y_t | prompt, image, y_<t) (N, T) of completion_ids (N, T), the N = B*G answers
-    (group-major) of batch's B prompts. Values past an answer's end are meaningless: callers mask them."""
+    (group-major) of batch's B prompts. Values past an answer's end are meaningless: callers mask them.
+
+    The prompt and its image run once per group, as in the rollout: the prompt's keys and values, repeated for its G
+    answers, are the cache that the answers attend to, and gradients flow back through them. Gradient checkpointing
+    drops a cache inside the layers, so under it (training, with gradients) each answer re-runs its prompt instead."""
     B = batch["input_ids"].shape[0]
     N, T = completion_ids.shape
     if N % B:
         raise ValueError(f"{N} completions do not split into groups of the {B} prompts")
     G = N // B
+    checkpointing = any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
+    if checkpointing and model.training and torch.is_grad_enabled():
+        logits = _logits_prompt_per_answer(model, batch, completion_ids, G)
+    else:
+        logits = _logits_prompt_per_group(model, batch, completion_ids, G)
+    return torch.gather(F.log_softmax(logits.float(), dim=-1), 2, completion_ids[..., None]).squeeze(-1)
+
+def _logits_prompt_per_group(model, batch, completion_ids, G):
+    """(N, T, V) logits predicting y_1..y_T: the B prompts once, then the answers on their repeated cache."""
+    prompt_pos, next_pos = rope_positions(model, batch)                       # (3, B, L), (B,)
+    out = model(**batch, position_ids=prompt_pos, use_cache=True, logits_to_keep=1)
+    first = out.logits[:, -1:].repeat_interleave(G, dim=0)                    # (N, 1, V): predicts y_1
+    T = completion_ids.shape[1]
+    if T == 1:
+        return first
+    out.cache.batch_repeat_interleave(G)                                      # (N, kv, L, hs) per layer
+    pos = (next_pos[:, None] + torch.arange(T - 1, device=next_pos.device)).repeat_interleave(G, dim=0)  # (N, T-1)
+    mask = torch.cat([batch["attention_mask"].repeat_interleave(G, dim=0),
+                      torch.ones_like(completion_ids[:, 1:], dtype=batch["attention_mask"].dtype)], dim=1)
+    rest = model(input_ids=completion_ids[:, :-1], cache=out.cache, attention_mask=mask,
+                 position_ids=pos[None].expand(3, -1, -1), use_cache=True).logits  # (N, T-1, V): y_2..y_T
+    return torch.cat([first, rest], dim=1)
+
+def _logits_prompt_per_answer(model, batch, completion_ids, G):
+    """(N, T, V) logits predicting y_1..y_T: every answer after its own copy of the prompt (images once per prompt)."""
+    T = completion_ids.shape[1]
     features = image_features(model, batch, G)
     prompt_pos, next_pos = rope_positions(model, batch)                       # (3, B, L), (B,)
     comp_pos = next_pos[:, None] + torch.arange(T, device=next_pos.device)    # (B, T)
@@ -359,8 +389,7 @@ def completion_logprobs(model, batch, completion_ids, completion_mask=None):
                                 torch.ones_like(completion_ids, dtype=batch["attention_mask"].dtype)], dim=1)
     out = model(input_ids=input_ids, mm_encoder_outputs=features, attention_mask=attention_mask,
                 position_ids=position_ids, use_cache=False, logits_to_keep=T + 1)
-    logits = out.logits[:, :-1].float()                                       # (N, T, V): predicts y_1..y_T
-    return torch.gather(F.log_softmax(logits, dim=-1), 2, completion_ids[..., None]).squeeze(-1)
+    return out.logits[:, :-1]
 
 if __name__ == "__main__":
     model, processor = load("tiny")

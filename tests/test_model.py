@@ -133,6 +133,29 @@ def test_completion_logprobs_equal_plain_forward(any_tiny):
             assert torch.allclose(lp[n], ref, atol=1e-5), f"row {n}: batched log-probs differ from a plain forward"
 
 
+def test_the_prompt_once_per_group_gives_every_gradient_of_a_prompt_per_answer(any_tiny):
+    """completion_logprobs runs each prompt once and its G answers on the repeated cache: log-probs and the gradient
+    of every parameter equal those of each answer after its own copy of the prompt (one answer token included)."""
+    model, processor = any_tiny
+    G = 3
+    batch = M.encode(processor, samples()[:2])
+    for T in (1, 4):
+        comp = torch.randint(20, 200, (2 * G, T), generator=torch.Generator().manual_seed(T))
+        out = []
+        for logits in (M._logits_prompt_per_group, M._logits_prompt_per_answer):
+            model.zero_grad()
+            lp = logits(model, batch, comp, G).log_softmax(-1).gather(2, comp[..., None]).squeeze(-1)
+            (lp * torch.linspace(0.5, 2, lp.numel()).view_as(lp)).sum().backward()
+            out.append((lp.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+        model.zero_grad()
+        (shared, shared_grads), (per_answer, grads) = out
+        assert torch.allclose(shared, per_answer, atol=1e-5), f"T={T}: the log-probs of the two paths differ"
+        assert set(shared_grads) == set(grads) and len(grads) > 10, f"T={T}: the same parameters get gradients"
+        for name, g in grads.items():
+            scale = float(g.abs().max())  # float rounding of sums in another order: relative to the largest entry
+            assert torch.allclose(shared_grads[name], g, rtol=1e-4, atol=1e-5 * scale), f"T={T}, {name}: gradients differ"
+
+
 def vision_grads(model, loss):
     model.zero_grad()
     loss.backward()

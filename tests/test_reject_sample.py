@@ -244,7 +244,8 @@ def test_sft_loss_is_the_token_mean_nll_of_the_targets_alone():
         finals.append(list(copy.parameters()))
         losses.append(trace)
     assert losses[0] == pytest.approx(losses[1], rel=1e-5) and losses[0][0] == pytest.approx(loss.item(), rel=1e-5)
-    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*finals)), "the update does not depend on micro-batching"
+    # Float rounding only: Adam steps of about lr = 1e-3 each, equal to 1% of one.
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(*finals)), "the update does not depend on micro-batching"
 
 
 def test_command_line_errors_and_run(tmp_path, capsys):
