@@ -53,7 +53,7 @@ class RLConfig:
     group_size: str = arg("8", "G answers per prompt: one value, or one per stage ('4,2,4')")
     stage_steps: str = arg("100,100,200", "optimizer steps per stage: one value or one per stage")
     prompts_per_step: int = arg(32, "prompts per optimizer step, over all ranks")
-    micro_batch: int = arg(16, "prompts per forward/backward pass on one rank (memory only)")
+    micro_batch: int = arg(32, "prompts per forward/backward pass on one rank (memory only)")
     max_new_tokens: int = arg(64, "answer length limit")
     temperature: float = arg(1.0, "sampling temperature")
     lr: float = arg(3e-4, "AdamW learning rate")
