@@ -10,9 +10,11 @@ positions), keeping every layer's keys and values; (2) repeat each prompt's cach
 the vision tower and the prompt run once per prompt; (3) decode one token per step for all N rows at explicit
 positions (a prompt's largest 3-D position + 1), each row until its first EOS (<|im_end|> or <|endoftext|>),
 padded after it. The keys, values and attention mask live in buffers sized for prompt + max_new_tokens, written
-in place (PreallocatedLayer): nothing in the loop grows by concatenation. On a GPU the loop asks whether every
-row has ended (a host sync) every 8 steps; rows that ended meanwhile only pad. Sampling is one batched inverse-CDF
-search per step, on uniforms drawn before the loop, (T, G) of them from each prompt's own generator (uniforms).
+in place (PreallocatedLayer): nothing in the loop grows by concatenation. The loop checks which rows have ended
+(a host sync) every step on a CPU, every 8 on a GPU; once at most SHRINK_AT of the batch is still going, the ended
+rows leave it (their cache rows dropped by one copy), so later steps compute only rows still going; rows that
+ended between two checks only pad. Sampling is one batched inverse-CDF search per step, on uniforms drawn before
+the loop, (T, G) of them from each prompt's own generator (uniforms).
 
 Temperature, top-k and top-p shape a copy of the logits; the vision tokens (<|image_pad|>, ...) are never
 sampled (one in an answer breaks every later forward with the image). The recorded log-probs are the
@@ -31,6 +33,8 @@ from model import encode, repeat_batch, rope_positions
 
 # Decode steps between two checks that every row has ended (a check is a host sync, cheap on a CPU only).
 CHECK_EVERY = {"cpu": 1, "cuda": 8}
+# At a check, the rows that ended leave the batch once at most this fraction of it is still going (0: never).
+SHRINK_AT = 0.75
 
 @dataclass
 class Rollout:
@@ -86,6 +90,11 @@ class PreallocatedLayer(DynamicLayer):
         self.v_buf.view(B, G, H, capacity, D)[:, :, :, :self.n] = values[:, None]
         self.keys, self.values = self.k_buf[:, :, :self.n], self.v_buf[:, :, :self.n]
 
+    def select(self, rows):
+        """Keep only these rows (a copy): the batch shrinks as its rows end."""
+        self.k_buf, self.v_buf = self.k_buf[rows], self.v_buf[rows]
+        self.keys, self.values = self.k_buf[:, :, :self.n], self.v_buf[:, :, :self.n]
+
     def update(self, key_states, value_states, *args, **kwargs):
         t = key_states.shape[2]
         self.k_buf[:, :, self.n:self.n + t], self.v_buf[:, :, self.n:self.n + t] = key_states, value_states
@@ -95,7 +104,7 @@ class PreallocatedLayer(DynamicLayer):
 
 def _cached_stepper(model, batch, G, max_new_tokens):
     """Prefill the B prompts once, copy the cache into preallocated buffers of N = B*G rows (each prompt's G times);
-    return (first logits, step)."""
+    return (first logits, step, select): select(rows) keeps only those rows of the batch for the later steps."""
     prompt_pos, next_pos = rope_positions(model, batch)                      # (3, B, L), (B,)
     out = model(**batch, position_ids=prompt_pos, use_cache=True, logits_to_keep=1)
     cache, L = out.cache, batch["input_ids"].shape[1]
@@ -105,13 +114,19 @@ def _cached_stepper(model, batch, G, max_new_tokens):
     pos = next_pos.repeat_interleave(G)                                      # (N,)
     t = 0
 
-    def step(token):                                                         # token (N,) -> logits (N, V)
+    def step(token):                                                         # token (n,) -> logits (n, V)
         nonlocal t
         t += 1
         out = model(input_ids=token[:, None], cache=cache, attention_mask=mask[:, :L + t],
                     position_ids=(pos + t - 1).view(1, -1, 1).expand(3, -1, 1), use_cache=True)
         return out.logits[:, -1]
-    return out.logits[:, -1].repeat_interleave(G, dim=0), step
+
+    def select(rows):                                                        # rows: indices into the current batch
+        nonlocal mask, pos
+        mask, pos = mask[rows], pos[rows]
+        for layer in cache.layers:
+            layer.select(rows)
+    return out.logits[:, -1].repeat_interleave(G, dim=0), step, select
 
 def _uncached_stepper(model, batch, G):
     """Reference: re-run the whole sequence with its images at every step; the model computes positions."""
@@ -123,7 +138,7 @@ def _uncached_stepper(model, batch, G):
                          ("mm_token_type_ids", torch.zeros_like(token)[:, None])):
                 seq[k] = torch.cat([seq[k], v.to(seq[k].dtype)], dim=1)
         return model(**seq, use_cache=False).logits[:, -1]
-    return step(), step
+    return step(), step, None                                                # None: its batch never shrinks
 
 @torch.no_grad()
 def generate(model, processor, samples, group_size=1, max_new_tokens=128, temperature=1.0, top_p=1.0, top_k=0,
@@ -138,31 +153,44 @@ def generate(model, processor, samples, group_size=1, max_new_tokens=128, temper
     device = next(model.parameters()).device
     batch = {k: v.to(device) for k, v in encode(processor, samples).items()}
     B, G = batch["input_ids"].shape[0], group_size
-    logits, step = _cached_stepper(model, batch, G, max_new_tokens) if use_cache else _uncached_stepper(model, batch, G)
+    N = B * G
+    logits, step, select = (_cached_stepper(model, batch, G, max_new_tokens) if use_cache
+                            else _uncached_stepper(model, batch, G))
     stop = torch.tensor(processor.stop_token_ids, device=device)
     banned = torch.tensor(processor.vision_token_ids, device=device)
-    done = torch.zeros(B * G, dtype=torch.bool, device=device)
-    lengths = torch.zeros(B * G, dtype=torch.long, device=device)  # tokens up to and including the first EOS
+    done = torch.zeros(N, dtype=torch.bool, device=device)
+    lengths = torch.zeros(N, dtype=torch.long, device=device)  # tokens up to and including the first EOS
     u = None if greedy else uniforms(generator, B, G, max_new_tokens, device)  # (T, N)
-    tokens, logps = [], []
+    tokens = torch.full((max_new_tokens, N), processor.pad_token_id, dtype=torch.long, device=device)
+    logps = torch.zeros(max_new_tokens, N, device=device)
+    live = torch.arange(N, device=device)                          # the rows still in the batch, in its order
     for t in range(max_new_tokens):
-        logits = logits.float()
+        logits = logits.float()                                    # (n, V), the live rows
         logp_all = F.log_softmax(logits, dim=-1)                   # the unmodified model distribution
-        token = sample_next(logits.index_fill(1, banned, float("-inf")), None if greedy else u[t], temperature,
+        token = sample_next(logits.index_fill(1, banned, float("-inf")), None if greedy else u[t, live], temperature,
                             top_k, top_p, greedy)
-        token = torch.where(done, processor.pad_token_id, token)  # finished rows only pad
-        tokens.append(token)
-        logps.append(torch.where(done, 0.0, logp_all.gather(1, token[:, None]).squeeze(1)))
-        lengths += ~done
-        done = done | torch.isin(token, stop)
-        if t == max_new_tokens - 1 or ((t + 1) % CHECK_EVERY.get(device.type, 1) == 0 and done.all()):
+        ended = done[live]
+        token = torch.where(ended, processor.pad_token_id, token)  # rows that ended since the last shrink only pad
+        tokens[t, live] = token
+        logps[t, live] = torch.where(ended, 0.0, logp_all.gather(1, token[:, None]).squeeze(1))
+        lengths[live] += ~ended
+        done[live] = ended | torch.isin(token, stop)
+        if t == max_new_tokens - 1:
             break
+        if (t + 1) % CHECK_EVERY.get(device.type, 1) == 0:
+            going = ~done[live]
+            n = int(going.sum())                                   # a host sync
+            if n == 0:
+                break
+            if select is not None and n <= SHRINK_AT * len(live):  # drop the ended rows from the batch
+                select(going.nonzero().squeeze(1))
+                live, token = live[going], token[going]
         logits = step(token)
 
-    completion_ids = torch.stack(tokens, dim=1)                     # (N, T)
-    mask = (torch.arange(len(tokens), device=device)[None] < lengths[:, None]).float()
+    completion_ids = tokens[:t + 1].T.contiguous()                 # (N, T)
+    mask = (torch.arange(t + 1, device=device)[None] < lengths[:, None]).float()
     texts = [processor.tokenizer.decode(ids[:n - int(f)].tolist(), skip_special_tokens=False)
              for ids, n, f in zip(completion_ids, lengths, done)]
-    return Rollout(batch=batch, completion_ids=completion_ids, mask=mask, logp=torch.stack(logps, 1) * mask,
+    return Rollout(batch=batch, completion_ids=completion_ids, mask=mask, logp=logps[:t + 1].T * mask,
                    texts=texts, group=torch.arange(B, device=device).repeat_interleave(G), finished=done,
                    lengths=lengths)

@@ -101,12 +101,13 @@ def test_recorded_logprobs_equal_teacher_forced(tiny, sampling):
 
 
 def force_token(model, token_id, at_step, row=None, bonus=1e4):
-    """Hook on lm_head: from decode call `at_step` on, make `token_id` the largest logit (of `row`, or all)."""
+    """Hook on lm_head: make `token_id` the largest logit of every row from decode call `at_step` on, or of batch row
+    `row` at that call only (the batch drops its ended rows later, so a row index names another row then)."""
     calls = {"n": 0}
 
     def hook(module, inputs, output):
         calls["n"] += 1
-        if calls["n"] - 1 >= at_step:
+        if calls["n"] - 1 == at_step or (row is None and calls["n"] - 1 > at_step):
             output = output.clone()
             output[(slice(None) if row is None else row), -1, token_id] += bonus
             return output
@@ -234,7 +235,35 @@ def test_checking_for_the_end_every_k_steps_only_adds_padding(monkeypatch):
     assert rare.texts == every.texts and torch.equal(rare.lengths, every.lengths)
     assert torch.equal(rare.completion_ids[:, :T], every.completion_ids)
     assert (rare.completion_ids[:, T:] == processor.pad_token_id).all() and rare.mask[:, T:].sum() == 0
-    assert torch.equal(rare.logp[:, :T], every.logp) and rare.logp[:, T:].abs().sum() == 0
+    # The ended rows leave the batch at other steps (rollout.SHRINK_AT): the same sums in other batch shapes.
+    assert torch.allclose(rare.logp[:, :T], every.logp, atol=1e-5) and rare.logp[:, T:].abs().sum() == 0
+
+
+def test_dropping_the_ended_rows_from_the_batch_changes_no_answer(monkeypatch):
+    """The batch shrinks to its rows still going (rollout.SHRINK_AT): the same sampled answers, lengths and ends
+    as a batch that keeps every row to the last step, log-probs equal to float rounding, and it did shrink."""
+    import os
+    import data
+    import rollout
+    model, processor = M.load(os.path.join(os.path.dirname(os.path.dirname(__file__)), "assets", "tiny-base"))
+    rows = data.samples_of(data.make_rows("train", 6, seed=1))
+    widths = []
+    select = rollout.PreallocatedLayer.select
+    monkeypatch.setattr(rollout.PreallocatedLayer, "select",
+                        lambda self, r: (widths.append(len(r)), select(self, r))[1])
+
+    def run():
+        return generate(model.eval(), processor, rows, group_size=4, max_new_tokens=64,
+                        generator=rollout.prompt_generators(0, 3, 0, len(rows), "cpu"))
+    shrunk = run()
+    assert widths and min(widths) < 24 / 2, f"the batch of 24 rows must shrink as they end (widths {widths})"
+    monkeypatch.setattr(rollout, "SHRINK_AT", 0)
+    n = len(widths)
+    whole = run()
+    assert len(widths) == n, "SHRINK_AT = 0 keeps every row"
+    assert shrunk.texts == whole.texts and torch.equal(shrunk.completion_ids, whole.completion_ids)
+    assert torch.equal(shrunk.lengths, whole.lengths) and torch.equal(shrunk.finished, whole.finished)
+    assert torch.allclose(shrunk.logp, whole.logp, atol=1e-5) and torch.equal(shrunk.mask, whole.mask)
 
 
 def test_inverse_cdf_never_draws_a_zero_probability_token():
