@@ -12,9 +12,10 @@ patches merged 2x2: a 112x112 image gives n = 16):
     <|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n<|im_start|>user\\n
     <|vision_start|><|image_pad|> x n<|vision_end|>{problem}<|im_end|>\\n<|im_start|>assistant\\n
 
-Log-probs, in one teacher-forced forward: logp_t = log pi(y_t | x, I, y_<t) for the completion y of prompt x
-with image I, always fed (to the frozen reference too: without it the KL is meaningless). The N = B*G
-completions of B prompts run the vision tower once per prompt, its output repeated G times.
+Log-probs, teacher-forced: logp_t = log pi(y_t | x, I, y_<t) for the completion y of prompt x with image I,
+always fed (to the frozen reference too: without it the KL is meaningless). The N = B*G completions of B prompts
+run the prompt and its vision tower once per prompt; the completions then attend to its keys and values,
+repeated G times (under gradient checkpointing, each completion after its own copy of the prompt).
 
 Departures from the paper's release, and why:
 - No torchvision (its wheel does not import beside a CPU torch): `Processor` is the tokenizer plus
