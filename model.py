@@ -330,6 +330,12 @@ def rope_positions(model, batch):
                                         attention_mask=batch["attention_mask"])
     return pos, pos.amax(dim=(0, 2)) + 1
 
+def prefill(model, batch):
+    """The B prompts and their images once, keeping every layer's keys and values: (output with .cache and the last
+    position's logits (B, 1, V), the next text position of each prompt (B,))."""
+    prompt_pos, next_pos = rope_positions(model, batch)                       # (3, B, L), (B,)
+    return model(**batch, position_ids=prompt_pos, use_cache=True, logits_to_keep=1), next_pos
+
 def image_features(model, batch, G):
     """Vision-tower output of the B prompts, run once, repeated for their G answers (as `mm_encoder_outputs`)."""
     from transformers.modeling_outputs import BaseModelOutputWithPooling
@@ -363,8 +369,7 @@ def completion_logprobs(model, batch, completion_ids, completion_mask=None):
 
 def _logits_prompt_per_group(model, batch, completion_ids, G):
     """(N, T, V) logits predicting y_1..y_T: the B prompts once, then the answers on their repeated cache."""
-    prompt_pos, next_pos = rope_positions(model, batch)                       # (3, B, L), (B,)
-    out = model(**batch, position_ids=prompt_pos, use_cache=True, logits_to_keep=1)
+    out, next_pos = prefill(model, batch)
     first = out.logits[:, -1:].repeat_interleave(G, dim=0)                    # (N, 1, V): predicts y_1
     T = completion_ids.shape[1]
     if T == 1:

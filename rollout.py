@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from transformers.cache_utils import DynamicLayer
 
-from model import encode, repeat_batch, rope_positions
+from model import encode, prefill, repeat_batch
 
 # Decode steps between two checks that every row has ended (a check is a host sync, cheap on a CPU only).
 CHECK_EVERY = {"cpu": 1, "cuda": 8}
@@ -105,8 +105,7 @@ class PreallocatedLayer(DynamicLayer):
 def _cached_stepper(model, batch, G, max_new_tokens):
     """Prefill the B prompts once, copy the cache into preallocated buffers of N = B*G rows (each prompt's G times);
     return (first logits, step, select): select(rows) keeps only those rows of the batch for the later steps."""
-    prompt_pos, next_pos = rope_positions(model, batch)                      # (3, B, L), (B,)
-    out = model(**batch, position_ids=prompt_pos, use_cache=True, logits_to_keep=1)
+    out, next_pos = prefill(model, batch)
     cache, L = out.cache, batch["input_ids"].shape[1]
     cache.layers = [PreallocatedLayer(layer.keys, layer.values, G, L + max_new_tokens) for layer in cache.layers]
     mask = batch["attention_mask"].new_ones(batch["input_ids"].shape[0] * G, L + max_new_tokens)    # (N, L + T)
