@@ -139,8 +139,7 @@ def update_arms(device, dtype, micro_batch=RLConfig.micro_batch):
 
     def plain():
         for batch, ids, mask, _ in chunks:
-            logits = M._logits_prompt_per_answer(policy, batch, ids, G)
-            (logits.log_softmax(-1).gather(2, ids[..., None]).squeeze(-1) * mask).sum().backward()
+            (M._logprobs_prompt_per_answer(policy, batch, ids, G) * mask).sum().backward()
         policy.zero_grad(set_to_none=True)
         return tokens
     policy.train()

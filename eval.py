@@ -48,6 +48,8 @@ IOU_THRESHOLD = 0.5
 TASK_METRICS = {("detection", "open"): {"acc@0.5": "acc@0.5", "iou_mean": "IoU"},   # metric: column label
                 ("classify", "open"): {"exact": "exact", "f1": "F1"}}
 SHORT = {"detection": "det", "classify": "cls", "math": "math"}
+# Sequences per generation batch on one rank (evaluate_models, --batch-size); the decode batch shrinks as answers end.
+EVAL_BATCH = 128
 
 @torch.no_grad()
 def answers(model, processor, rows, batch_size=64, max_new_tokens=64, samples=0, seed=0, index=None):
@@ -222,7 +224,7 @@ def _open_model(entry, device, dtype, max_pixels):
 def _rank_world():
     return (dist.get_rank() if dist.is_initialized() else 0), world_size()
 
-def evaluate_models(models, eval_sets, batch_size=64, max_new_tokens=64, samples=0, pass_k=(), seed=0,
+def evaluate_models(models, eval_sets, batch_size=EVAL_BATCH, max_new_tokens=64, samples=0, pass_k=(), seed=0,
                     device=None, dtype=None, max_pixels=None, verbose=False, records_out=None):
     """{name: metrics(...)} of every model (a path, a (name, path) pair, loaded one at a time, or a (name, model,
     processor) triple) on every set of eval_sets {split: rows}; samples > 0 adds pass@k for k in pass_k (default
@@ -357,7 +359,7 @@ def build_parser():
                    help="synthetic rows per split (n/3 per task); write --rows under torchrun, which takes --n")
     p.add_argument("--stages", default="open", help="synthetic forms asked of each row: any of judge,choice,open")
     p.add_argument("--seed", type=int, default=0, help="seed of the synthetic splits and of the sampling")
-    p.add_argument("--batch-size", type=int, default=64, help="sequences per generation batch on one rank")
+    p.add_argument("--batch-size", type=int, default=EVAL_BATCH, help="sequences per generation batch on one rank")
     p.add_argument("--max-new-tokens", type=int, default=64, help="answer length limit (the paper samples 256)")
     p.add_argument("--samples", type=int, default=0, help="answers sampled per row for pass@k (0: greedy only)")
     p.add_argument("--pass-k", default="", help="k values of pass@k, comma-separated (default: 1 and --samples)")

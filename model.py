@@ -14,8 +14,9 @@ patches merged 2x2: a 112x112 image gives n = 16):
 
 Log-probs, teacher-forced: logp_t = log pi(y_t | x, I, y_<t) for the completion y of prompt x with image I,
 always fed (to the frozen reference too: without it the KL is meaningless). The N = B*G completions of B prompts
-run the prompt and its vision tower once per prompt; the completions then attend to its keys and values,
-repeated G times (under gradient checkpointing, each completion after its own copy of the prompt).
+run the prompt and its vision tower once per prompt; the completions then attend to its keys and values, sorted by
+length into a few batches, each as long as its longest answer (under gradient checkpointing, each completion after
+its own copy of the prompt).
 
 Departures from the paper's release, and why:
 - No torchvision (its wheel does not import beside a CPU torch): `Processor` is the tokenizer plus
@@ -28,6 +29,7 @@ import os
 
 import torch
 import torch.nn.functional as F
+from torch.distributed.fsdp import FSDPModule
 from torch.nn.utils.rnn import pad_sequence
 from PIL import Image
 
@@ -71,6 +73,9 @@ PRESETS = {
     "small": dict(hidden=256, layers=4, heads=4, kv_heads=2, intermediate=1024,
                   v_hidden=128, v_depth=4, v_heads=4, v_intermediate=512),
 }
+# The answers of an update, sorted by length, run in at most this many batches, each trimmed to its longest answer:
+# a shorter answer's padding costs its tokens' compute, a batch costs one more forward call.
+LENGTH_BUCKETS = 4
 MODEL_CLASSES = {"qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration", "qwen2_vl": "Qwen2VLForConditionalGeneration"}
 
 def check_transformers():
@@ -350,10 +355,12 @@ def image_features(model, batch, G):
 
 def completion_logprobs(model, batch, completion_ids, completion_mask=None):
     """Teacher-forced log pi(y_t | prompt, image, y_<t) (N, T) of completion_ids (N, T), the N = B*G answers
-    (group-major) of batch's B prompts. Values past an answer's end are meaningless: callers mask them.
+    (group-major) of batch's B prompts; completion_mask (N, T), ones then zeros, gives each answer's length.
+    Values past an answer's end are meaningless: callers mask them.
 
-    The prompt and its image run once per group, as in the rollout: the prompt's keys and values, repeated for its G
-    answers, are the cache that the answers attend to, and gradients flow back through them. Gradient checkpointing
+    The prompt and its image run once per group, as in the rollout: the prompt's keys and values, taken for each of
+    its G answers, are the cache that the answers attend to, and gradients flow back through them. The answers run
+    in up to LENGTH_BUCKETS batches of similar length, each trimmed to its longest answer. Gradient checkpointing
     drops a cache inside the layers, so under it (training, with gradients) each answer re-runs its prompt instead."""
     B = batch["input_ids"].shape[0]
     N, T = completion_ids.shape
@@ -362,28 +369,52 @@ def completion_logprobs(model, batch, completion_ids, completion_mask=None):
     G = N // B
     checkpointing = any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
     if checkpointing and model.training and torch.is_grad_enabled():
-        logits = _logits_prompt_per_answer(model, batch, completion_ids, G)
-    else:
-        logits = _logits_prompt_per_group(model, batch, completion_ids, G)
-    return torch.gather(F.log_softmax(logits.float(), dim=-1), 2, completion_ids[..., None]).squeeze(-1)
+        return _logprobs_prompt_per_answer(model, batch, completion_ids, G)
+    lengths = (completion_mask.sum(1).long().clamp(1, T) if completion_mask is not None
+               else torch.full((N,), T, device=completion_ids.device))
+    # Under FSDP every rank must run the same forwards (each gathers its units), whatever its answers' lengths.
+    buckets = 1 if isinstance(model, FSDPModule) else LENGTH_BUCKETS
+    return _logprobs_prompt_per_group(model, batch, completion_ids, G, lengths, buckets)
 
-def _logits_prompt_per_group(model, batch, completion_ids, G):
-    """(N, T, V) logits predicting y_1..y_T: the B prompts once, then the answers on their repeated cache."""
+def token_logprobs(logits, ids):
+    """log softmax(logits) at ids: (..., V), (...) -> (...), in float32."""
+    return torch.gather(F.log_softmax(logits.float(), dim=-1), -1, ids[..., None]).squeeze(-1)
+
+def length_buckets(lengths, n):
+    """The row indices sorted by length, longest first, in at most n slices; slices with the same longest merged."""
+    order = lengths.argsort(descending=True, stable=True)
+    buckets = []
+    for rows in order.tensor_split(min(n, len(order))):
+        if buckets and lengths[buckets[-1][0]] == lengths[rows[0]]:
+            buckets[-1] = torch.cat([buckets[-1], rows])
+        else:
+            buckets.append(rows)
+    return order, buckets
+
+def _logprobs_prompt_per_group(model, batch, completion_ids, G, lengths, buckets=1):
+    """(N, T) log-probs of y_1..y_T: the B prompts once, then the answers by length bucket on their prompts' cache."""
+    from transformers.cache_utils import DynamicCache
     out, next_pos = prefill(model, batch)
-    first = out.logits[:, -1:].repeat_interleave(G, dim=0)                    # (N, 1, V): predicts y_1
-    T = completion_ids.shape[1]
-    if T == 1:
-        return first
-    out.cache.batch_repeat_interleave(G)                                      # (N, kv, L, hs) per layer
-    pos = (next_pos[:, None] + torch.arange(T - 1, device=next_pos.device)).repeat_interleave(G, dim=0)  # (N, T-1)
-    mask = torch.cat([batch["attention_mask"].repeat_interleave(G, dim=0),
-                      torch.ones_like(completion_ids[:, 1:], dtype=batch["attention_mask"].dtype)], dim=1)
-    rest = model(input_ids=completion_ids[:, :-1], cache=out.cache, attention_mask=mask,
-                 position_ids=pos[None].expand(3, -1, -1), use_cache=True).logits  # (N, T-1, V): y_2..y_T
-    return torch.cat([first, rest], dim=1)
+    first = out.logits[:, -1]                                                 # (B, V): predicts y_1
+    N, T = completion_ids.shape
+    order, slices = length_buckets(lengths, buckets)
+    parts = []
+    for rows in slices:                                                       # n rows, their longest t tokens
+        p, t = rows // G, int(lengths[rows[0]])                               # p: the prompt of each row
+        ids = completion_ids[rows, :t]
+        logp = token_logprobs(first[p], ids[:, 0])[:, None]                   # (n, 1)
+        if t > 1:
+            cache = DynamicCache([(layer.keys[p], layer.values[p]) for layer in out.cache.layers])
+            mask = torch.cat([batch["attention_mask"][p], batch["attention_mask"].new_ones(len(rows), t - 1)], dim=1)
+            pos = next_pos[p, None] + torch.arange(t - 1, device=next_pos.device)            # (n, t-1)
+            rest = model(input_ids=ids[:, :-1], cache=cache, attention_mask=mask,
+                         position_ids=pos[None].expand(3, -1, -1), use_cache=True).logits    # predicts y_2..y_t
+            logp = torch.cat([logp, token_logprobs(rest, ids[:, 1:])], dim=1)
+        parts.append(F.pad(logp, (0, T - t)))
+    return torch.cat(parts)[order.argsort()]                                 # back in the rows' order
 
-def _logits_prompt_per_answer(model, batch, completion_ids, G):
-    """(N, T, V) logits predicting y_1..y_T: every answer after its own copy of the prompt (images once per prompt)."""
+def _logprobs_prompt_per_answer(model, batch, completion_ids, G):
+    """(N, T) log-probs of y_1..y_T: every answer after its own copy of the prompt (images once per prompt)."""
     T = completion_ids.shape[1]
     features = image_features(model, batch, G)
     prompt_pos, next_pos = rope_positions(model, batch)                       # (3, B, L), (B,)
@@ -395,7 +426,7 @@ def _logits_prompt_per_answer(model, batch, completion_ids, G):
                                 torch.ones_like(completion_ids, dtype=batch["attention_mask"].dtype)], dim=1)
     out = model(input_ids=input_ids, mm_encoder_outputs=features, attention_mask=attention_mask,
                 position_ids=position_ids, use_cache=False, logits_to_keep=T + 1)
-    return out.logits[:, :-1]
+    return token_logprobs(out.logits[:, :-1], completion_ids)
 
 if __name__ == "__main__":
     model, processor = load("tiny")

@@ -133,27 +133,42 @@ def test_completion_logprobs_equal_plain_forward(any_tiny):
             assert torch.allclose(lp[n], ref, atol=1e-5), f"row {n}: batched log-probs differ from a plain forward"
 
 
-def test_the_prompt_once_per_group_gives_every_gradient_of_a_prompt_per_answer(any_tiny):
-    """completion_logprobs runs each prompt once and its G answers on the repeated cache: log-probs and the gradient
-    of every parameter equal those of each answer after its own copy of the prompt (one answer token included)."""
+def test_the_prompt_once_per_group_gives_every_gradient_of_a_prompt_per_answer(any_tiny, monkeypatch):
+    """completion_logprobs runs each prompt once and its G answers, in batches of similar length, on the prompt's
+    cache: log-probs and the gradient of every parameter equal those of each answer after its own copy of the prompt
+    (one answer token included), on every answer's own tokens."""
     model, processor = any_tiny
     G = 3
     batch = M.encode(processor, samples()[:2])
-    for T in (1, 4):
+    monkeypatch.setattr(M, "LENGTH_BUCKETS", 3)
+    for T, lengths in ((1, [1] * 6), (4, [4, 4, 4, 4, 4, 4]), (4, [2, 4, 1, 3, 4, 2])):
         comp = torch.randint(20, 200, (2 * G, T), generator=torch.Generator().manual_seed(T))
+        mask = (torch.arange(T)[None] < torch.tensor(lengths)[:, None]).float()
         out = []
-        for logits in (M._logits_prompt_per_group, M._logits_prompt_per_answer):
+        for per_answer in (False, True):
             model.zero_grad()
-            lp = logits(model, batch, comp, G).log_softmax(-1).gather(2, comp[..., None]).squeeze(-1)
+            lp = (M._logprobs_prompt_per_answer(model, batch, comp, G) if per_answer
+                  else M.completion_logprobs(model, batch, comp, mask)) * mask
             (lp * torch.linspace(0.5, 2, lp.numel()).view_as(lp)).sum().backward()
             out.append((lp.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
         model.zero_grad()
         (shared, shared_grads), (per_answer, grads) = out
-        assert torch.allclose(shared, per_answer, atol=1e-5), f"T={T}: the log-probs of the two paths differ"
-        assert set(shared_grads) == set(grads) and len(grads) > 10, f"T={T}: the same parameters get gradients"
+        case = f"T={T}, lengths {lengths}"
+        assert torch.allclose(shared, per_answer, atol=1e-5), f"{case}: the log-probs of the two paths differ"
+        assert set(shared_grads) == set(grads) and len(grads) > 10, f"{case}: the same parameters get gradients"
         for name, g in grads.items():
             scale = float(g.abs().max())  # float rounding of sums in another order: relative to the largest entry
-            assert torch.allclose(shared_grads[name], g, rtol=1e-4, atol=1e-5 * scale), f"T={T}, {name}: gradients differ"
+            assert torch.allclose(shared_grads[name], g, rtol=1e-4, atol=1e-5 * scale), f"{case}, {name}: gradients differ"
+
+
+def test_length_buckets_sort_the_answers_longest_first_and_trim_each_batch():
+    lengths = torch.tensor([3, 9, 1, 9, 5, 2, 7, 4])
+    order, buckets = M.length_buckets(lengths, 4)
+    assert order.tolist() == [1, 3, 6, 4, 7, 0, 5, 2], "rows longest first, ties in their order"
+    assert [b.tolist() for b in buckets] == [[1, 3], [6, 4], [7, 0], [5, 2]]
+    same = M.length_buckets(torch.tensor([5, 5, 5, 5, 2, 2]), 3)[1]
+    assert [b.tolist() for b in same] == [[0, 1, 2, 3], [4, 5]], "slices with the same longest answer are merged"
+    assert len(M.length_buckets(torch.tensor([4, 1]), 4)[1]) == 2, "never more slices than rows"
 
 
 def vision_grads(model, loss):
