@@ -392,21 +392,27 @@ def length_buckets(lengths, n):
     return order, buckets
 
 def _logprobs_prompt_per_group(model, batch, completion_ids, G, lengths, buckets=1):
-    """(N, T) log-probs of y_1..y_T: the B prompts once, then the answers by length bucket on their prompts' cache."""
+    """(N, T) log-probs of y_1..y_T: the B prompts once, then the answers by length bucket on their prompts' cache.
+    Each prompt's keys, values and last logits are repeated for its G answers first, so that a bucket takes its rows
+    by distinct indices: the backward then only sums the G copies, always in one order (rows taken straight from the
+    B prompts would scatter-add their gradients, in an order that varies from run to run on a CPU)."""
     from transformers.cache_utils import DynamicCache
     out, next_pos = prefill(model, batch)
-    first = out.logits[:, -1]                                                 # (B, V): predicts y_1
+    first = out.logits[:, -1].repeat_interleave(G, dim=0)                     # (N, V): predicts y_1
+    kv = [(layer.keys.repeat_interleave(G, dim=0), layer.values.repeat_interleave(G, dim=0))
+          for layer in out.cache.layers]                                      # (N, kv, L, hs) per layer
+    prompt_mask, next_pos = batch["attention_mask"].repeat_interleave(G, dim=0), next_pos.repeat_interleave(G)
     N, T = completion_ids.shape
     order, slices = length_buckets(lengths, buckets)
     parts = []
     for rows in slices:                                                       # n rows, their longest t tokens
-        p, t = rows // G, int(lengths[rows[0]])                               # p: the prompt of each row
+        t = int(lengths[rows[0]])
         ids = completion_ids[rows, :t]
-        logp = token_logprobs(first[p], ids[:, 0])[:, None]                   # (n, 1)
+        logp = token_logprobs(first[rows], ids[:, 0])[:, None]                # (n, 1)
         if t > 1:
-            cache = DynamicCache([(layer.keys[p], layer.values[p]) for layer in out.cache.layers])
-            mask = torch.cat([batch["attention_mask"][p], batch["attention_mask"].new_ones(len(rows), t - 1)], dim=1)
-            pos = next_pos[p, None] + torch.arange(t - 1, device=next_pos.device)            # (n, t-1)
+            cache = DynamicCache([(k[rows], v[rows]) for k, v in kv])
+            mask = torch.cat([prompt_mask[rows], prompt_mask.new_ones(len(rows), t - 1)], dim=1)
+            pos = next_pos[rows, None] + torch.arange(t - 1, device=next_pos.device)         # (n, t-1)
             rest = model(input_ids=ids[:, :-1], cache=cache, attention_mask=mask,
                          position_ids=pos[None].expand(3, -1, -1), use_cache=True).logits    # predicts y_2..y_t
             logp = torch.cat([logp, token_logprobs(rest, ids[:, 1:])], dim=1)
