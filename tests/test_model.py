@@ -32,8 +32,8 @@ def samples():
             {"image": None, "problem": "What is 2 plus 3?"}]
 
 
-BASE_TOKENIZER = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets", "tiny-base",
-                              "tokenizer.json")
+BASE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets", "tiny-base")
+BASE_TOKENIZER = os.path.join(BASE, "tokenizer.json")
 
 
 def test_tiny_is_deterministic_and_small(tiny):
@@ -315,8 +315,7 @@ def test_the_gradient_of_the_log_probs_is_the_same_in_every_call():
     thread) two backward passes of completion_logprobs give the same gradient to the bit, so that a run is
     deterministic for its seed. (Rows taken straight from their prompts scatter-add the G answers' gradients in an
     order that varies from call to call.)"""
-    base = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets", "tiny-base")
-    model, processor = M.load(base)
+    model, processor = M.load(BASE)
     rows = data.make_split("train", 32, size=112)
     ro = rollout.generate(model, processor, data.samples_of(rows), group_size=8, max_new_tokens=64,
                           generator=rollout.prompt_generators(0, 0, 0, len(rows), "cpu"))
