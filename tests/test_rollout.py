@@ -109,7 +109,7 @@ def force_token(model, token_id, at_step, row=None, bonus=1e4):
         calls["n"] += 1
         if calls["n"] - 1 == at_step or (row is None and calls["n"] - 1 > at_step):
             output = output.clone()
-            output[(slice(None) if row is None else row), -1, token_id] += bonus
+            output[(slice(None) if row is None else row), ..., token_id] += bonus  # (n, 1, V) or (n, V)
             return output
 
     return model.lm_head.register_forward_hook(hook)
@@ -264,6 +264,39 @@ def test_dropping_the_ended_rows_from_the_batch_changes_no_answer(monkeypatch):
     assert shrunk.texts == whole.texts and torch.equal(shrunk.completion_ids, whole.completion_ids)
     assert torch.equal(shrunk.lengths, whole.lengths) and torch.equal(shrunk.finished, whole.finished)
     assert torch.allclose(shrunk.logp, whole.logp, atol=1e-5) and torch.equal(shrunk.mask, whole.mask)
+
+
+def test_the_decode_step_by_hand_equals_transformers_forward(any_tiny, monkeypatch):
+    """On a CPU each decode step runs by hand (rollout.decode_step): the same sampled answers as transformers'
+    forward, log-probs equal to float rounding, with left-padded prompts, groups, and a batch that shrinks."""
+    import rollout
+    model, processor = any_tiny
+    calls, decode_step = [], rollout.decode_step
+    monkeypatch.setattr(rollout, "decode_step", lambda *a: (calls.append(1), decode_step(*a))[1])
+    monkeypatch.setattr(rollout, "SHRINK_AT", 1.0)  # shrink at the first row that ends
+    eos = processor.eos_token_id
+    runs = {}
+    for by_hand in (True, False):
+        monkeypatch.setattr(rollout, "decodes_by_hand", lambda m, b=by_hand: b)
+        handle = force_token(model, eos, at_step=5, row=1)   # one row ends early: the batch then drops it
+        try:
+            runs[by_hand] = generate(model, processor, prompts(), group_size=3, max_new_tokens=16,
+                                     generator=rollout.prompt_generators(0, 1, 0, 3, "cpu"))
+        finally:
+            handle.remove()
+        assert bool(calls) == by_hand, "the step by hand runs where decodes_by_hand says so, and only there"
+        calls.clear()
+    hand, hf = runs[True], runs[False]
+    assert hand.lengths[1] == 6 and hand.lengths.max() == 16, "a row must end early while the others go on"
+    assert hand.texts == hf.texts and torch.equal(hand.completion_ids, hf.completion_ids)
+    assert torch.allclose(hand.logp, hf.logp, atol=1e-5), (hand.logp - hf.logp).abs().max()
+
+
+def test_decoding_is_by_hand_on_a_cpu_only_for_an_unsharded_model(tiny):
+    import rollout
+    model, _ = tiny
+    assert rollout.decodes_by_hand(model)
+    assert not rollout.decodes_by_hand(torch.nn.Linear(2, 2, device="meta")), "not off a CPU"
 
 
 def test_inverse_cdf_never_draws_a_zero_probability_token():
