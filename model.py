@@ -293,17 +293,16 @@ def encode(processor, samples, max_length=None):
         vis = processor.image_processor(images=images, return_tensors="pt")
         batch["pixel_values"], batch["image_grid_thw"] = vis["pixel_values"], vis["image_grid_thw"]
         n_tokens = (vis["image_grid_thw"].prod(-1) // processor.image_processor.merge_size ** 2).tolist()
-    rows, k = [], 0
-    pad = "<|image_pad|>"
+    k, pad = 0, "<|image_pad|>"
     for i, text in enumerate(texts):
         if text.count(pad) > 1 or (pad in text) != (samples[i].get("image") is not None):
             raise ValueError(f"sample {i}: its problem text must not contain {pad}")
         if pad in text:  # one placeholder per image, expanded to the image's number of tokens
-            text, k = text.replace(pad, pad * n_tokens[k]), k + 1
-        ids = tok(text, add_special_tokens=False)["input_ids"]
+            texts[i], k = text.replace(pad, pad * n_tokens[k]), k + 1
+    rows = [torch.tensor(ids) for ids in tok(texts, add_special_tokens=False)["input_ids"]]  # one batched call
+    for i, ids in enumerate(rows):
         if max_length is not None and len(ids) > max_length:
             raise ValueError(f"sample {i}: prompt is {len(ids)} tokens, over max_length={max_length}")
-        rows.append(torch.tensor(ids))
     input_ids = pad_sequence(rows, batch_first=True, padding_value=processor.pad_token_id, padding_side="left")
     attention_mask = pad_sequence([torch.ones_like(r) for r in rows], batch_first=True, padding_side="left")
     batch["input_ids"], batch["attention_mask"] = input_ids, attention_mask
