@@ -328,10 +328,27 @@ def repeat_batch(batch, G):
     return out
 
 def rope_positions(model, batch):
-    """3-D rotary positions of the prompts (3, B, L) and the next text position of each prompt (B,)."""
-    pos, _ = model.model.get_rope_index(batch["input_ids"], mm_token_type_ids=batch["mm_token_type_ids"],
-                                        image_grid_thw=batch.get("image_grid_thw"),
-                                        attention_mask=batch["attention_mask"])
+    """3-D rotary positions of the prompts (3, B, L) and the next text position of each prompt (B,): what
+    transformers' `get_rope_index` computes for prompts of text and at most one image, for the whole batch at once
+    (it loops over the rows in Python, about 0.2 ms a row on a CPU). Text positions count on along all three axes;
+    an image of h x w merged patches whose first token is at position s puts its tokens at (s, s + row, s + column),
+    and the text after it goes on from s + max(h, w); padding is at 0."""
+    if max(image_counts(batch), default=0) > 1:
+        raise ValueError("rope_positions takes at most one image per prompt, as encode makes them")
+    mask = batch["attention_mask"].bool()
+    image = batch["mm_token_type_ids"].bool() & mask                          # (B, L)
+    j = mask.long().cumsum(1) - 1                                             # index among the row's real tokens
+    has = image.any(1)
+    h, w = torch.zeros_like(j[:, :1]), torch.ones_like(j[:, :1])              # (B, 1): merged patches of its image
+    if has.any():
+        grid, merge = batch["image_grid_thw"].to(j.device), model.config.vision_config.spatial_merge_size
+        h[has, 0], w[has, 0] = grid[:, 1] // merge, grid[:, 2] // merge
+    s = torch.where(has[:, None], j.gather(1, image.int().argmax(1, keepdim=True)), 0)  # (B, 1): the image's start
+    k = j - s                                                                 # index inside the image
+    text = torch.where(has[:, None] & (k >= h * w), j - h * w + torch.maximum(h, w), j)
+    pos = torch.stack([torch.where(image, s, text), torch.where(image, s + k // w, text),
+                       torch.where(image, s + k % w, text)])
+    pos = torch.where(mask, pos, 0)
     return pos, pos.amax(dim=(0, 2)) + 1
 
 def prefill(model, batch):

@@ -121,6 +121,27 @@ def plain_logprobs(model, processor, sample, completion):
     return logits[0, -T - 1:-1].log_softmax(-1).gather(1, completion[:, None]).squeeze(1)
 
 
+def test_rope_positions_equal_transformers_get_rope_index(any_tiny):
+    """model.rope_positions, one pass over the batch, gives get_rope_index's positions exactly: images of square and
+    non-square grids at different offsets, text-only rows, left padding, a batch without any image; and it refuses
+    a prompt with two images (get_rope_index's case that it does not cover)."""
+    model, processor = any_tiny
+    rows = samples() + [{"image": Image.new("RGB", (140, 56), (30, 200, 30)), "problem": "Name the colours " * 3}]
+    assert (M.encode(processor, rows)["attention_mask"] == 0).any(), "rows of different lengths, left padded"
+    for batch_rows in (rows, rows[2:3], rows[1:2]):
+        batch = M.encode(processor, batch_rows)
+        want, _ = model.model.get_rope_index(batch["input_ids"], mm_token_type_ids=batch["mm_token_type_ids"],
+                                             image_grid_thw=batch.get("image_grid_thw"),
+                                             attention_mask=batch["attention_mask"])
+        pos, next_pos = M.rope_positions(model, batch)
+        assert torch.equal(pos, want), f"positions of {len(batch_rows)} rows"
+        assert torch.equal(next_pos, want.amax(dim=(0, 2)) + 1)
+    two = M.encode(processor, rows[:1])
+    two["mm_token_type_ids"][0, :2] = 1   # a second run of image tokens in the prompt
+    with pytest.raises(ValueError, match="one image per prompt"):
+        M.rope_positions(model, two)
+
+
 def test_completion_logprobs_equal_plain_forward(any_tiny):
     """The grouped, vision-once path must equal a plain forward of each (prompt, completion) on its own,
     for Qwen2.5-VL and for Qwen2-VL (another vision tower and loss path in transformers)."""
