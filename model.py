@@ -330,9 +330,9 @@ def repeat_batch(batch, G):
 def rope_positions(model, batch):
     """3-D rotary positions of the prompts (3, B, L) and the next text position of each prompt (B,): what
     transformers' `get_rope_index` computes for prompts of text and at most one image, for the whole batch at once
-    (it loops over the rows in Python, about 0.2 ms a row on a CPU). Text positions count on along all three axes;
-    an image of h x w merged patches whose first token is at position s puts its tokens at (s, s + row, s + column),
-    and the text after it goes on from s + max(h, w); padding is at 0."""
+    (it loops over the rows in Python). Text positions count on along all three axes; an image of h x w merged
+    patches whose first token is at position s puts its tokens at (s, s + row, s + column), and the text after it
+    goes on from s + max(h, w); padding is at 0."""
     if max(image_counts(batch), default=0) > 1:
         raise ValueError("rope_positions takes at most one image per prompt, as encode makes them")
     mask = batch["attention_mask"].bool()

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch.distributed.fsdp import FSDPModule
 from transformers.cache_utils import DynamicLayer
+from transformers.models.qwen2_vl.modeling_qwen2_vl import apply_rotary_pos_emb  # Qwen2.5-VL's is the same
 
 from model import encode, prefill, repeat_batch
 
@@ -109,15 +110,12 @@ def decodes_by_hand(model):
     layer's weights in its forward call, which decode_step does not make)."""
     return next(model.parameters()).device.type == "cpu" and not isinstance(model, FSDPModule)
 
-def rotate_half(x):
-    return torch.cat([-x[..., x.shape[-1] // 2:], x[..., :x.shape[-1] // 2]], dim=-1)
-
 def decode_step(model, token, cache, mask, cos, sin):
     """Logits (n, V) of one new token per row, through the text model by hand: its own modules (embedding, norms,
     projections, MLP, head), and attention over the preallocated cache as two matmuls. mask (n, 1, 1, L + t) is 0
-    where a row attends and -inf elsewhere; cos, sin (n, 1, hs) are the rotary embedding at each row's position.
-    On a CPU at these shapes (one query a row) the matmuls are 2-3x faster than torch's SDPA kernel, and the step
-    skips transformers' per-call work (mask building, output records); it decodes what transformers' forward does."""
+    where a row attends and -inf elsewhere; cos, sin (n, hs) are the rotary embedding at each row's position.
+    On a CPU, with one query a row, the matmuls are faster than torch's SDPA kernel, and the step skips
+    transformers' per-call work (mask building, output records); it decodes what transformers' forward does."""
     lm = model.model.language_model
     x = lm.embed_tokens(token)                                               # (n, D)
     n = x.shape[0]
@@ -125,7 +123,7 @@ def decode_step(model, token, cache, mask, cos, sin):
         attn = layer.self_attn
         h = layer.input_layernorm(x)
         q, k, v = (proj(h).view(n, -1, attn.head_dim) for proj in (attn.q_proj, attn.k_proj, attn.v_proj))
-        q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin  # (n, heads, hs), (n, kv, hs)
+        q, k = apply_rotary_pos_emb(q, k, cos, sin)                           # (n, heads, hs), (n, kv, hs)
         keys, values = kv.update(k[:, :, None], v[:, :, None])                 # (n, kv, L + t, hs)
         q = q.view(n, keys.shape[1], -1, attn.head_dim)                        # (n, kv, heads per kv, hs)
         scores = (q @ keys.transpose(2, 3)) * attn.scaling + mask              # (n, kv, heads per kv, L + t)
@@ -155,8 +153,7 @@ def _cached_stepper(model, batch, G, max_new_tokens):
         nonlocal t
         t += 1
         if by_hand:
-            return decode_step(model, token, cache, mask[:, None, None, :L + t], cos[:, t - 1, None],
-                               sin[:, t - 1, None])
+            return decode_step(model, token, cache, mask[:, None, None, :L + t], cos[:, t - 1], sin[:, t - 1])
         out = model(input_ids=token[:, None], cache=cache, attention_mask=mask[:, :L + t],
                     position_ids=(pos + t - 1).view(1, -1, 1).expand(3, -1, 1), use_cache=True)
         return out.logits[:, -1]
