@@ -293,10 +293,14 @@ def test_the_decode_step_by_hand_equals_transformers_forward(any_tiny, monkeypat
 
 
 def test_decoding_is_by_hand_on_a_cpu_only_for_an_unsharded_model(tiny):
+    from torch.distributed.fsdp import FSDPModule
     import rollout
     model, _ = tiny
     assert rollout.decodes_by_hand(model)
     assert not rollout.decodes_by_hand(torch.nn.Linear(2, 2, device="meta")), "not off a CPU"
+    sharded = torch.nn.Linear(2, 2)
+    sharded.__class__ = type("FSDPLinear", (FSDPModule, torch.nn.Linear), {})  # what fully_shard does to a module
+    assert not rollout.decodes_by_hand(sharded), "not under FSDP"
 
 
 def test_inverse_cdf_never_draws_a_zero_probability_token():
