@@ -28,10 +28,10 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch.distributed.fsdp import FSDPModule
 from transformers.cache_utils import DynamicLayer
 from transformers.models.qwen2_vl.modeling_qwen2_vl import apply_rotary_pos_emb  # Qwen2.5-VL's is the same
 
+import fsdp
 from model import encode, prefill, repeat_batch
 
 # Decode steps between two checks that every row has ended (a check is a host sync, cheap on a CPU only).
@@ -108,7 +108,7 @@ class PreallocatedLayer(DynamicLayer):
 def decodes_by_hand(model):
     """Whether the decode step runs by hand (decode_step): on a CPU, for a model that is not sharded (FSDP gathers a
     layer's weights in its forward call, which decode_step does not make)."""
-    return next(model.parameters()).device.type == "cpu" and not isinstance(model, FSDPModule)
+    return next(model.parameters()).device.type == "cpu" and not fsdp.is_sharded(model)
 
 def decode_step(model, token, cache, mask, cos, sin):
     """Logits (n, V) of one new token per row, through the text model by hand: its own modules (embedding, norms,
