@@ -27,6 +27,7 @@ Departures from the paper's release, and why:
 import json
 import os
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.distributed.fsdp import FSDPModule
@@ -270,6 +271,39 @@ def save(model, processor, path):
 def num_parameters(module):
     return sum(p.numel() for p in module.parameters())
 
+def pixel_patches(image_processor, images):
+    """pixel_values (P, C*t*p*p) and image_grid_thw (n, 3) of n RGB PIL images, equal bit for bit to transformers'
+    `Qwen2VLImageProcessorPil` (the test checks it), whose per-image numpy steps cost most of an encoding. Each image
+    is resized by PIL to its smart_resize size where it differs; each 0-255 value becomes the float32 that transformers
+    makes of it (scaled in float64, cast, normalised in float32), looked up in a table of the 256 per channel; the
+    image is then cut into patches of t frames (the one image repeated) in merge-block order, written in place.
+    Any other image processor, or processing turned off, goes through transformers."""
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil, smart_resize
+    ip = image_processor
+    if type(ip) is not Qwen2VLImageProcessorPil or not (ip.do_resize and ip.do_rescale and ip.do_normalize):
+        out = ip(images=images, return_tensors="pt")
+        return out["pixel_values"], out["image_grid_thw"]
+    p, m, t = ip.patch_size, ip.merge_size, ip.temporal_patch_size
+    mean, std = (torch.tensor(v, dtype=torch.float32)[:, None] for v in (ip.image_mean, ip.image_std))    # (C, 1)
+    table = ((torch.arange(256, dtype=torch.float64) * ip.rescale_factor).float() - mean) / std          # (C, 256)
+    arrays, grids = [], []
+    for image in images:
+        h, w = smart_resize(image.height, image.width, factor=p * m, min_pixels=ip.size.shortest_edge,
+                            max_pixels=ip.size.longest_edge)
+        if image.size != (w, h):
+            image = image.resize((w, h), resample=ip.resample)
+        arrays.append(torch.from_numpy(np.array(image)).permute(2, 0, 1))                    # (C, h, w) uint8
+        grids.append([1, h // p, w // p])
+    C = table.shape[0]
+    out = torch.empty(sum(gh * gw for _, gh, gw in grids), C * t * p * p)
+    k = 0
+    for x, (_, gh, gw) in zip(arrays, grids):
+        x = table.gather(1, x.reshape(C, -1).long()).view(C, gh // m, m, p, gw // m, m, p)
+        x = x.permute(1, 4, 2, 5, 0, 3, 6)[:, :, :, :, :, None]                            # (gh/m, gw/m, m, m, C, 1, p, p)
+        out[k:k + gh * gw].view(x.shape[:5] + (t, p, p)).copy_(x.expand(*x.shape[:5], t, p, p))
+        k += gh * gw
+    return out, torch.tensor(grids)
+
 def encode(processor, samples, max_length=None):
     """B samples {"image": PIL | path | None, "problem": str} as one left-padded batch: input_ids, attention_mask,
     mm_token_type_ids (B, L) (1 at image tokens) and, with images, pixel_values (P, C*t*14*14) and image_grid_thw
@@ -290,9 +324,8 @@ def encode(processor, samples, max_length=None):
                                              add_generation_prompt=True))
     batch, n_tokens = {}, []  # n_tokens: the number of image tokens of each image, in order
     if images:
-        vis = processor.image_processor(images=images, return_tensors="pt")
-        batch["pixel_values"], batch["image_grid_thw"] = vis["pixel_values"], vis["image_grid_thw"]
-        n_tokens = (vis["image_grid_thw"].prod(-1) // processor.image_processor.merge_size ** 2).tolist()
+        batch["pixel_values"], batch["image_grid_thw"] = pixel_patches(processor.image_processor, images)
+        n_tokens = (batch["image_grid_thw"].prod(-1) // processor.image_processor.merge_size ** 2).tolist()
     k, pad = 0, "<|image_pad|>"
     for i, text in enumerate(texts):
         if text.count(pad) > 1 or (pad in text) != (samples[i].get("image") is not None):

@@ -121,6 +121,25 @@ def plain_logprobs(model, processor, sample, completion):
     return logits[0, -T - 1:-1].log_softmax(-1).gather(1, completion[:, None]).squeeze(1)
 
 
+def test_pixel_patches_equal_the_image_processor(tiny):
+    """model.pixel_patches gives transformers' pixel values and grids bit for bit: noise images (every 0-255 value in
+    every channel) square and not, at their size, enlarged to the minimum, shrunk to the maximum, resized in
+    between; and with a processing step turned off it gives transformers' values too (it does not apply its own)."""
+    import copy
+    import numpy as np
+    _, processor = tiny
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+              for h, w in [(112, 112), (84, 140), (100, 150), (30, 30), (1000, 800), (57, 300)]]
+    unnormalised = copy.deepcopy(processor.image_processor)
+    unnormalised.do_normalize = False
+    for ip in (unnormalised, processor.image_processor):
+        want = ip(images=images, return_tensors="pt")
+        pixels, grids = M.pixel_patches(ip, images)
+        assert torch.equal(grids, want["image_grid_thw"]) and torch.equal(pixels, want["pixel_values"])
+    assert grids[4].tolist() != [1, 1000 // 14, 800 // 14] and grids[3].tolist() == [1, 4, 4], "images were resized"
+
+
 def test_rope_positions_equal_transformers_get_rope_index(any_tiny):
     """model.rope_positions, one pass over the batch, gives get_rope_index's positions exactly: images of square and
     non-square grids at different offsets, text-only rows, left padding, a batch without any image; and it refuses
