@@ -341,22 +341,20 @@ def _place(rng, style, size):
     if size % 28:
         raise ValueError(f"size must be a multiple of 28 (the Qwen-VL patch-merge unit), got {size}")
     cell = size // GRID
-    free = [[True] * GRID for _ in range(GRID)]  # free[row][col]
+    taken = []  # the cell squares (x, y, c) placed so far
     objects = []
     for colour in rng.sample(list(COLOURS), rng.randint(1, 4)):
         shape = rng.choice(SHAPES)
         preferred = rng.choice(style.cells)
         for c in [preferred] + sorted((c for c in style.cells if c < preferred), reverse=True):
-            spots = [(x, y) for y in range(GRID - c + 1) for x in range(GRID - c + 1)
-                     if all(free[y + j][x + i] for j in range(c) for i in range(c))]
+            spots = [(x, y) for y in range(GRID - c + 1) for x in range(GRID - c + 1)   # reading order
+                     if all(x + c <= tx or tx + tc <= x or y + c <= ty or ty + tc <= y for tx, ty, tc in taken)]
             if spots:
                 break
         else:
             return None
         x, y = rng.choice(spots)
-        for j in range(c):
-            for i in range(c):
-                free[y + j][x + i] = False
+        taken.append((x, y, c))
         objects.append({"shape": shape, "colour": colour, "box": [x * cell, y * cell, (x + c) * cell, (y + c) * cell]})
     return sorted(objects, key=lambda o: (o["box"][1], o["box"][0]))
 
