@@ -21,6 +21,7 @@ its own copy of the prompt).
 Departures from the paper's release, and why:
 - No torchvision (its wheel does not import beside a CPU torch): `Processor` is the tokenizer plus
   transformers' PIL image processor (`Qwen2VLImageProcessorPil`), which computes the same pixel values.
+  `encode` computes that processor's pixel values in torch (`pixel_patches`), equal to them bit for bit.
 - The tiny tokenizer is a byte-level BPE of a few hundred tokens trained on the synthetic world's text, with
   Qwen's pre-tokenizer regex and special tokens: one token per byte kept a tiny model from using the image.
 """
