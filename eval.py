@@ -42,7 +42,7 @@ import data
 import model as M
 import rewards
 from rollout import generate
-from runtime import all_reduce_sum, barrier, resolve_dtype, setup_dist, world_size, write_atomic
+from runtime import all_reduce_sum, barrier, cpu_workers, forked_map, resolve_dtype, setup_dist, world_size, write_atomic
 
 IOU_THRESHOLD = 0.5
 TASK_METRICS = {("detection", "open"): {"acc@0.5": "acc@0.5", "iou_mean": "IoU"},   # metric: column label
@@ -52,22 +52,24 @@ SHORT = {"detection": "det", "classify": "cls", "math": "math"}
 EVAL_BATCH = 128
 
 @torch.no_grad()
-def answers(model, processor, rows, batch_size=64, max_new_tokens=64, samples=0, seed=0, index=None):
+def answers(model, processor, rows, batch_size=64, max_new_tokens=64, samples=0, seed=0, index=None, workers=1):
     """Per row: [its greedy answer], or `samples` answers at temperature 1 from a generator seeded by
-    seed * 1_000_003 + index[j] (default j), so batch- and rank-independent. At most batch_size sequences a batch."""
+    seed * 1_000_003 + index[j] (default j), so batch- and rank-independent. At most batch_size sequences a batch;
+    workers > 1: the batches dealt to forked processes (runtime.forked_map), each batch the same as in one."""
     G = max(1, samples)
     step = max(1, batch_size // G)
     index = range(len(rows)) if index is None else index
     device = next(model.parameters()).device
-    out = []
-    for i in range(0, len(rows), step):
+
+    def batch(i):  # the answers of rows[i:i + step]
         chunk = rows[i:i + step]
         gens = None if not samples else [torch.Generator(device=device).manual_seed(seed * 1_000_003 + index[i + j])
                                          for j in range(len(chunk))]
         r = generate(model, processor, data.samples_of(chunk), group_size=G, max_new_tokens=max_new_tokens,
                      greedy=not samples, temperature=1.0, generator=gens)
-        out += [r.texts[j * G:(j + 1) * G] for j in range(len(chunk))]   # row-major: G texts per row
-    return out
+        return [r.texts[j * G:(j + 1) * G] for j in range(len(chunk))]   # row-major: G texts per row
+
+    return [texts for part in forked_map(batch, range(0, len(rows), step), workers) for texts in part]
 
 @torch.no_grad()
 def evaluate(model, processor, rows, batch_size=64, max_new_tokens=64, reward_options=None):
@@ -240,6 +242,7 @@ def evaluate_models(models, eval_sets, batch_size=EVAL_BATCH, max_new_tokens=64,
         name, model, processor = _open_model(entry, device, dtype, max_pixels)
         if name in results:
             raise ValueError(f"two models are named {name!r}")
+        workers = cpu_workers(next(model.parameters()).device)
         was_training = model.training
         model.eval()
         records = []
@@ -247,8 +250,8 @@ def evaluate_models(models, eval_sets, batch_size=EVAL_BATCH, max_new_tokens=64,
             t0 = time.time()
             index = list(range(rank, len(rows), W))                        # this rank's rows: rows[rank::W]
             mine = [rows[i] for i in index]
-            greedy = answers(model, processor, mine, batch_size, max_new_tokens)
-            sampled = (answers(model, processor, mine, batch_size, max_new_tokens, samples, seed, index)
+            greedy = answers(model, processor, mine, batch_size, max_new_tokens, workers=workers)
+            sampled = (answers(model, processor, mine, batch_size, max_new_tokens, samples, seed, index, workers)
                        if samples else [None] * len(mine))
             for row, (text,), texts in zip(mine, greedy, sampled):   # a record per row: its scores, its pass@k
                 records.append({"split": split, **score_answer(text, row)})

@@ -3,10 +3,12 @@ What every entry point needs around the model, with no project imports:
 - manual DDP, written out: `setup_dist()` reads torchrun's RANK / LOCAL_RANK / WORLD_SIZE (gloo on CPU; on GPUs
   NCCL for CUDA tensors and gloo for CPU ones); without them it is one process, where `all_reduce_sum`,
   `all_reduce_grads` and `barrier` do nothing;
-- `resolve_dtype`, atomic writes (`save_atomically`, `write_atomic`) and `lr_factor`, the learning-rate schedule.
+- `resolve_dtype`, atomic writes (`save_atomically`, `write_atomic`) and `lr_factor`, the learning-rate schedule;
+- `forked_map`, work dealt to forked processes of one thread each (the evaluation on a CPU).
 """
 import datetime
 import math
+import multiprocessing
 import os
 import shutil
 
@@ -81,3 +83,33 @@ def lr_factor(step, warmup, total, schedule="constant", floor=0.1):
     if schedule == "linear":
         return floor + (1 - floor) * (1 - progress)
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+def cpu_workers(device):
+    """How many forked processes of one thread each `forked_map` should use: one per thread torch would use, on a
+    CPU, in a single process, where fork exists; else 1. A tiny model's many small operations use a second thread
+    poorly and a second process well."""
+    if str(device) != "cpu" or world_size() > 1 or "fork" not in multiprocessing.get_all_start_methods():
+        return 1
+    return torch.get_num_threads()
+
+_FORKED = None  # (fn, items): what forked workers inherit from forked_map
+
+def forked_map(fn, items, workers):
+    """[fn(x) for x in items], computed by `workers` forked processes that take the next item as they finish one
+    (fn's results pickled back, in order). A forked process inherits the caller's memory, models included, and
+    runs on one thread: an OpenMP thread pool does not survive a fork. workers <= 1, or one item, runs here."""
+    global _FORKED
+    items = list(items)
+    if workers <= 1 or len(items) <= 1:
+        return [fn(x) for x in items]
+    _FORKED = (fn, items)
+    try:
+        with multiprocessing.get_context("fork").Pool(min(workers, len(items)), initializer=torch.set_num_threads,
+                                                      initargs=(1,)) as pool:
+            return pool.map(_forked_item, range(len(items)), chunksize=1)
+    finally:
+        _FORKED = None
+
+def _forked_item(i):
+    fn, items = _FORKED
+    return fn(items[i])

@@ -179,6 +179,16 @@ def test_ranks_answer_their_share_of_the_rows_with_the_same_seeds(base, monkeypa
     assert 0 < sum(r["pass@2"] for r in whole["base"]) < len(whole["base"]), "the samples are not all right or wrong"
 
 
+def test_forked_batches_give_the_answers_of_one_process(base):
+    """answers(workers=2) deals its batches to two forked processes: the same answers, greedy and sampled, in order."""
+    model, processor = base
+    rows = data.make_split("test", 6)
+    for kw in (dict(batch_size=4), dict(batch_size=4, samples=2, seed=1)):   # 2 and 3 batches
+        one = E.answers(model, processor, rows, max_new_tokens=12, **kw)
+        assert E.answers(model, processor, rows, max_new_tokens=12, workers=2, **kw) == one, kw
+        assert len(set(map(str, one))) > 1, "the rows' answers differ, so an order mix-up shows"
+
+
 def test_sampled_answers_do_not_depend_on_batching(base):
     model, processor = base
     rows = data.make_split("test", 3)

@@ -1,4 +1,9 @@
-"""runtime.py: the process group a GPU run asks for serves every tensor its collectives are handed."""
+"""runtime.py: the process group a GPU run asks for serves every tensor its collectives are handed; forked_map
+computes every item, in order, in one-thread processes."""
+import os
+import time
+
+import pytest
 import torch
 import torch.distributed as dist
 
@@ -35,3 +40,31 @@ def test_all_reduce_sum_hands_over_cpu_tensors(monkeypatch):
     monkeypatch.setattr(runtime, "world_size", lambda: 2)
     monkeypatch.setattr(dist, "all_reduce", lambda t: seen.append(t.device.type))
     assert runtime.all_reduce_sum(1.5) == 1.5 and seen == ["cpu"]
+
+
+def square_slowly(x):
+    time.sleep(0.05)   # long enough for both workers to take items
+    if x == 3 and os.getpid() != PARENT:
+        raise ValueError(f"item {x} failed")
+    return x * x, os.getpid(), torch.get_num_threads()
+
+
+PARENT = os.getpid()
+
+
+def test_forked_map_gives_each_item_in_order_from_one_thread_processes():
+    out = runtime.forked_map(square_slowly, [0, 1, 2, 4, 5, 6], workers=2)
+    assert [v for v, _, _ in out] == [0, 1, 4, 16, 25, 36], "fn of every item, in the items' order"
+    pids = {pid for _, pid, _ in out}
+    assert PARENT not in pids and len(pids) == 2, "two forked processes did the work"
+    assert all(threads == 1 for *_, threads in out), "each on one thread"
+    assert [pid for _, pid, _ in runtime.forked_map(square_slowly, [1, 2], workers=1)] == [PARENT] * 2
+    with pytest.raises(ValueError, match="item 3 failed"):
+        runtime.forked_map(square_slowly, range(5), workers=2)
+
+
+def test_cpu_workers_one_per_thread_on_a_cpu_only(monkeypatch):
+    assert runtime.cpu_workers("cpu") == torch.get_num_threads()
+    assert runtime.cpu_workers("cuda:0") == 1
+    monkeypatch.setattr(runtime, "world_size", lambda: 2)
+    assert runtime.cpu_workers("cpu") == 1, "torchrun ranks already share the machine"
