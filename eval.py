@@ -2,6 +2,7 @@
 eval.py: held-out evaluation of Curr-ReFT checkpoints, in-domain and out of domain, side by side.
 
 Greedy answers (rollout.generate, batched), scored on their one <answer> block; every checkpoint one table row.
+On a CPU the batches run in forked one-thread processes, one per torch thread (runtime.forked_map).
 
     python eval.py --model runs/tiny/stages/0_judge_start,runs/tiny/stages/3_final     # synthetic test + ood
     python eval.py --model DIR --n 300 --stages judge,choice,open                     # + judge / choice rows
