@@ -273,15 +273,16 @@ def num_parameters(module):
     return sum(p.numel() for p in module.parameters())
 
 def pixel_patches(image_processor, images):
-    """pixel_values (P, C*t*p*p) and image_grid_thw (n, 3) of n RGB PIL images, equal bit for bit to transformers'
+    """pixel_values (P, C*t*p*p) and image_grid_thw (n, 3) of n PIL images, equal bit for bit to transformers'
     `Qwen2VLImageProcessorPil` (the test checks it), whose per-image numpy steps cost most of an encoding. Each image
     is resized by PIL to its smart_resize size where it differs; each 0-255 value becomes the float32 that transformers
     makes of it (scaled in float64, cast, normalised in float32), looked up in a table of the 256 per channel; the
     image is then cut into patches of t frames (the one image repeated) in merge-block order, written in place.
-    Any other image processor, or processing turned off, goes through transformers."""
+    Any other image processor, processing turned off, or an image not in RGB goes through transformers."""
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil, smart_resize
     ip = image_processor
-    if type(ip) is not Qwen2VLImageProcessorPil or not (ip.do_resize and ip.do_rescale and ip.do_normalize):
+    if (type(ip) is not Qwen2VLImageProcessorPil or not (ip.do_resize and ip.do_rescale and ip.do_normalize)
+            or any(image.mode != "RGB" for image in images)):
         out = ip(images=images, return_tensors="pt")
         return out["pixel_values"], out["image_grid_thw"]
     p, m, t = ip.patch_size, ip.merge_size, ip.temporal_patch_size

@@ -11,6 +11,7 @@ import math
 import multiprocessing
 import os
 import shutil
+from concurrent.futures import ProcessPoolExecutor
 
 import torch
 import torch.distributed as dist
@@ -103,10 +104,10 @@ def forked_map(fn, items, workers):
     if workers <= 1 or len(items) <= 1:
         return [fn(x) for x in items]
     _FORKED = (fn, items)
-    try:
-        with multiprocessing.get_context("fork").Pool(min(workers, len(items)), initializer=torch.set_num_threads,
-                                                      initargs=(1,)) as pool:
-            return pool.map(_forked_item, range(len(items)), chunksize=1)
+    try:   # a process pool of futures: a worker that dies raises BrokenProcessPool here instead of hanging
+        with ProcessPoolExecutor(min(workers, len(items)), mp_context=multiprocessing.get_context("fork"),
+                                 initializer=torch.set_num_threads, initargs=(1,)) as pool:
+            return list(pool.map(_forked_item, range(len(items))))
     finally:
         _FORKED = None
 

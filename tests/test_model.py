@@ -124,7 +124,7 @@ def plain_logprobs(model, processor, sample, completion):
 def test_pixel_patches_equal_the_image_processor(tiny):
     """model.pixel_patches gives transformers' pixel values and grids bit for bit: noise images (every 0-255 value in
     every channel) square and not, at their size, enlarged to the minimum, shrunk to the maximum, resized in
-    between; and with a processing step turned off it gives transformers' values too (it does not apply its own)."""
+    between; and with a processing step turned off, or grey images, it gives transformers' values too."""
     import copy
     import numpy as np
     _, processor = tiny
@@ -138,6 +138,9 @@ def test_pixel_patches_equal_the_image_processor(tiny):
         pixels, grids = M.pixel_patches(ip, images)
         assert torch.equal(grids, want["image_grid_thw"]) and torch.equal(pixels, want["pixel_values"])
     assert grids[4].tolist() != [1, 1000 // 14, 800 // 14] and grids[3].tolist() == [1, 4, 4], "images were resized"
+    grey = [image.convert("L") for image in images[:2]]   # not RGB: transformers converts it
+    assert torch.equal(M.pixel_patches(processor.image_processor, grey)[0],
+                       processor.image_processor(images=grey, return_tensors="pt")["pixel_values"])
 
 
 def test_rope_positions_equal_transformers_get_rope_index(any_tiny):
