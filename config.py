@@ -34,6 +34,8 @@ class ModelConfig:
     shard: str = arg("none", "what is split over the ranks: none (DDP) | optimizer (fp32 masters, gradients and "
                              "moments: optim.ShardedAdamW) | fsdp (the parameters too: torch FSDP2, fsdp.py)")
     max_pixels: int = arg(401_408, "images are resized to at most this many pixels (the model card's value)")
+    cuda_graphs: bool = arg(False, "decode steps replayed as CUDA graphs, one per batch size (rollout.FixedStep; "
+                                   "GPU only, not with --shard fsdp)")
 
 @dataclass
 class DataConfig:
@@ -219,6 +221,10 @@ def validate(cfg):
          "--device cuda, but torch sees no GPU (on a CPU machine use --device cpu)"),
         (model.model in ("tiny", "small", ModelConfig.model) or os.path.isdir(model.model),
          f"--model {model.model!r} is neither 'tiny' nor a folder"),
+        (not model.cuda_graphs or (model.device != "cpu" and torch.cuda.is_available()),
+         "--cuda-graphs needs a GPU (drop it on a CPU)"),
+        (not model.cuda_graphs or model.shard != "fsdp",
+         "--cuda-graphs cannot replay a sharded model's steps: use --shard none or optimizer, or drop --cuda-graphs"),
         (rl.prompts_per_step % W == 0,
          f"--prompts-per-step {rl.prompts_per_step} must split evenly over {W} processes"),
     ]

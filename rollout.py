@@ -11,7 +11,9 @@ the vision tower and the prompt run once per prompt; (3) decode one token per st
 positions (a prompt's largest 3-D position + 1), each row until its first EOS (<|im_end|> or <|endoftext|>),
 padded after it. The keys, values and attention mask live in buffers sized for prompt + max_new_tokens, written
 in place (PreallocatedLayer): nothing in the loop grows by concatenation. On a CPU the decode step runs by hand
-(decode_step: the model's own modules, attention as two matmuls), elsewhere through transformers' forward. The
+(decode_step: the model's own modules, attention as two matmuls), elsewhere through transformers' forward.
+cuda_graph=True runs that step by hand at fixed shapes (FixedStep: every row attends over its whole buffer, the
+batch shrinks to powers of two only), which CUDA records once per batch size as a graph and replays. The
 loop checks which rows have ended (a host sync) every step on a CPU, every 8 on a GPU; once at most SHRINK_AT of
 the batch is still going, the ended rows leave it (their cache rows dropped by one copy), so later steps compute
 only rows still going; rows that ended between two checks only pad. Sampling is one batched inverse-CDF search
@@ -105,6 +107,20 @@ class PreallocatedLayer(DynamicLayer):
         self.keys, self.values = self.k_buf[:, :, :self.n], self.v_buf[:, :, :self.n]
         return self.keys, self.values
 
+class FixedShapeLayer(PreallocatedLayer):
+    """A PreallocatedLayer whose update writes at the buffer position held in the tensor `at` and returns the whole
+    buffers, so that every step has the same shapes (FixedStep); the positions not written yet are zeros, which the
+    mask gives probability 0 (uninitialised memory could hold a NaN, and 0 * NaN is NaN)."""
+
+    def __init__(self, keys, values, G, capacity):
+        super().__init__(keys, values, G, capacity)
+        self.k_buf[:, :, self.n:], self.v_buf[:, :, self.n:], self.at = 0, 0, None   # at: set by FixedStep
+
+    def update(self, key_states, value_states, *args, **kwargs):            # (n, kv, 1, hs) each
+        self.k_buf.index_copy_(2, self.at, key_states)
+        self.v_buf.index_copy_(2, self.at, value_states)
+        return self.k_buf, self.v_buf
+
 def decodes_by_hand(model):
     """Whether the decode step runs by hand (decode_step): on a CPU, for a model that is not sharded (FSDP gathers a
     layer's weights in its forward call, which decode_step does not make)."""
@@ -132,21 +148,88 @@ def decode_step(model, token, cache, mask, cos, sin):
         x = x + layer.mlp(layer.post_attention_layernorm(x))
     return model.lm_head(lm.norm(x))
 
-def _cached_stepper(model, batch, G, max_new_tokens):
+class FixedStep:
+    """The decode step at fixed shapes, so that CUDA can record it once as a graph and replay it at every step: each
+    row attends over its whole buffer (prompt + max_new_tokens), the positions not written yet masked out, and the
+    step's keys and values are written at a position held in a tensor (FixedShapeLayer). It reads and writes only
+    its own tensors (token, at, mask, cos, sin, the cache's buffers, logits), so a replay computes what a call does.
+    select(rows) makes new tensors, so the next step records a new graph. On CUDA (and FixedStep.capture) the first
+    step of each batch size is recorded and replayed; elsewhere, as in the CPU tests, the same step runs eagerly."""
+    capture = True  # False: eager on CUDA too (gpu_check compares the two)
+
+    def __init__(self, model, cache, mask, cos, sin, L):                    # mask (n, 1, 1, L + T), cos, sin (n, T, hs)
+        self.model, self.cache, self.mask, self.cos, self.sin, self.L = model, cache, mask, cos, sin, L
+        self.at = torch.zeros(1, dtype=torch.long, device=mask.device)       # the buffer position this step writes
+        for layer in cache.layers:
+            layer.at = self.at
+        self.graphs = mask.device.type == "cuda" and FixedStep.capture
+        self.pool = torch.cuda.graph_pool_handle() if self.graphs else None  # one memory pool for all batch sizes
+        self.token = self.logits = self.graph = None
+
+    def _step(self):
+        self.mask.index_fill_(-1, self.at, 0.0)                               # this step's position becomes visible
+        i = self.at - self.L
+        cos, sin = self.cos.index_select(1, i).squeeze(1), self.sin.index_select(1, i).squeeze(1)
+        return decode_step(self.model, self.token, self.cache, self.mask, cos, sin)
+
+    def __call__(self, token, at):                                           # token (n,), at: an int -> logits (n, V)
+        if self.token is None:
+            self.token = token.clone()
+        self.token.copy_(token)
+        self.at.fill_(at)
+        if not self.graphs:
+            return self._step()
+        if self.graph is None:
+            self.graph, self.logits = self._record()
+        self.graph.replay()
+        return self.logits
+
+    def _record(self):
+        """(graph, its output): one step warmed up on a side stream, as torch's docs ask, then recorded. Both write
+        what the replay writes again (this step's keys, values and mask position), so the step stays the same."""
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            self._step()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            logits = self._step()
+        return graph, logits
+
+    def select(self, rows):
+        self.mask, self.cos, self.sin = self.mask[rows], self.cos[rows], self.sin[rows]
+        for layer in self.cache.layers:
+            layer.select(rows)
+        self.token = self.logits = self.graph = None
+
+def _cached_stepper(model, batch, G, max_new_tokens, fixed=False):
     """Prefill the B prompts once, copy the cache into preallocated buffers of N = B*G rows (each prompt's G times);
-    return (first logits, step, select): select(rows) keeps only those rows of the batch for the later steps."""
+    return (first logits, step, select): select(rows) keeps only those rows of the batch for the later steps.
+    fixed: every step through FixedStep (a CUDA graph on CUDA)."""
     out, next_pos = prefill(model, batch)
     cache, L = out.cache, batch["input_ids"].shape[1]
-    cache.layers = [PreallocatedLayer(layer.keys, layer.values, G, L + max_new_tokens) for layer in cache.layers]
     mask = batch["attention_mask"].new_ones(batch["input_ids"].shape[0] * G, L + max_new_tokens)    # (N, L + T)
     mask[:, :L] = batch["attention_mask"].repeat_interleave(G, dim=0)
     pos = next_pos.repeat_interleave(G)                                      # (N,)
-    by_hand, cos, sin = decodes_by_hand(model), None, None
+    by_hand, cos, sin = fixed or decodes_by_hand(model), None, None
     if by_hand:  # the rotary embedding of every step's positions at once, and the mask as 0 / -inf
         weight = model.model.language_model.embed_tokens.weight
         positions = (pos[:, None] + torch.arange(max_new_tokens, device=pos.device)).expand(3, -1, -1)  # (3, N, T)
         cos, sin = model.model.language_model.rotary_emb(weight, positions)   # (N, T, hs)
+        if fixed:
+            mask[:, L:] = 0                                                  # written step by step (FixedStep)
         mask = torch.zeros(mask.shape, dtype=weight.dtype, device=weight.device).masked_fill(mask == 0, -torch.inf)
+    if fixed:
+        cache.layers = [FixedShapeLayer(layer.keys, layer.values, G, L + max_new_tokens) for layer in cache.layers]
+        fixed_step, t = FixedStep(model, cache, mask[:, None, None], cos, sin, L), 0
+
+        def step(token):
+            nonlocal t
+            t += 1
+            return fixed_step(token, L + t - 1)
+        return out.logits[:, -1].repeat_interleave(G, dim=0), step, fixed_step.select
+    cache.layers = [PreallocatedLayer(layer.keys, layer.values, G, L + max_new_tokens) for layer in cache.layers]
     t = 0
 
     def step(token):                                                         # token (n,) -> logits (n, V)
@@ -181,8 +264,9 @@ def _uncached_stepper(model, batch, G):
 
 @torch.no_grad()
 def generate(model, processor, samples, group_size=1, max_new_tokens=128, temperature=1.0, top_p=1.0, top_k=0,
-             greedy=False, generator=None, use_cache=True):
-    """Sample group_size answers for each sample ({"image", "problem"}); see the module docstring."""
+             greedy=False, generator=None, use_cache=True, cuda_graph=False):
+    """Sample group_size answers for each sample ({"image", "problem"}); see the module docstring. cuda_graph: the
+    decode step at fixed shapes (FixedStep), replayed as a CUDA graph on CUDA, for a model that is not sharded."""
     if group_size < 1 or max_new_tokens < 1:
         raise ValueError(f"group_size and max_new_tokens must be >= 1, got {group_size}, {max_new_tokens}")
     if not greedy and temperature <= 0:
@@ -193,7 +277,8 @@ def generate(model, processor, samples, group_size=1, max_new_tokens=128, temper
     batch = {k: v.to(device) for k, v in encode(processor, samples).items()}
     B, G = batch["input_ids"].shape[0], group_size
     N = B * G
-    logits, step, select = (_cached_stepper(model, batch, G, max_new_tokens) if use_cache
+    fixed = use_cache and cuda_graph and not fsdp.is_sharded(model)
+    logits, step, select = (_cached_stepper(model, batch, G, max_new_tokens, fixed) if use_cache
                             else _uncached_stepper(model, batch, G))
     stop = torch.tensor(processor.stop_token_ids, device=device)
     banned = torch.tensor(processor.vision_token_ids, device=device)
@@ -221,9 +306,12 @@ def generate(model, processor, samples, group_size=1, max_new_tokens=128, temper
             n = int(going.sum())                                   # a host sync
             if n == 0:
                 break
-            if select is not None and n <= SHRINK_AT * len(live):  # drop the ended rows from the batch
-                select(going.nonzero().squeeze(1))
-                live, token = live[going], token[going]
+            size = 1 << (n - 1).bit_length() if fixed else n      # fixed shapes: a power of two, so few graphs
+            if select is not None and size <= SHRINK_AT * len(live):  # drop the ended rows from the batch
+                keep = going.clone()                               # with ended ones, in order, up to the size
+                keep[(~going).nonzero().squeeze(1)[:size - n]] = True
+                select(keep.nonzero().squeeze(1))
+                live, token = live[keep], token[keep]
         logits = step(token)
 
     completion_ids = tokens[:t + 1].T.contiguous()                 # (N, T)

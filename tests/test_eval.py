@@ -243,6 +243,9 @@ def test_bad_input_names_it(tmp_path):
         E.main(["--model", str(tmp_path / "no_such_model")])
     with pytest.raises(SystemExit, match="missing.jsonl"):
         E.main(["--model", "tiny", "--data", f"test={tmp_path / 'missing.jsonl'}"])
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit, match="--cuda-graphs needs a GPU"):
+            E.main(["--model", "tiny", "--n", "3", "--cuda-graphs", "--device", "cpu"])
 
 
 def test_paired_differences_are_per_row_changes_with_a_paired_se():

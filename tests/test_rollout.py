@@ -313,3 +313,90 @@ def test_inverse_cdf_never_draws_a_zero_probability_token():
         assert torch.isfinite(logits.gather(1, token[:, None])).all(), f"u={u} drew a banned token: {token}"
     assert sample_next(logits, torch.tensor([0.0, 0.0])).tolist() == [1, 0], "u = 0: the first allowed token"
     assert sample_next(logits, torch.tensor([0.99, 0.99])).tolist() == [2, 3]
+
+
+def test_the_fixed_shape_step_gives_the_answers_of_the_step_by_hand(any_tiny, monkeypatch):
+    """cuda_graph=True decodes through rollout.FixedStep (eager on a CPU): every step attends over the whole buffer
+    of prompt + max_new_tokens, and the batch shrinks to powers of two; the same sampled answers as the step by hand,
+    log-probs equal to float rounding. A sharded model keeps the usual step."""
+    import fsdp
+    import rollout
+    model, processor = any_tiny
+    monkeypatch.setattr(rollout, "SHRINK_AT", 1.0)  # shrink as soon as a row ends
+    widths, shapes = [], set()
+    select, update = rollout.PreallocatedLayer.select, rollout.FixedShapeLayer.update
+    monkeypatch.setattr(rollout.PreallocatedLayer, "select", lambda self, r: (widths.append(len(r)), select(self, r))[1])
+    monkeypatch.setattr(rollout.FixedShapeLayer, "update",
+                        lambda self, *a, **k: (lambda out: (shapes.add(out[0].shape[2]), out)[1])(update(self, *a, **k)))
+    new_empty = torch.Tensor.new_empty   # memory as a fresh allocation may find it: NaN where nothing was written
+    monkeypatch.setattr(torch.Tensor, "new_empty", lambda self, *size, **kw: new_empty(self, *size, **kw).fill_(torch.nan))
+    eos, T = processor.eos_token_id, 16
+    runs = {}
+    for graph in (True, False):
+        handle = force_token(model, eos, at_step=5, row=1)   # one row of nine ends early
+        try:
+            runs[graph] = generate(model, processor, prompts(), group_size=3, max_new_tokens=T, cuda_graph=graph,
+                                   generator=rollout.prompt_generators(0, 1, 0, 3, "cpu"))
+        finally:
+            handle.remove()
+        if graph:
+            L = M.encode(processor, prompts())["input_ids"].shape[1]
+            assert shapes == {L + T}, f"every fixed step must attend over the whole buffer ({shapes} != {L + T})"
+            assert widths and all(w & (w - 1) == 0 for w in widths), f"widths {widths}: powers of two only"
+            widths.clear()
+    fixed, by_hand = runs[True], runs[False]
+    assert fixed.lengths[1] == 6 and fixed.lengths.max() == T, "a row must end early while the others go on"
+    assert fixed.texts == by_hand.texts and torch.equal(fixed.completion_ids, by_hand.completion_ids)
+    assert torch.equal(fixed.lengths, by_hand.lengths) and torch.equal(fixed.finished, by_hand.finished)
+    assert torch.allclose(fixed.logp, by_hand.logp, atol=1e-5), (fixed.logp - by_hand.logp).abs().max()
+    shapes.clear()
+    monkeypatch.setattr(fsdp, "is_sharded", lambda m: True)
+    generate(model, processor, prompts(), max_new_tokens=4, greedy=True, cuda_graph=True)
+    assert not shapes, "a sharded model must not take the fixed-shape step"
+
+
+class FakeGraph:
+    """A CUDA graph's contract on a CPU: recorded once, a replay reruns the step into the SAME output tensor, reading
+    the tensors it read when recorded; so it fails where a new tensor took an old one's place without a new record."""
+
+    def __init__(self, step):
+        self.step, self.output = step, step._step()
+        self.ptrs = self.read(step)
+
+    @staticmethod
+    def read(step):
+        return [t.data_ptr() for t in (step.token, step.at, step.mask, step.cos, step.sin)] + \
+            [b.data_ptr() for layer in step.cache.layers for b in (layer.k_buf, layer.v_buf)]
+
+    def replay(self):
+        assert self.read(self.step) == self.ptrs, "a replay would read tensors the graph was not recorded with"
+        self.output.copy_(self.step._step())
+
+
+def test_a_replayed_step_reads_only_the_tensors_it_was_recorded_with(monkeypatch):
+    """FixedStep's graphs, played by FakeGraph on a CPU: the shipped base's sampled answers (a batch of 24 that
+    shrinks as its rows end) equal those of the eager fixed step and of the step by hand; one graph per batch size."""
+    import os
+    import data
+    import rollout
+    model, processor = M.load(os.path.join(os.path.dirname(os.path.dirname(__file__)), "assets", "tiny-base"))
+    rows = data.samples_of(data.make_rows("train", 6, seed=1))
+    graphs, init = [], rollout.FixedStep.__init__
+
+    def init_with_graphs(self, *args):
+        init(self, *args)
+        self.graphs = True
+    monkeypatch.setattr(rollout.FixedStep, "_record",
+                        lambda self: (lambda g: (graphs.append(len(self.token)), (g, g.output))[1])(FakeGraph(self)))
+
+    def run(**kw):
+        return generate(model.eval(), processor, rows, group_size=4, max_new_tokens=64,
+                        generator=rollout.prompt_generators(0, 3, 0, len(rows), "cpu"), **kw)
+    by_hand, eager = run(), run(cuda_graph=True)
+    monkeypatch.setattr(rollout.FixedStep, "__init__", init_with_graphs)
+    replayed = run(cuda_graph=True)
+    assert len(graphs) >= 3 and graphs[0] == 24 and graphs == sorted(set(graphs), reverse=True), graphs
+    for other in (eager, by_hand):
+        assert replayed.texts == other.texts and torch.equal(replayed.completion_ids, other.completion_ids)
+        assert torch.allclose(replayed.logp, other.logp, atol=1e-5)
+    assert torch.equal(replayed.logp, eager.logp), "a replay computes what the eager step does"

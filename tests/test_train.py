@@ -45,6 +45,7 @@ def run(args, out, env=None, torchrun=0):
     (["--image-size", "100"], "multiple of 28"),
     (["--model", "/no/such/folder"], "neither 'tiny' nor a folder"),
     (["--attn", "flash_attention_2"], "needs the flash-attn package"),
+    (["--cuda-graphs"], "needs a GPU"),    # this suite runs on a CPU
     # data errors are found before the first step, not after hours of training
     (["--eval-data", "test=/no/such.jsonl"], "data file not found: /no/such.jsonl"),
     (["--phase2-data", "/no/such.jsonl"], "data file not found: /no/such.jsonl"),
