@@ -22,6 +22,11 @@ gpu_check.py: checks of this project on one or two GPUs, printed as ONE markdown
    Random weights score 0, so advantages and gradients are 0; the backward and the step still run in full.
 4. Check 3's rollout in decode tokens/s (rows x decoded tokens / (rollout - prefill seconds)) against the HBM bound
    rows / (text-decoder parameter bytes / bandwidth); bandwidth by GPU name, else a timed device-to-device copy.
+   Then at DECODE_ROWS rows (check 3's prompt, DECODE_ROWS / G prompts x G), greedy, check 3's new tokens:
+   transformers' `generate` on the prompts repeated G times, rollout.generate, and rollout.generate with
+   cuda_graph=True (rollout.FixedStep; on a CPU its eager step), each in tok/s of the whole call and of its decode
+   against the bound (which counts the weights' bytes, not the cache's); and the graphs' answers against the eager
+   fixed step's (FixedStep.capture off: the same kernels, so equal or FAILED) and against the plain step's.
 5. Where 2 GPUs exist (and on a CPU): check 3's GRPO step, with checkpointing, on 2 processes under each --shard mode
    (none, optimizer, fsdp), one prompt per rank; each rank's peak memory and the step's seconds.
 """
@@ -63,6 +68,7 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 BANDWIDTH_TB_S = [(("h200",), 4.8), (("h100", "pcie"), 2.0), (("h100",), 3.35), (("a100", "80gb"), 2.0),
                   (("a100",), 1.56)]
 # Check 3's shape: the real one on a GPU; on a CPU 2 text layers and 2 vision blocks at the real widths.
+DECODE_ROWS = 32  # check 4's batch (rows = prompts x G)
 SHAPE = {"cuda": dict(text={}, vision={}, image=(448, 896), prompt=1300, new=256, G=4),
          "cpu": dict(text=dict(num_hidden_layers=2, vocab_size=4096), vision=dict(depth=2, fullatt_block_indexes=[1]),
                      image=(112, 112), prompt=120, new=8, G=4)}
@@ -368,12 +374,68 @@ def check_decode(a, state):
         raise CheckFailed("no rollout from check 3")
     seconds, ro = state["rollout"]
     rows, steps, decode_s = ro.completion_ids.shape[0], ro.completion_ids.shape[1] - 1, seconds - state["prefill_s"]
-    n_bytes = sum(p.numel() * p.element_size() for n, p in state["policy"].named_parameters()
+    (bound, words), rate = hbm_bound(a, state["policy"], rows), rows * steps / decode_s
+    return (f"{rate:,.0f} tok/s ({rows} rows x {steps} decoded tokens in {decode_s:.2f} s); HBM bound "
+            f"{bound:,.0f} tok/s ({words}); fraction {rate / bound:.3f}")
+
+def hbm_bound(a, policy, rows):
+    """(tokens/s if each decode step read the text decoder's weights once at the full bandwidth, its words)."""
+    n_bytes = sum(p.numel() * p.element_size() for n, p in policy.named_parameters()
                   if ".visual." not in f".{n}")   # text decoder: embeddings (tied head) + layers
     bw, where = bandwidth(a.device)
-    rate, bound = rows * steps / decode_s, rows / (n_bytes / bw)
-    return (f"{rate:,.0f} tok/s ({rows} rows x {steps} decoded tokens in {decode_s:.2f} s); HBM bound "
-            f"{bound:,.0f} tok/s ({n_bytes / 1e9:.2f} GB text decoder / {where}); fraction {rate / bound:.3f}")
+    return rows / (n_bytes / bw), f"{n_bytes / 1e9:.2f} GB text decoder / {where}"
+
+def check_decode_batch(a, state):
+    """Check 4's rows at DECODE_ROWS rows, into state["batch_rows"] (see the top docstring)."""
+    policy, processor, shape = state["policy"].eval(), state["processor"], SHAPE[a.device]
+    G, T = shape["G"], shape["new"]
+    samples = data.samples_of([state["row"]] * (DECODE_ROWS // G))
+    rows = len(samples) * G
+    rep = M.repeat_batch({k: v.to(a.device) for k, v in M.encode(processor, samples).items()}, G)
+
+    def timed(fn):  # (seconds, result) of a warmed-up call
+        fn()
+        sync(a.device)
+        t = time.perf_counter()
+        out = fn()
+        sync(a.device)
+        return time.perf_counter() - t, out
+
+    def ours(n=T, **kw):
+        return rollout.generate(policy, processor, samples, group_size=G, max_new_tokens=n, greedy=True, **kw)
+
+    def theirs(n=T):
+        with torch.no_grad():
+            return policy.generate(**rep, max_new_tokens=n, do_sample=False, eos_token_id=processor.stop_token_ids,
+                                   pad_token_id=processor.pad_token_id, suppress_tokens=processor.vision_token_ids)
+    prefill_s = {"ours": timed(lambda: ours(1))[0], "theirs": timed(lambda: theirs(1))[0]}  # each a 1-token call
+    bound, words = hbm_bound(a, policy, rows)
+    lines, runs = {}, {}
+    graphed = "rollout.generate, CUDA graphs" if a.device == "cuda" else "rollout.generate, fixed step (eager on a CPU)"
+    for name, fn in (("transformers generate", theirs), ("rollout.generate", ours),
+                     (graphed, lambda: ours(cuda_graph=True))):
+        seconds, out = timed(fn)
+        hf = name == "transformers generate"
+        new = out.shape[1] - rep["input_ids"].shape[1] if hf else out.completion_ids.shape[1]
+        rate = rows * (new - 1) / (seconds - prefill_s["theirs" if hf else "ours"])
+        lines[name] = (f"{rows * new / seconds:,.0f} tok/s whole call ({rows} rows x {new} tokens in {seconds:.2f} s); "
+                       f"decode {rate:,.0f} tok/s = {rate / bound:.3f} of the HBM bound {bound:,.0f} ({words})")
+        runs[name] = out
+    FixedStep = rollout.FixedStep
+    FixedStep.capture = False
+    try:
+        eager = ours(cuda_graph=True)
+    finally:
+        FixedStep.capture = True
+    graphs, plain = runs[graphed], runs["rollout.generate"]
+    state["batch_rows"] = lines
+    same = sum(x == y for x, y in zip(graphs.texts, eager.texts))
+    if same != rows or not torch.equal(graphs.logp, eager.logp):
+        raise CheckFailed(f"the graphs' answers differ from the eager fixed step's in {rows - same} of {rows} rows "
+                          f"(log-probs at most {(graphs.logp - eager.logp).abs().max():.3g} apart)")
+    agree = sum(x == y for x, y in zip(graphs.texts, plain.texts))
+    return (f"the graphs' answers equal the eager fixed step's in {rows} of {rows} rows, log-probs equal; "
+            f"equal to the plain step's in {agree} of {rows} ({a.dtype}: rounding may differ)")
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -405,6 +467,10 @@ def main(argv=None):
         state = check_3b(a)
         attempt("4 rollout vs HBM bound", f"check 3's rollout (no checkpointing), {a.dtype}",
                 lambda: check_decode(a, state))
+        attempt("4 CUDA graphs = eager", f"{DECODE_ROWS} rows, greedy, {a.dtype}: FixedStep replayed and eager",
+                lambda: check_decode_batch(a, state))
+        for name, text in state.get("batch_rows", {}).items():
+            ROWS.append((f"4 {DECODE_ROWS} rows", name, text, 0.0))
         del state
         for mode in ("none", "optimizer", "fsdp") if nproc == 2 else ():
             attempt("5 sharded GRPO step", f"2 processes, --shard {mode}, check 3's step with checkpointing, "

@@ -70,10 +70,16 @@ def test_checks_3_and_4_on_a_miniature(monkeypatch, fresh_table):
     a = types.SimpleNamespace(device="cpu", dtype="float32")
     state = gpu_check.check_3b(a)
     gpu_check.attempt("4", "", lambda: gpu_check.check_decode(a, state))
+    monkeypatch.setattr(gpu_check, "DECODE_ROWS", 4)
+    gpu_check.attempt("4 batch", "", lambda: gpu_check.check_decode_batch(a, state))
     assert not gpu_check.FAILED, gpu_check.ROWS
-    assert [r[0] for r in gpu_check.ROWS] == ["3 model + prefill", "3 GRPO step", "3 GRPO step", "4"]
+    assert [r[0] for r in gpu_check.ROWS] == ["3 model + prefill", "3 GRPO step", "3 GRPO step", "4", "4 batch"]
     assert state["prompt_len"] == 60 and "with grad checkpointing" in gpu_check.ROWS[2][1]
     assert state["rollout"][1].completion_ids.shape == (2, 4) and "tok/s" in gpu_check.ROWS[3][2]
+    assert "equal the eager fixed step's in 4 of 4 rows" in gpu_check.ROWS[4][2], gpu_check.ROWS[4][2]
+    assert list(state["batch_rows"]) == ["transformers generate", "rollout.generate",
+                                      "rollout.generate, fixed step (eager on a CPU)"]
+    assert all("4 rows x 4 tokens" in text and "of the HBM bound" in text for text in state["batch_rows"].values())
 
 
 @pytest.mark.slow
