@@ -54,7 +54,7 @@ EVAL_BATCH = 128
 
 @torch.no_grad()
 def answers(model, processor, rows, batch_size=64, max_new_tokens=64, samples=0, seed=0, index=None, workers=1,
-            cuda_graph=False):
+            cuda_graphs=False):
     """Per row: [its greedy answer], or `samples` answers at temperature 1 from a generator seeded by
     seed * 1_000_003 + index[j] (default j), so batch- and rank-independent. At most batch_size sequences a batch;
     workers > 1: the batches dealt to forked processes (runtime.forked_map), each batch the same as in one."""
@@ -68,7 +68,7 @@ def answers(model, processor, rows, batch_size=64, max_new_tokens=64, samples=0,
         gens = None if not samples else [torch.Generator(device=device).manual_seed(seed * 1_000_003 + index[i + j])
                                          for j in range(len(chunk))]
         r = generate(model, processor, data.samples_of(chunk), group_size=G, max_new_tokens=max_new_tokens,
-                     greedy=not samples, temperature=1.0, generator=gens, cuda_graph=cuda_graph)
+                     greedy=not samples, temperature=1.0, generator=gens, cuda_graphs=cuda_graphs)
         return [r.texts[j * G:(j + 1) * G] for j in range(len(chunk))]   # row-major: G texts per row
 
     return [texts for part in forked_map(batch, range(0, len(rows), step), workers) for texts in part]
@@ -229,11 +229,11 @@ def _rank_world():
     return (dist.get_rank() if dist.is_initialized() else 0), world_size()
 
 def evaluate_models(models, eval_sets, batch_size=EVAL_BATCH, max_new_tokens=64, samples=0, pass_k=(), seed=0,
-                    device=None, dtype=None, max_pixels=None, verbose=False, records_out=None, cuda_graph=False):
+                    device=None, dtype=None, max_pixels=None, verbose=False, records_out=None, cuda_graphs=False):
     """{name: metrics(...)} of every model (a path, a (name, path) pair, loaded one at a time, or a (name, model,
     processor) triple) on every set of eval_sets {split: rows}; samples > 0 adds pass@k for k in pass_k (default
     1 and samples). Under torchrun rank r answers rows[r::W] and every rank returns the all-reduced totals.
-    records_out: a dict to receive {name: this rank's per-row records}, for paired_differences. cuda_graph: decode
+    records_out: a dict to receive {name: this rank's per-row records}, for paired_differences. cuda_graphs: decode
     steps as CUDA graphs (rollout.generate)."""
     rank, W = _rank_world()
     ks = tuple(sorted(set(pass_k or (1, samples)))) if samples else ()
@@ -253,9 +253,10 @@ def evaluate_models(models, eval_sets, batch_size=EVAL_BATCH, max_new_tokens=64,
             t0 = time.time()
             index = list(range(rank, len(rows), W))                        # this rank's rows: rows[rank::W]
             mine = [rows[i] for i in index]
-            greedy = answers(model, processor, mine, batch_size, max_new_tokens, workers=workers, cuda_graph=cuda_graph)
+            greedy = answers(model, processor, mine, batch_size, max_new_tokens, workers=workers,
+                             cuda_graphs=cuda_graphs)
             sampled = (answers(model, processor, mine, batch_size, max_new_tokens, samples, seed, index, workers,
-                               cuda_graph)
+                               cuda_graphs)
                        if samples else [None] * len(mine))
             for row, (text,), texts in zip(mine, greedy, sampled):   # a record per row: its scores, its pass@k
                 records.append({"split": split, **score_answer(text, row)})
@@ -411,7 +412,7 @@ def main(argv=None):
     records = {}
     results = evaluate_models(paths, sets, args.batch_size, args.max_new_tokens, args.samples, ks, args.seed,
                               device=device, dtype=dtype, max_pixels=args.max_pixels, verbose=True,
-                              records_out=records, cuda_graph=args.cuda_graphs)
+                              records_out=records, cuda_graphs=args.cuda_graphs)
     changes = changes_from_first(records, sets, reduce=all_reduce_sum)  # several checkpoints: paired changes
     if rank == 0:
         table = markdown_table(results)

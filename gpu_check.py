@@ -24,7 +24,7 @@ gpu_check.py: checks of this project on one or two GPUs, printed as ONE markdown
    rows / (text-decoder parameter bytes / bandwidth); bandwidth by GPU name, else a timed device-to-device copy.
    Then at DECODE_ROWS rows (check 3's prompt, DECODE_ROWS / G prompts x G), greedy, check 3's new tokens:
    transformers' `generate` on the prompts repeated G times, rollout.generate, and rollout.generate with
-   cuda_graph=True (rollout.FixedStep; on a CPU its eager step), each in tok/s of the whole call and of its decode
+   cuda_graphs=True (rollout.FixedStep; on a CPU its eager step), each in tok/s of the whole call and of its decode
    against the bound (which counts the weights' bytes, not the cache's); and the graphs' answers against the eager
    fixed step's (FixedStep.capture off: the same kernels, so equal or FAILED) and against the plain step's.
 5. Where 2 GPUs exist (and on a CPU): check 3's GRPO step, with checkpointing, on 2 processes under each --shard mode
@@ -413,7 +413,7 @@ def check_decode_batch(a, state):
     lines, runs = {}, {}
     graphed = "rollout.generate, CUDA graphs" if a.device == "cuda" else "rollout.generate, fixed step (eager on a CPU)"
     for name, fn in (("transformers generate", theirs), ("rollout.generate", ours),
-                     (graphed, lambda: ours(cuda_graph=True))):
+                     (graphed, lambda: ours(cuda_graphs=True))):
         seconds, out = timed(fn)
         hf = name == "transformers generate"
         new = out.shape[1] - rep["input_ids"].shape[1] if hf else out.completion_ids.shape[1]
@@ -424,7 +424,7 @@ def check_decode_batch(a, state):
     FixedStep = rollout.FixedStep
     FixedStep.capture = False
     try:
-        eager = ours(cuda_graph=True)
+        eager = ours(cuda_graphs=True)
     finally:
         FixedStep.capture = True
     graphs, plain = runs[graphed], runs["rollout.generate"]

@@ -199,7 +199,7 @@ SAMPLE_BATCH = 8  # prompts per generate call
 
 @torch.no_grad()
 def rejection_sample(model, processor, rows, n_samples=4, bar=2.0, scorer=None, per_prompt=1, max_new_tokens=64,
-                     temperature=1.0, seed=0, rank=0, world=None, cuda_graph=False):
+                     temperature=1.0, seed=0, rank=0, world=None, cuda_graphs=False):
     """Steps 1-3 of the top docstring: (kept rows, report), every rank the same kept rows in pool order.
     scorer(row, answers) -> [{"score", "passed", ...}] per answer (default RuleScorer(bar)); per_prompt k keeps
     the k best distinct passing answers. Rank r of `world` (default: the torchrun world size) samples pool[r::world]."""
@@ -222,7 +222,7 @@ def rejection_sample(model, processor, rows, n_samples=4, bar=2.0, scorer=None, 
             gens = [torch.Generator(device=device).manual_seed(seed * 1_000_003 + i) for i, _ in chunk]
             ro = generate(model, processor, data.samples_of([row for _, row in chunk]), group_size=n_samples,
                           max_new_tokens=max_new_tokens, temperature=temperature, generator=gens,
-                          cuda_graph=cuda_graph)
+                          cuda_graphs=cuda_graphs)
             for b, (i, row) in enumerate(chunk):
                 answers = ro.texts[b * n_samples:(b + 1) * n_samples]               # the group of prompt b
                 verdicts = scorer(row, answers)
@@ -292,7 +292,7 @@ P2 = config.Phase2Config()  # one set of phase-2 defaults, for train.py and this
 
 def phase2(model, processor, pool_rows, out_dir, n_samples=P2.phase2_samples, lr=P2.phase2_lr,
            epochs=P2.phase2_epochs, batch_size=P2.phase2_batch, bar=P2.phase2_bar, scorer=None, max_new_tokens=64,
-           temperature=1.0, seed=0, rank=0, device=None, shard="none", cuda_graph=False):
+           temperature=1.0, seed=0, rank=0, device=None, shard="none", cuda_graphs=False):
     """Rejection sampling, out_dir/sft.jsonl, then `epochs` passes of `sft` over the kept rows in global batches
     of batch_size: fine-tunes `model` in place (unchanged when nothing was kept) and returns the report, also
     written to out_dir/phase2_report.json."""
@@ -300,7 +300,7 @@ def phase2(model, processor, pool_rows, out_dir, n_samples=P2.phase2_samples, lr
     was_training = model.training
     kept, report = rejection_sample(model, processor, pool_rows, n_samples=n_samples, bar=bar, scorer=scorer,
                                     max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, rank=rank,
-                                    cuda_graph=cuda_graph)
+                                    cuda_graphs=cuda_graphs)
     path = os.path.join(out_dir, "sft.jsonl")
     if rank == 0:
         write_sft_file(kept, path)
@@ -421,7 +421,7 @@ def main(argv=None):
     report = phase2(model, processor, pool, out, n_samples=p2.phase2_samples, lr=p2.phase2_lr,
                     epochs=p2.phase2_epochs, batch_size=p2.phase2_batch, bar=p2.phase2_bar, scorer=scorer,
                     max_new_tokens=cfg.rl.max_new_tokens, temperature=cfg.rl.temperature, seed=seed, rank=rank,
-                    device=device, shard=cfg.model.shard, cuda_graph=cfg.model.cuda_graphs)
+                    device=device, shard=cfg.model.shard, cuda_graphs=cfg.model.cuda_graphs)
     if rank == 0:
         report["config"] = resolved
         with open(os.path.join(out, "phase2_report.json"), "w") as f:

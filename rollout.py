@@ -12,7 +12,7 @@ positions (a prompt's largest 3-D position + 1), each row until its first EOS (<
 padded after it. The keys, values and attention mask live in buffers sized for prompt + max_new_tokens, written
 in place (PreallocatedLayer): nothing in the loop grows by concatenation. On a CPU the decode step runs by hand
 (decode_step: the model's own modules, attention as two matmuls), elsewhere through transformers' forward.
-cuda_graph=True runs that step by hand at fixed shapes (FixedStep: every row attends over its whole buffer, the
+cuda_graphs=True runs that step by hand at fixed shapes (FixedStep: every row attends over its whole buffer, the
 batch shrinks to powers of two only), which CUDA records once per batch size as a graph and replays. The
 loop checks which rows have ended (a host sync) every step on a CPU, every 8 on a GPU; once at most SHRINK_AT of
 the batch is still going, the ended rows leave it (their cache rows dropped by one copy), so later steps compute
@@ -264,8 +264,8 @@ def _uncached_stepper(model, batch, G):
 
 @torch.no_grad()
 def generate(model, processor, samples, group_size=1, max_new_tokens=128, temperature=1.0, top_p=1.0, top_k=0,
-             greedy=False, generator=None, use_cache=True, cuda_graph=False):
-    """Sample group_size answers for each sample ({"image", "problem"}); see the module docstring. cuda_graph: the
+             greedy=False, generator=None, use_cache=True, cuda_graphs=False):
+    """Sample group_size answers for each sample ({"image", "problem"}); see the module docstring. cuda_graphs: the
     decode step at fixed shapes (FixedStep), replayed as a CUDA graph on CUDA, for a model that is not sharded."""
     if group_size < 1 or max_new_tokens < 1:
         raise ValueError(f"group_size and max_new_tokens must be >= 1, got {group_size}, {max_new_tokens}")
@@ -277,7 +277,7 @@ def generate(model, processor, samples, group_size=1, max_new_tokens=128, temper
     batch = {k: v.to(device) for k, v in encode(processor, samples).items()}
     B, G = batch["input_ids"].shape[0], group_size
     N = B * G
-    fixed = use_cache and cuda_graph and not fsdp.is_sharded(model)
+    fixed = use_cache and cuda_graphs and not fsdp.is_sharded(model)
     logits, step, select = (_cached_stepper(model, batch, G, max_new_tokens, fixed) if use_cache
                             else _uncached_stepper(model, batch, G))
     stop = torch.tensor(processor.stop_token_ids, device=device)

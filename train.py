@@ -151,7 +151,7 @@ def grpo_step(policy, ref, processor, rows, stage, G, cfg, opt, rank, device, gl
     with fsdp.gathered(policy):  # FSDP: the whole model gathered once, not at every decoded token
         ro = rollout.generate(policy.eval(), processor, data.samples_of(local), group_size=G, generator=gens,
                               max_new_tokens=rl.max_new_tokens, temperature=rl.temperature,
-                              cuda_graph=cfg.model.cuda_graphs)                              # N = P * G answers
+                              cuda_graphs=cfg.model.cuda_graphs)                              # N = P * G answers
     t_gen = time.time() - t0
 
     # 2. Reward, each answer in its row's form (a replayed open question, curriculum.StageSpec.replay, by open rules;
@@ -312,7 +312,7 @@ def evaluate_stages(cfg, sets, named_dirs, out, rank, device, dtype):
     records = {}
     results = E.evaluate_models(named_dirs, sets, max_new_tokens=cfg.rl.max_new_tokens, device=device, dtype=dtype,
                                 max_pixels=cfg.model.max_pixels, verbose=rank == 0, records_out=records,
-                                cuda_graph=cfg.model.cuda_graphs)
+                                cuda_graphs=cfg.model.cuda_graphs)
     base = next(iter(records))  # the first model: the base
     changes = E.changes_from_first(records, sets, reduce=all_reduce_sum)
 
@@ -400,7 +400,7 @@ def main(argv=None):
             R.phase2(policy, processor, phase2_pool, os.path.join(out, "phase2"), device=device,
                      rank=rank, seed=cfg.run.seed, max_new_tokens=cfg.rl.max_new_tokens,
                      n_samples=p2.phase2_samples, bar=p2.phase2_bar, lr=p2.phase2_lr, epochs=p2.phase2_epochs,
-                     batch_size=p2.phase2_batch, shard=cfg.model.shard, cuda_graph=cfg.model.cuda_graphs)
+                     batch_size=p2.phase2_batch, shard=cfg.model.shard, cuda_graphs=cfg.model.cuda_graphs)
             fsdp.save(policy, processor, final_dir, dtype, rank)
         named.append(("final (+ phase 2)", final_dir))
         timings["phase2"] = time.time() - t0

@@ -316,7 +316,7 @@ def test_inverse_cdf_never_draws_a_zero_probability_token():
 
 
 def test_the_fixed_shape_step_gives_the_answers_of_the_step_by_hand(any_tiny, monkeypatch):
-    """cuda_graph=True decodes through rollout.FixedStep (eager on a CPU): every step attends over the whole buffer
+    """cuda_graphs=True decodes through rollout.FixedStep (eager on a CPU): every step attends over the whole buffer
     of prompt + max_new_tokens, and the batch shrinks to powers of two; the same sampled answers as the step by hand,
     log-probs equal to float rounding. A sharded model keeps the usual step."""
     import fsdp
@@ -335,7 +335,7 @@ def test_the_fixed_shape_step_gives_the_answers_of_the_step_by_hand(any_tiny, mo
     for graph in (True, False):
         handle = force_token(model, eos, at_step=5, row=1)   # one row of nine ends early
         try:
-            runs[graph] = generate(model, processor, prompts(), group_size=3, max_new_tokens=T, cuda_graph=graph,
+            runs[graph] = generate(model, processor, prompts(), group_size=3, max_new_tokens=T, cuda_graphs=graph,
                                    generator=rollout.prompt_generators(0, 1, 0, 3, "cpu"))
         finally:
             handle.remove()
@@ -351,7 +351,7 @@ def test_the_fixed_shape_step_gives_the_answers_of_the_step_by_hand(any_tiny, mo
     assert torch.allclose(fixed.logp, by_hand.logp, atol=1e-5), (fixed.logp - by_hand.logp).abs().max()
     shapes.clear()
     monkeypatch.setattr(fsdp, "is_sharded", lambda m: True)
-    generate(model, processor, prompts(), max_new_tokens=4, greedy=True, cuda_graph=True)
+    generate(model, processor, prompts(), max_new_tokens=4, greedy=True, cuda_graphs=True)
     assert not shapes, "a sharded model must not take the fixed-shape step"
 
 
@@ -392,9 +392,9 @@ def test_a_replayed_step_reads_only_the_tensors_it_was_recorded_with(monkeypatch
     def run(**kw):
         return generate(model.eval(), processor, rows, group_size=4, max_new_tokens=64,
                         generator=rollout.prompt_generators(0, 3, 0, len(rows), "cpu"), **kw)
-    by_hand, eager = run(), run(cuda_graph=True)
+    by_hand, eager = run(), run(cuda_graphs=True)
     monkeypatch.setattr(rollout.FixedStep, "__init__", init_with_graphs)
-    replayed = run(cuda_graph=True)
+    replayed = run(cuda_graphs=True)
     assert len(graphs) >= 3 and graphs[0] == 24 and graphs == sorted(set(graphs), reverse=True), graphs
     for other in (eager, by_hand):
         assert replayed.texts == other.texts and torch.equal(replayed.completion_ids, other.completion_ids)
