@@ -141,7 +141,7 @@ def test_the_gradient_is_grpo_loss_on_the_whole_batch_for_every_micro_batch(setu
                 f"{agg}, micro-batch {mb}: the gradient of {name} must equal grpo_loss's on the whole batch"
         norm = torch.cat([g.flatten() for g in want.values()]).norm().item()
         assert stats["grad_norm"] == pytest.approx(norm, rel=1e-4), "grad_norm is the norm of that gradient"
-        assert stats["loss"] == pytest.approx(loss, rel=1e-5, abs=1e-8), "the loss is the whole batch's"
+        assert stats["loss"] == pytest.approx(loss, rel=1e-4, abs=1e-8), "the loss is the whole batch's"
         assert stats["kl"] == pytest.approx(hand["kl"], rel=1e-5), "the KL is the whole batch's token mean"
 
 
