@@ -1,5 +1,6 @@
 """--shard optimizer (optim.ShardedAdamW) and multi-node runs: the same weights as plain AdamW, one process or
 two, one collective per bucket instead of one per tensor, and a kill + resume that is bit-identical."""
+import json
 import os
 import subprocess
 import sys
@@ -139,11 +140,15 @@ def one_process(tmp_path_factory):
 
 def assert_same_weights(one, other, what):
     start = weights(one / "stages/0_choice_start")
-    for stage in ("1_final", "2_phase2"):
+    # Phase 2 moves a weight by about 4e-4; on an AVX-512 CPU its 1- and 2-process weights differ by 4e-6 (rounding).
+    for stage, atol in (("1_final", 1e-6), ("2_phase2", 1e-5)):
         a, b = weights(one / "stages" / stage), weights(other / "stages" / stage)
         assert any(not torch.equal(a[k], start[k]) for k in a), "the steps must change the weights"
         for k in a:
-            assert torch.allclose(a[k], b[k], atol=1e-6, rtol=1e-4), f"{stage} {k}: {what} must match 1 process"
+            assert torch.allclose(a[k], b[k], atol=atol, rtol=1e-4), f"{stage} {k}: {what} must match 1 process"
+    # AdamW's first steps barely see a gradient's scale, so the phase-2 losses (4 decimals) are checked as well.
+    sft = [json.load(open(d / "phase2" / "phase2_report.json"))["sft"]["losses"] for d in (one, other)]
+    assert sft[0] == pytest.approx(sft[1], abs=2e-4), f"{what}: the phase-2 SFT losses must match 1 process"
 
 
 @pytest.mark.slow
