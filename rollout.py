@@ -96,9 +96,17 @@ class PreallocatedLayer(DynamicLayer):
         self.keys, self.values = self.k_buf[:, :, :self.n], self.v_buf[:, :, :self.n]
 
     def select(self, rows):
-        """Keep only these rows (a copy): the batch shrinks as its rows end."""
-        self.k_buf, self.v_buf = self.k_buf[rows], self.v_buf[rows]
+        """Keep only these rows, as the batch shrinks when its rows end: they move to the front of the buffers,
+        the part written so far copied, and the batch views those first rows from then on."""
+        written = self.written()
+        for buf in (self.k_buf, self.v_buf):
+            buf[:len(rows), :, :written] = buf[rows, :, :written]
+        self.k_buf, self.v_buf = self.k_buf[:len(rows)], self.v_buf[:len(rows)]
         self.keys, self.values = self.k_buf[:, :, :self.n], self.v_buf[:, :, :self.n]
+
+    def written(self):
+        """How many positions of the buffers hold keys and values so far."""
+        return self.n
 
     def update(self, key_states, value_states, *args, **kwargs):
         t = key_states.shape[2]
@@ -116,6 +124,9 @@ class FixedShapeLayer(PreallocatedLayer):
         super().__init__(keys, values, G, capacity)
         self.k_buf[:, :, self.n:], self.v_buf[:, :, self.n:], self.at = 0, 0, None   # at: set by FixedStep
 
+    def written(self):
+        return self.k_buf.shape[2]                 # every position: the steps write past n, the rest stays zeros
+
     def update(self, key_states, value_states, *args, **kwargs):            # (n, kv, 1, hs) each
         self.k_buf.index_copy_(2, self.at, key_states)
         self.v_buf.index_copy_(2, self.at, value_states)
@@ -126,27 +137,46 @@ def decodes_by_hand(model):
     layer's weights in its forward call, which decode_step does not make)."""
     return next(model.parameters()).device.type == "cpu" and not fsdp.is_sharded(model)
 
-def decode_step(model, token, cache, mask, cos, sin):
-    """Logits (n, V) of one new token per row, through the text model by hand: its own modules (embedding, norms,
-    projections, MLP, head), and attention over the preallocated cache as two matmuls. mask (n, 1, 1, L + t) is 0
-    where a row attends and -inf elsewhere; cos, sin (n, hs) are the rotary embedding at each row's position.
-    On a CPU, with one query a row, the matmuls are faster than torch's SDPA kernel, and the step skips
-    transformers' per-call work (mask building, output records); it decodes what transformers' forward does."""
+def decode_weights(model):
+    """Each decoder layer's q, k and v projections as one (weight, bias), concatenated once per rollout: a decode step
+    then makes one matmul of them instead of three, with the same values bit for bit."""
+    out = []
+    for layer in model.model.language_model.layers:
+        projs = (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj)
+        bias = None if projs[0].bias is None else torch.cat([p.bias for p in projs])
+        out.append((torch.cat([p.weight for p in projs]), bias))
+    return out
+
+def rms_norm(norm, x):
+    """What transformers' Qwen RMSNorm module computes, bit for bit, in fewer kernels (in place where it may)."""
+    h = x.float()
+    scale = h.pow(2).mean(-1, keepdim=True).add_(norm.variance_epsilon).rsqrt_()
+    return (h * scale).to(x.dtype).mul_(norm.weight)
+
+def decode_step(model, token, cache, mask, cos, sin, qkv):
+    """Logits (n, V) of one new token per row, through the text model by hand: its own weights (embedding, norms,
+    projections, MLP) called as functions, then its head, and attention over the preallocated cache as two matmuls. mask
+    (n, 1, 1, L + t) is 0 where a row attends and -inf elsewhere; cos, sin (n, hs) are the rotary embedding at each
+    row's position; qkv: decode_weights(model). On a CPU, with one query a row, the matmuls are faster than torch's
+    SDPA kernel, and the step skips transformers' per-call work (module calls, mask building, output records); it
+    computes what transformers' forward does, to the bit in the tests."""
     lm = model.model.language_model
-    x = lm.embed_tokens(token)                                               # (n, D)
-    n = x.shape[0]
-    for layer, kv in zip(lm.layers, cache.layers):
-        attn = layer.self_attn
-        h = layer.input_layernorm(x)
-        q, k, v = (proj(h).view(n, -1, attn.head_dim) for proj in (attn.q_proj, attn.k_proj, attn.v_proj))
-        q, k = apply_rotary_pos_emb(q, k, cos, sin)                           # (n, heads, hs), (n, kv, hs)
-        keys, values = kv.update(k[:, :, None], v[:, :, None])                 # (n, kv, L + t, hs)
-        q = q.view(n, keys.shape[1], -1, attn.head_dim)                        # (n, kv, heads per kv, hs)
-        scores = (q @ keys.transpose(2, 3)) * attn.scaling + mask              # (n, kv, heads per kv, L + t)
+    x = F.embedding(token, lm.embed_tokens.weight)                          # (n, D)
+    n, heads, kv_heads = x.shape[0], lm.config.num_attention_heads, lm.config.num_key_value_heads
+    for layer, kv, (w, b) in zip(lm.layers, cache.layers, qkv):
+        attn, mlp = layer.self_attn, layer.mlp
+        q_k_v = F.linear(rms_norm(layer.input_layernorm, x), w, b).view(n, -1, attn.head_dim)
+        q, k = apply_rotary_pos_emb(q_k_v[:, :heads], q_k_v[:, heads:heads + kv_heads], cos, sin)  # (n, heads, hs)
+        keys, values = kv.update(k[:, :, None], q_k_v[:, heads + kv_heads:, None])  # (n, kv, L + t, hs)
+        q = q.view(n, kv_heads, -1, attn.head_dim)                           # (n, kv, heads per kv, hs)
+        scores = (q @ keys.transpose(2, 3)) * attn.scaling + mask            # (n, kv, heads per kv, L + t)
         out = scores.float().softmax(-1).to(values.dtype) @ values
-        x = x + attn.o_proj(out.reshape(n, -1))
-        x = x + layer.mlp(layer.post_attention_layernorm(x))
-    return model.lm_head(lm.norm(x))
+        x = x + F.linear(out.reshape(n, -1), attn.o_proj.weight, attn.o_proj.bias)
+        h = rms_norm(layer.post_attention_layernorm, x)
+        h = mlp.act_fn(F.linear(h, mlp.gate_proj.weight, mlp.gate_proj.bias)).mul_(
+            F.linear(h, mlp.up_proj.weight, mlp.up_proj.bias))
+        x = x + F.linear(h, mlp.down_proj.weight, mlp.down_proj.bias)
+    return model.lm_head(rms_norm(lm.norm, x))                               # a module call: its hooks run
 
 class FixedStep:
     """The decode step at fixed shapes, so that CUDA can record it once as a graph and replay it at every step: each
@@ -157,8 +187,9 @@ class FixedStep:
     step of each batch size is recorded and replayed; elsewhere, as in the CPU tests, the same step runs eagerly."""
     capture = True  # False: eager on CUDA too (gpu_check compares the two)
 
-    def __init__(self, model, cache, mask, cos, sin, L):                    # mask (n, 1, 1, L + T), cos, sin (n, T, hs)
+    def __init__(self, model, cache, mask, cos, sin, L, qkv):  # mask (n, 1, 1, L + T), cos, sin (n, T, hs)
         self.model, self.cache, self.mask, self.cos, self.sin, self.L = model, cache, mask, cos, sin, L
+        self.qkv = qkv
         self.at = torch.zeros(1, dtype=torch.long, device=mask.device)       # the buffer position this step writes
         for layer in cache.layers:
             layer.at = self.at
@@ -170,7 +201,7 @@ class FixedStep:
         self.mask.index_fill_(-1, self.at, 0.0)                               # this step's position becomes visible
         i = self.at - self.L
         cos, sin = self.cos.index_select(1, i).squeeze(1), self.sin.index_select(1, i).squeeze(1)
-        return decode_step(self.model, self.token, self.cache, self.mask, cos, sin)
+        return decode_step(self.model, self.token, self.cache, self.mask, cos, sin, self.qkv)
 
     def __call__(self, token, at):                                           # token (n,), at: an int -> logits (n, V)
         if self.token is None:
@@ -212,7 +243,7 @@ def _cached_stepper(model, batch, G, max_new_tokens, fixed=False):
     mask = batch["attention_mask"].new_ones(batch["input_ids"].shape[0] * G, L + max_new_tokens)    # (N, L + T)
     mask[:, :L] = batch["attention_mask"].repeat_interleave(G, dim=0)
     pos = next_pos.repeat_interleave(G)                                      # (N,)
-    by_hand, cos, sin = fixed or decodes_by_hand(model), None, None
+    by_hand, cos, sin, qkv = fixed or decodes_by_hand(model), None, None, None
     if by_hand:  # the rotary embedding of every step's positions at once, and the mask as 0 / -inf
         weight = model.model.language_model.embed_tokens.weight
         positions = (pos[:, None] + torch.arange(max_new_tokens, device=pos.device)).expand(3, -1, -1)  # (3, N, T)
@@ -220,9 +251,10 @@ def _cached_stepper(model, batch, G, max_new_tokens, fixed=False):
         if fixed:
             mask[:, L:] = 0                                                  # written step by step (FixedStep)
         mask = torch.zeros(mask.shape, dtype=weight.dtype, device=weight.device).masked_fill(mask == 0, -torch.inf)
+        qkv = decode_weights(model)
     if fixed:
         cache.layers = [FixedShapeLayer(layer.keys, layer.values, G, L + max_new_tokens) for layer in cache.layers]
-        fixed_step, t = FixedStep(model, cache, mask[:, None, None], cos, sin, L), 0
+        fixed_step, t = FixedStep(model, cache, mask[:, None, None], cos, sin, L, qkv), 0
 
         def step(token):
             nonlocal t
@@ -236,7 +268,8 @@ def _cached_stepper(model, batch, G, max_new_tokens, fixed=False):
         nonlocal t
         t += 1
         if by_hand:
-            return decode_step(model, token, cache, mask[:, None, None, :L + t], cos[:, t - 1], sin[:, t - 1])
+            return decode_step(model, token, cache, mask[:, None, None, :L + t], cos[:, t - 1], sin[:, t - 1],
+                               qkv)
         out = model(input_ids=token[:, None], cache=cache, attention_mask=mask[:, :L + t],
                     position_ids=(pos + t - 1).view(1, -1, 1).expand(3, -1, 1), use_cache=True)
         return out.logits[:, -1]
