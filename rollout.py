@@ -11,7 +11,7 @@ the vision tower and the prompt run once per prompt; (3) decode one token per st
 positions (a prompt's largest 3-D position + 1), each row until its first EOS (<|im_end|> or <|endoftext|>),
 padded after it. The keys, values and attention mask live in buffers sized for prompt + max_new_tokens, written
 in place (PreallocatedLayer): nothing in the loop grows by concatenation. On a CPU the decode step runs by hand
-(decode_step: the model's own modules, attention as two matmuls), elsewhere through transformers' forward.
+(decode_step: the model's own weights in few kernels, attention as two matmuls), elsewhere through transformers' forward.
 cuda_graphs=True runs that step by hand at fixed shapes (FixedStep: every row attends over its whole buffer, the
 batch shrinks to powers of two only), which CUDA records once per batch size as a graph and replays. The
 loop checks which rows have ended (a host sync) every step on a CPU, every 8 on a GPU; once at most SHRINK_AT of
