@@ -11,7 +11,8 @@ the vision tower and the prompt run once per prompt; (3) decode one token per st
 positions (a prompt's largest 3-D position + 1), each row until its first EOS (<|im_end|> or <|endoftext|>),
 padded after it. The keys, values and attention mask live in buffers sized for prompt + max_new_tokens, written
 in place (PreallocatedLayer): nothing in the loop grows by concatenation. On a CPU the decode step runs by hand
-(decode_step: the model's own weights in few kernels, attention as two matmuls), elsewhere through transformers' forward.
+(decode_step: the model's own weights in few kernels, attention as two matmuls), elsewhere through transformers'
+forward.
 cuda_graphs=True runs that step by hand at fixed shapes (FixedStep: every row attends over its whole buffer, the
 batch shrinks to powers of two only), which CUDA records once per batch size as a graph and replays. The
 loop checks which rows have ended (a host sync) every step on a CPU, every 8 on a GPU; once at most SHRINK_AT of
@@ -167,11 +168,11 @@ def rotary(x, cos, sin):
 
 def decode_step(model, token, cache, mask, cos, sin, qkv):
     """Logits (n, V) of one new token per row, through the text model by hand: its own weights (embedding, norms,
-    projections, MLP) called as functions, then its head, and attention over the preallocated cache as two matmuls. mask
-    (n, 1, 1, L + t) is 0 where a row attends and -inf elsewhere; cos, sin (n, hs) are the rotary tables at each row's
-    position (rotary_tables); qkv: decode_weights(model). On a CPU, with one query a row, the matmuls are faster than torch's
-    SDPA kernel, and the step skips transformers' per-call work (module calls, mask building, output records); it
-    computes what transformers' forward does, to the bit in the tests."""
+    projections, MLP) called as functions, then its head, and attention over the preallocated cache as two matmuls.
+    mask (n, 1, 1, L + t) is 0 where a row attends and -inf elsewhere; cos, sin (n, hs) are the rotary tables at each
+    row's position (rotary_tables); qkv: decode_weights(model). On a CPU, with one query a row, the matmuls are faster
+    than torch's SDPA kernel, and the step skips transformers' per-call work (module calls, mask building, output
+    records); it decodes what transformers' forward does (the same answers in the tests, log-probs to rounding)."""
     lm = model.model.language_model
     x = F.embedding(token, lm.embed_tokens.weight)                          # (n, D)
     n, heads, kv_heads = x.shape[0], lm.config.num_attention_heads, lm.config.num_key_value_heads
