@@ -69,7 +69,7 @@ def sample_next(logits, u, temperature=1.0, top_k=0, top_p=1.0, greedy=False):
     row's uniform u (N,), a single batched search for all rows (torch.multinomial takes one generator per call)."""
     if greedy:
         return logits.argmax(-1)
-    logits = logits / temperature
+    logits = logits / temperature if temperature != 1.0 else logits
     if top_k > 0:
         kth = torch.topk(logits, min(top_k, logits.size(-1)), dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -177,6 +177,7 @@ def decode_step(model, token, cache, mask, cos, sin, qkv):
     lm = model.model.language_model
     x = F.embedding(token, lm.embed_tokens.weight)                          # (n, D)
     n, heads, kv_heads = x.shape[0], lm.config.num_attention_heads, lm.config.num_key_value_heads
+    silu = lm.config.hidden_act == "silu"                                    # Qwen's: then in place
     for layer, kv, (w, b) in zip(lm.layers, cache.layers, qkv):
         attn, mlp = layer.self_attn, layer.mlp
         q_k_v = F.linear(rms_norm(layer.input_layernorm, x), w, b).view(n, -1, attn.head_dim)
@@ -188,8 +189,9 @@ def decode_step(model, token, cache, mask, cos, sin, qkv):
         out = scores.float().softmax(-1).to(values.dtype) @ values
         x += F.linear(out.reshape(n, -1), attn.o_proj.weight, attn.o_proj.bias)
         h = rms_norm(layer.post_attention_layernorm, x)
-        h = mlp.act_fn(F.linear(h, mlp.gate_proj.weight, mlp.gate_proj.bias)).mul_(
-            F.linear(h, mlp.up_proj.weight, mlp.up_proj.bias))
+        gate = F.linear(h, mlp.gate_proj.weight, mlp.gate_proj.bias)
+        gate = F.silu(gate, inplace=True) if silu else mlp.act_fn(gate)
+        h = gate.mul_(F.linear(h, mlp.up_proj.weight, mlp.up_proj.bias))
         x += F.linear(h, mlp.down_proj.weight, mlp.down_proj.bias)
     return model.lm_head(rms_norm(lm.norm, x))                               # a module call: its hooks run
 
