@@ -138,14 +138,20 @@ def decodes_by_hand(model):
     return next(model.parameters()).device.type == "cpu" and not fsdp.is_sharded(model)
 
 def decode_weights(model):
-    """Each decoder layer's q, k and v projections as one (weight, bias), concatenated once per rollout: a decode step
-    then makes one matmul of them instead of three, with the same values bit for bit."""
+    """Each decoder layer's projections as (transposed weight, bias) pairs for `linear`, made once per rollout: q, k
+    and v concatenated into one (one matmul instead of three, the same values bit for bit), then o, gate, up, down."""
     out = []
     for layer in model.model.language_model.layers:
-        projs = (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj)
-        bias = None if projs[0].bias is None else torch.cat([p.bias for p in projs])
-        out.append((torch.cat([p.weight for p in projs]), bias))
+        attn, mlp = layer.self_attn, layer.mlp
+        qkv = (attn.q_proj, attn.k_proj, attn.v_proj)
+        bias = None if qkv[0].bias is None else torch.cat([p.bias for p in qkv])
+        out.append([(torch.cat([p.weight for p in qkv]).t(), bias)] +
+                   [(p.weight.t(), p.bias) for p in (attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj)])
     return out
+
+def linear(x, wt, b):
+    """F.linear(x, wt.t(), b) of a 2-D x, by the matmul it makes (mm, or addmm with a bias), without its calls."""
+    return torch.mm(x, wt) if b is None else torch.addmm(b, x, wt)
 
 def rms_norm(norm, x):
     """What transformers' Qwen RMSNorm module computes, bit for bit, with fewer new tensors (in place where it may)."""
@@ -167,32 +173,33 @@ def rotary(x, cos, sin):
     4 kernels instead of 5 for each."""
     return x * cos[:, None] + x.roll(x.shape[-1] // 2, -1) * sin[:, None]
 
-def decode_step(model, token, cache, mask, cos, sin, qkv):
+def decode_step(model, token, cache, mask, cos, sin, weights):
     """Logits (n, V) of one new token per row, through the text model by hand: its own weights (embedding, norms,
     projections, MLP) called as functions, then its head, and attention over the preallocated cache as two matmuls.
     mask (n, 1, 1, L + t) is 0 where a row attends and -inf elsewhere; cos, sin (n, hs) are the rotary tables at each
-    row's position (rotary_tables); qkv: decode_weights(model). On a CPU, with one query a row, the matmuls are faster
-    than torch's SDPA kernel, and the step skips transformers' per-call work (module calls, mask building, output
-    records); it decodes what transformers' forward does (the same answers in the tests, log-probs to rounding)."""
+    row's position (rotary_tables); weights: decode_weights(model). On a CPU, with one query a row, the matmuls are
+    faster than torch's SDPA kernel, and the step skips transformers' per-call work (module calls, mask building,
+    output records); it decodes what transformers' forward does (the same answers in the tests, log-probs to
+    rounding)."""
     lm = model.model.language_model
     x = F.embedding(token, lm.embed_tokens.weight)                          # (n, D)
     n, heads, kv_heads = x.shape[0], lm.config.num_attention_heads, lm.config.num_key_value_heads
     silu = lm.config.hidden_act == "silu"                                    # Qwen's: then in place
-    for layer, kv, (w, b) in zip(lm.layers, cache.layers, qkv):
+    for layer, kv, (qkv_w, o_w, gate_w, up_w, down_w) in zip(lm.layers, cache.layers, weights):
         attn, mlp = layer.self_attn, layer.mlp
-        q_k_v = F.linear(rms_norm(layer.input_layernorm, x), w, b).view(n, -1, attn.head_dim)
+        q_k_v = linear(rms_norm(layer.input_layernorm, x), *qkv_w).view(n, -1, attn.head_dim)
         q_k = rotary(q_k_v[:, :heads + kv_heads], cos, sin)                  # (n, heads + kv, hs)
         q, k = q_k[:, :heads], q_k[:, heads:]
         keys, values = kv.update(k[:, :, None], q_k_v[:, heads + kv_heads:, None])  # (n, kv, L + t, hs)
         q = q.view(n, kv_heads, -1, attn.head_dim)                           # (n, kv, heads per kv, hs)
-        scores = (q @ keys.transpose(2, 3)) * attn.scaling + mask            # (n, kv, heads per kv, L + t)
+        # (n, kv, heads per kv, L + t): mask + scaling * q.k, one kernel for the two, exact since the mask is 0 or -inf
+        scores = torch.add(mask, q @ keys.transpose(2, 3), alpha=attn.scaling)
         out = scores.float().softmax(-1).to(values.dtype) @ values
-        x += F.linear(out.reshape(n, -1), attn.o_proj.weight, attn.o_proj.bias)
+        x += linear(out.reshape(n, -1), *o_w)
         h = rms_norm(layer.post_attention_layernorm, x)
-        gate = F.linear(h, mlp.gate_proj.weight, mlp.gate_proj.bias)
+        gate = linear(h, *gate_w)
         gate = F.silu(gate, inplace=True) if silu else mlp.act_fn(gate)
-        h = gate.mul_(F.linear(h, mlp.up_proj.weight, mlp.up_proj.bias))
-        x += F.linear(h, mlp.down_proj.weight, mlp.down_proj.bias)
+        x += linear(gate.mul_(linear(h, *up_w)), *down_w)
     return model.lm_head(rms_norm(lm.norm, x))                               # a module call: its hooks run
 
 class FixedStep:
@@ -204,9 +211,9 @@ class FixedStep:
     step of each batch size is recorded and replayed; elsewhere, as in the CPU tests, the same step runs eagerly."""
     capture = True  # False: eager on CUDA too (gpu_check compares the two)
 
-    def __init__(self, model, cache, mask, cos, sin, L, qkv):  # mask (n, 1, 1, L + T), cos, sin (n, T, hs)
+    def __init__(self, model, cache, mask, cos, sin, L, weights):  # mask (n, 1, 1, L + T), cos, sin (n, T, hs)
         self.model, self.cache, self.mask, self.cos, self.sin, self.L = model, cache, mask, cos, sin, L
-        self.qkv = qkv
+        self.weights = weights
         self.at = torch.zeros(1, dtype=torch.long, device=mask.device)       # the buffer position this step writes
         for layer in cache.layers:
             layer.at = self.at
@@ -218,7 +225,7 @@ class FixedStep:
         self.mask.index_fill_(-1, self.at, 0.0)                               # this step's position becomes visible
         i = self.at - self.L
         cos, sin = self.cos.index_select(1, i).squeeze(1), self.sin.index_select(1, i).squeeze(1)
-        return decode_step(self.model, self.token, self.cache, self.mask, cos, sin, self.qkv)
+        return decode_step(self.model, self.token, self.cache, self.mask, cos, sin, self.weights)
 
     def __call__(self, token, at):                                           # token (n,), at: an int -> logits (n, V)
         if self.token is None:
@@ -260,17 +267,17 @@ def _cached_stepper(model, batch, G, max_new_tokens, fixed=False):
     mask = batch["attention_mask"].new_ones(batch["input_ids"].shape[0] * G, L + max_new_tokens)    # (N, L + T)
     mask[:, :L] = batch["attention_mask"].repeat_interleave(G, dim=0)
     pos = next_pos.repeat_interleave(G)                                      # (N,)
-    by_hand, cos, sin, qkv = fixed or decodes_by_hand(model), None, None, None
+    by_hand, cos, sin, weights = fixed or decodes_by_hand(model), None, None, None
     if by_hand:  # the rotary embedding of every step's positions at once, and the mask as 0 / -inf
         weight = model.model.language_model.embed_tokens.weight
         cos, sin = rotary_tables(model, pos[:, None] + torch.arange(max_new_tokens, device=pos.device))  # (N, T, hs)
         if fixed:
             mask[:, L:] = 0                                                  # written step by step (FixedStep)
         mask = torch.zeros(mask.shape, dtype=weight.dtype, device=weight.device).masked_fill(mask == 0, -torch.inf)
-        qkv = decode_weights(model)
+        weights = decode_weights(model)
     if fixed:
         cache.layers = [FixedShapeLayer(layer.keys, layer.values, G, L + max_new_tokens) for layer in cache.layers]
-        fixed_step, t = FixedStep(model, cache, mask[:, None, None], cos, sin, L, qkv), 0
+        fixed_step, t = FixedStep(model, cache, mask[:, None, None], cos, sin, L, weights), 0
 
         def step(token):
             nonlocal t
@@ -285,7 +292,7 @@ def _cached_stepper(model, batch, G, max_new_tokens, fixed=False):
         t += 1
         if by_hand:
             return decode_step(model, token, cache, mask[:, None, None, :L + t], cos[:, t - 1], sin[:, t - 1],
-                               qkv)
+                               weights)
         out = model(input_ids=token[:, None], cache=cache, attention_mask=mask[:, :L + t],
                     position_ids=(pos + t - 1).view(1, -1, 1).expand(3, -1, 1), use_cache=True)
         return out.logits[:, -1]

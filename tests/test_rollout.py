@@ -293,11 +293,10 @@ def test_the_decode_step_by_hand_equals_transformers_forward(any_tiny, monkeypat
 
 
 def test_the_decode_steps_pieces_compute_transformers_values_bit_for_bit(any_tiny):
-    """rollout.rms_norm, the fused q/k/v projection of decode_weights and rotary with rotary_tables compute what the
-    model's RMSNorm module, its three projections and transformers' apply_rotary_pos_emb do, to the bit, at batch
-    sizes on both sides of the BLAS's small-matrix path (random weights and biases: none is 0 or 1)."""
+    """rollout.rms_norm, decode_weights' projections (q/k/v fused) through rollout.linear and rotary with rotary_tables
+    compute what the model's RMSNorm module, its projections and transformers' apply_rotary_pos_emb do, to the bit, at
+    batch sizes on both sides of the BLAS's small-matrix path (random weights and biases: none is 0 or 1)."""
     import copy
-    import torch.nn.functional as F
     from transformers.models.qwen2_vl.modeling_qwen2_vl import apply_rotary_pos_emb
     import rollout
     g = torch.Generator().manual_seed(0)
@@ -308,14 +307,18 @@ def test_the_decode_steps_pieces_compute_transformers_values_bit_for_bit(any_tin
     lm = model.model.language_model
     layer, attn, hs = lm.layers[1], lm.layers[1].self_attn, lm.layers[1].self_attn.head_dim
     heads, kv = lm.config.num_attention_heads, lm.config.num_key_value_heads
-    w, b = rollout.decode_weights(model)[1]
+    qkv_w, *others = rollout.decode_weights(model)[1]
+    projs = (attn.o_proj, layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj)
     for n in (1, 5, 32):
         x = torch.randn(n, lm.config.hidden_size, generator=g)
         h = rollout.rms_norm(layer.input_layernorm, x)
         assert torch.equal(h, layer.input_layernorm(x)), "rms_norm"
-        q_k_v = F.linear(h, w, b).view(n, -1, hs)
+        q_k_v = rollout.linear(h, *qkv_w).view(n, -1, hs)
         q, k, v = (proj(h).view(n, -1, hs) for proj in (attn.q_proj, attn.k_proj, attn.v_proj))
         assert torch.equal(q_k_v, torch.cat([q, k, v], dim=1)), "the fused projection"
+        for proj, w in zip(projs, others):
+            inp = torch.randn(n, proj.in_features, generator=g)
+            assert torch.equal(rollout.linear(inp, *w), proj(inp)), proj
         positions = torch.randint(0, 300, (n, 2), generator=g)
         cos, sin = rollout.rotary_tables(model, positions)                      # (n, 2, hs)
         ref_cos, ref_sin = lm.rotary_emb(x, positions.expand(3, -1, -1))
