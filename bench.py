@@ -31,6 +31,7 @@ model at the real widths, bf16 on CPU); everything else is computed from them.
 import argparse
 import multiprocessing
 import os
+import re
 import statistics
 import threading
 import time
@@ -385,7 +386,26 @@ def print_memory_plans(ranks=8, prompt_lengths=(1300, 600), new_tokens=256, grou
 def spread(xs, fmt):
     return f"{format(statistics.median(xs), fmt)} ({format(min(xs), fmt)}–{format(max(xs), fmt)})"
 
-def main():
+def check_args(args):
+    """SystemExit naming the flag to fix, before any model is built."""
+    device = re.fullmatch(r"(cpu|cuda)(?::(\d+))?", args.device)
+    checks = [
+        (device is not None, f"--device {args.device!r}: use cpu, cuda or cuda:N"),
+        (device is None or device[1] == "cpu" or torch.cuda.is_available(),
+         f"--device {args.device}, but torch sees no GPU (on a CPU machine use --device cpu)"),
+        (device is None or device[2] is None or int(device[2]) < torch.cuda.device_count(),
+         f"--device {args.device}: torch sees {torch.cuda.device_count()} GPU(s)"),
+        (args.threads >= 0, "--threads must be >= 0 (0: torch's default)"),
+        (args.repeats >= 1 and args.warmup >= 0, "--repeats must be >= 1 and --warmup >= 0"),
+        (min(args.sizes) >= 1, "--sizes must be >= 1 pixel"),
+        (min(args.batch, args.group, args.max_new_tokens) >= 1, "--batch, --group and --max-new-tokens must be >= 1"),
+        (args.preset or args.training or args.memory, "nothing to run: give a --preset, or drop --no-training"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise SystemExit(f"error: {message}")
+
+def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", nargs="*", default=["tiny", "small"], choices=sorted(M.PRESETS), help="random models")
     p.add_argument("--sizes", nargs="+", type=int, default=[112, 448], help="square image sizes in pixels")
@@ -400,13 +420,12 @@ def main():
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
-    args = p.parse_args()
+    args = p.parse_args(argv)
+    check_args(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.memory:
         return print_memory_plans()
-    if args.repeats < 1 or args.warmup < 0:
-        raise SystemExit("error: --repeats must be >= 1 and --warmup >= 0")
     cuda = args.device.startswith("cuda")
     where = torch.cuda.get_device_name() if cuda else f"CPU, {torch.get_num_threads()} threads"
     print(f"rollout throughput, new tokens/s: median (min–max) of {args.repeats} interleaved calls per arm after "

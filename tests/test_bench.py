@@ -1,4 +1,4 @@
-"""bench.py --memory: parameter counts on the meta device, the activation measurement, the plan's arithmetic."""
+"""bench.py: --memory (parameter counts, the activation measurement, the plan's arithmetic) and the argument checks."""
 import sys
 
 import pytest
@@ -49,3 +49,16 @@ def test_memory_flag_runs_the_plan_not_the_speed_benchmark(monkeypatch):
     monkeypatch.setattr(sys, "argv", ["bench.py", "--memory"])
     bench.main()
     assert calls == ["plan"]
+
+
+@pytest.mark.parametrize("argv, flag", [
+    (["--device", "xyz"], "--device"), (["--device", "cuda"], "torch sees no GPU"), (["--sizes", "0"], "--sizes"),
+    (["--batch", "0"], "--batch"), (["--group", "0"], "--group"), (["--max-new-tokens", "0"], "--max-new-tokens"),
+    (["--threads", "-1"], "--threads"), (["--repeats", "0"], "--repeats"), (["--warmup", "-1"], "--warmup"),
+    (["--preset", "--no-training"], "nothing to run")])
+def test_bad_arguments_stop_before_any_model_is_built(monkeypatch, argv, flag):
+    if "cuda" in argv and bench.torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    monkeypatch.setattr(bench, "load", lambda job: pytest.fail("the benchmark ran"))
+    with pytest.raises(SystemExit, match=flag):
+        bench.main(argv)
