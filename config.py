@@ -18,6 +18,7 @@ from fractions import Fraction
 import torch
 
 import curriculum
+import runtime
 
 def arg(default, help):
     return field(default=default, metadata={"help": help})
@@ -90,7 +91,7 @@ class RunConfig:
     resume: bool = arg(False, "continue from the latest checkpoint in --out")
     ckpt_every: int = arg(20, "steps between checkpoints (and at every stage end)")
     keep: int = arg(2, "checkpoints kept")
-    sample_every: int = arg(10, "steps between dumps of sampled answers to samples.jsonl")
+    sample_every: int = arg(10, "steps between dumps of sampled answers to samples.jsonl (0: none)")
     max_bad_steps: int = arg(5, "consecutive non-finite steps before the run stops")
     threads: int = arg(0, "torch CPU threads (0: torch's default)")
 
@@ -200,6 +201,7 @@ def validate(cfg):
     replay_ratios(rl, stages)
     bad_forms = [s for s in cfg.data.eval_stages.split(",") if s not in curriculum.STAGES]
     W = int(os.environ.get("WORLD_SIZE", 1))
+    runtime.check_device(model.device)
     checks = [
         (model.attn != "flash_attention_2" or importlib.util.find_spec("flash_attn") is not None,
          "--attn flash_attention_2 needs the flash-attn package (pip install flash-attn), or use --attn sdpa"),
@@ -215,10 +217,10 @@ def validate(cfg):
         (min(run.ckpt_every, run.keep, run.max_bad_steps) >= 1, "need ckpt-every, keep, max-bad-steps >= 1"),
         (min(p2.phase2_prompts, p2.phase2_samples, p2.phase2_epochs, p2.phase2_batch) >= 1 and p2.phase2_lr > 0,
          "phase-2 sizes must be >= 1 and its lr > 0"),
-        (cfg.data.image_size % 28 == 0 and cfg.data.pool_size >= 1, "--image-size must be a multiple of 28"),
-        (model.device in ("auto", "cpu") or model.device.startswith("cuda"), "--device: auto, cpu or cuda"),
-        (not model.device.startswith("cuda") or torch.cuda.is_available(),
-         "--device cuda, but torch sees no GPU (on a CPU machine use --device cpu)"),
+        (cfg.data.image_size >= 28 and cfg.data.image_size % 28 == 0, "--image-size must be a multiple of 28"),
+        (cfg.data.pool_size >= 1 and cfg.data.eval_n >= 0, "need pool-size >= 1, eval-n >= 0 (0: no evaluation)"),
+        (model.max_pixels >= 1, "--max-pixels must be >= 1"),
+        (run.threads >= 0 and run.sample_every >= 0, "need threads >= 0 (0: torch's default), sample-every >= 0"),
         (model.model in ("tiny", "small", ModelConfig.model) or os.path.isdir(model.model),
          f"--model {model.model!r} is neither 'tiny' nor a folder"),
         (not model.cuda_graphs or (model.device != "cpu" and torch.cuda.is_available()),

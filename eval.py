@@ -43,7 +43,8 @@ import data
 import model as M
 import rewards
 from rollout import generate
-from runtime import all_reduce_sum, barrier, cpu_workers, forked_map, resolve_dtype, setup_dist, world_size, write_atomic
+from runtime import (all_reduce_sum, barrier, check_device, cpu_workers, forked_map, resolve_dtype, setup_dist,
+                     world_size, write_atomic)
 
 IOU_THRESHOLD = 0.5
 TASK_METRICS = {("detection", "open"): {"acc@0.5": "acc@0.5", "iou_mean": "IoU"},   # metric: column label
@@ -393,8 +394,16 @@ def main(argv=None):
         stages = tuple(s.strip() for s in args.stages.split(",") if s.strip())
         if not stages or any(s not in curriculum.STAGES for s in stages):
             raise ValueError(f"--stages {args.stages!r}: expected some of {', '.join(curriculum.STAGES)}")
+        check_device(args.device)
+        for ok, message in [(args.n >= 1, "--n must be >= 1"), (args.batch_size >= 1, "--batch-size must be >= 1"),
+                            (args.max_new_tokens >= 1, "--max-new-tokens must be >= 1"),
+                            (args.samples >= 0, "--samples must be >= 0 (0: greedy only)"),
+                            (args.threads >= 0, "--threads must be >= 0 (0: torch's default)"),
+                            (args.max_pixels is None or args.max_pixels >= 1, "--max-pixels must be >= 1")]:
+            if not ok:
+                raise ValueError(message)
         ks = tuple(int(k) for k in args.pass_k.split(",") if k.strip())
-        if args.samples < 0 or (ks and not args.samples) or any(not 1 <= k <= args.samples for k in ks):
+        if (ks and not args.samples) or any(not 1 <= k <= args.samples for k in ks):
             raise ValueError(f"--pass-k {args.pass_k!r} needs --samples >= every k (got --samples {args.samples})")
         sets = load_eval_sets(args.data, args.n, args.seed, stages, args.image_root, args.task)
     except (ValueError, FileNotFoundError) as e:   # data.DataError is a ValueError

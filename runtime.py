@@ -3,13 +3,14 @@ What every entry point needs around the model, with no project imports:
 - manual DDP, written out: `setup_dist()` reads torchrun's RANK / LOCAL_RANK / WORLD_SIZE (gloo on CPU; on GPUs
   NCCL for CUDA tensors and gloo for CPU ones); without them it is one process, where `all_reduce_sum`,
   `all_reduce_grads` and `barrier` do nothing;
-- `resolve_dtype`, atomic writes (`save_atomically`, `write_atomic`) and `lr_factor`, the learning-rate schedule;
+- `check_device` (a --device flag, checked before any work), `resolve_dtype`, atomic writes (`save_atomically`, `write_atomic`) and `lr_factor`, the learning-rate schedule;
 - `forked_map`, work dealt to forked processes of one thread each (the evaluation on a CPU).
 """
 import datetime
 import math
 import multiprocessing
 import os
+import re
 import shutil
 from concurrent.futures import ProcessPoolExecutor
 
@@ -29,6 +30,17 @@ def setup_dist(device=None):
         dist.init_process_group(backend="cpu:gloo,cuda:nccl" if device.startswith("cuda") else "gloo",
                                 timeout=datetime.timedelta(minutes=60))  # rank 0 may write a 50 GB checkpoint
     return rank, local_rank, world, device
+
+def check_device(device):
+    """A ValueError naming --device unless it is auto, cpu, cuda, or cuda:N of a GPU that torch sees."""
+    m = re.fullmatch(r"auto|cpu|cuda(?::(\d+))?", device)
+    if m is None:
+        raise ValueError(f"--device {device!r}: use auto, cpu, cuda or cuda:N")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}, but torch sees no GPU (on a CPU machine use --device cpu)")
+    if m[1] is not None and int(m[1]) >= torch.cuda.device_count():
+        raise ValueError(f"--device {device}: torch sees {torch.cuda.device_count()} GPU(s), cuda:0 to cuda:"
+                         f"{torch.cuda.device_count() - 1}")
 
 def world_size():
     return dist.get_world_size() if dist.is_initialized() else 1

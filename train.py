@@ -286,7 +286,7 @@ def run_rl(cfg, cur, out, rank, device, dtype, policy, processor, base):
                 tag = {"stage": spec.name, "step": step, "global_step": global_step}
                 with open(os.path.join(out, "metrics.jsonl"), "a") as f:
                     f.write(json.dumps({**tag, "lr": lr, **stats}) + "\n")
-                if cfg.run.sample_every and step % cfg.run.sample_every == 1:
+                if cfg.run.sample_every and (step - 1) % cfg.run.sample_every == 0:  # steps 1, 1 + n, ...
                     with open(os.path.join(out, "samples.jsonl"), "a") as f:
                         f.writelines(json.dumps({**tag, **s}) + "\n" for s in samples)
             if bad_in_row >= cfg.run.max_bad_steps:   # after the log, so the step that stops the run is in it

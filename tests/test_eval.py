@@ -248,6 +248,17 @@ def test_bad_input_names_it(tmp_path):
             E.main(["--model", "tiny", "--n", "3", "--cuda-graphs", "--device", "cpu"])
 
 
+@pytest.mark.parametrize("flags, message", [
+    (["--n", "0"], "--n must be >= 1"), (["--batch-size", "0"], "--batch-size must be >= 1"),
+    (["--max-new-tokens", "0"], "--max-new-tokens must be >= 1"), (["--samples", "-1"], "--samples must be >= 0"),
+    (["--threads", "-1"], "--threads must be >= 0"), (["--max-pixels", "0"], "--max-pixels must be >= 1"),
+    (["--device", "gpu"], "--device 'gpu': use auto, cpu, cuda or cuda:N")])
+def test_bad_numbers_and_devices_stop_before_any_model_is_loaded(monkeypatch, flags, message):
+    monkeypatch.setattr(E, "evaluate_models", lambda *a, **k: pytest.fail("the evaluation ran"))
+    with pytest.raises(SystemExit, match="error: " + message):
+        E.main(["--model", "tiny"] + flags)
+
+
 def test_paired_differences_are_per_row_changes_with_a_paired_se():
     rows_a = [{"split": "test", "task": "math", "stage": "open", "accuracy": a, "format": 1.0} for a in (1, 0, 0, 1, 0)]
     rows_b = [{**r, "accuracy": b} for r, b in zip(rows_a, (1, 1, 0, 1, 1))]

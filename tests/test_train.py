@@ -43,6 +43,13 @@ def run(args, out, env=None, torchrun=0):
     (["--stages", "judge,exam"], "--stages"),
     (["--lr", "-1"], "lr > 0"),
     (["--image-size", "100"], "multiple of 28"),
+    (["--image-size", "0"], "multiple of 28"),
+    (["--pool-size", "0"], "pool-size >= 1"),
+    (["--eval-n", "-1"], "eval-n >= 0"),
+    (["--max-pixels", "0"], "--max-pixels must be >= 1"),
+    (["--threads", "-1"], "threads >= 0"),
+    (["--sample-every", "-1"], "sample-every >= 0"),
+    (["--device", "gpu"], "--device 'gpu': use auto, cpu, cuda or cuda:N"),
     (["--model", "/no/such/folder"], "neither 'tiny' nor a folder"),
     (["--attn", "flash_attention_2"], "needs the flash-attn package"),
     (["--cuda-graphs"], "needs a GPU"),    # this suite runs on a CPU
@@ -53,9 +60,9 @@ def run(args, out, env=None, torchrun=0):
     (["--eval-data", "test=" + os.path.join(ROOT, "tests", "fixtures", "real", "sample.jsonl")],
      "sample.jsonl:4: image not found"),
 ])
-def test_bad_config_is_a_clear_error(flags, message):
+def test_bad_config_is_a_clear_error(tmp_path, flags, message):
     with pytest.raises(SystemExit, match="error: .*" + message.replace("-", r"\-").replace("+", r"\+")):
-        train.main(flags + ["--out", "/tmp/never-written"])
+        train.main(flags + ["--out", str(tmp_path / "out")])
 
 
 def test_presets_and_flags():
@@ -78,6 +85,16 @@ def test_a_run_with_replay_reports_the_replayed_accuracy(tmp_path):
     assert f"replayed open questions | accuracy {v:.3f} -> {v:.3f}" in r.stdout, "the stage summary prints them"
     assert "replay_accuracy" not in json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[1]), \
         "the open stage replays nothing"
+
+
+@pytest.mark.parametrize("steps, every, dumped", [(2, 1, [1, 2]), (3, 2, [1, 3])])
+def test_sample_every_n_dumps_steps_1_then_every_nth(tmp_path, steps, every, dumped):
+    import json
+    r = run(QUICK + ["--stage-steps", str(steps), "--sample-every", str(every)], tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text().splitlines()]
+    assert sorted({row["step"] for row in rows}) == dumped
+    assert all(row["stage"] == "choice" and "answer" in row for row in rows), rows[0]
 
 
 @pytest.mark.slow
