@@ -164,13 +164,17 @@ def make_config(argv=None):
 def per_stage(text, stages, name, cast=int):
     """'4' -> [4] * len(stages); '4,2,4' -> one value per stage. Three values name the judge, choice and open
     stages, so a run of some of them (--stages open) takes theirs: '100,100,150' -> [150] for 'open'."""
-    values = [cast(v) for v in str(text).split(",") if v.strip()]
+    flag = f"--{name.replace('_', '-')} {text!r}"
+    try:
+        values = [cast(v) for v in str(text).split(",") if v.strip()]
+    except ValueError:
+        raise ValueError(f"{flag}: give {'whole numbers' if cast is int else 'numbers'}, comma-separated") from None
     if len(values) == 1:
         values = values * len(stages)
     elif len(values) == len(curriculum.STAGES) != len(stages) and all(s in curriculum.STAGES for s in stages):
         values = [values[curriculum.STAGES.index(s)] for s in stages]
     if len(values) != len(stages):
-        raise ValueError(f"--{name.replace('_', '-')} {text!r}: give one value or one per stage ({len(stages)})")
+        raise ValueError(f"{flag}: give one value or one per stage ({len(stages)})")
     return values
 
 def replay_ratios(rl, stages):

@@ -402,6 +402,8 @@ def main(argv=None):
                             (args.max_pixels is None or args.max_pixels >= 1, "--max-pixels must be >= 1")]:
             if not ok:
                 raise ValueError(message)
+        if not all(k.strip().isdigit() for k in args.pass_k.split(",") if k.strip()):
+            raise ValueError(f"--pass-k {args.pass_k!r}: give whole numbers, comma-separated")
         ks = tuple(int(k) for k in args.pass_k.split(",") if k.strip())
         if (ks and not args.samples) or any(not 1 <= k <= args.samples for k in ks):
             raise ValueError(f"--pass-k {args.pass_k!r} needs --samples >= every k (got --samples {args.samples})")

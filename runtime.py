@@ -3,7 +3,8 @@ What every entry point needs around the model, with no project imports:
 - manual DDP, written out: `setup_dist()` reads torchrun's RANK / LOCAL_RANK / WORLD_SIZE (gloo on CPU; on GPUs
   NCCL for CUDA tensors and gloo for CPU ones); without them it is one process, where `all_reduce_sum`,
   `all_reduce_grads` and `barrier` do nothing;
-- `check_device` (a --device flag, checked before any work), `resolve_dtype`, atomic writes (`save_atomically`, `write_atomic`) and `lr_factor`, the learning-rate schedule;
+- `check_device` (a --device flag, checked before any work), `resolve_dtype`, atomic writes (`save_atomically`,
+  `write_atomic`) and `lr_factor`, the learning-rate schedule;
 - `forked_map`, work dealt to forked processes of one thread each (the evaluation on a CPU).
 """
 import datetime

@@ -252,7 +252,8 @@ def test_bad_input_names_it(tmp_path):
     (["--n", "0"], "--n must be >= 1"), (["--batch-size", "0"], "--batch-size must be >= 1"),
     (["--max-new-tokens", "0"], "--max-new-tokens must be >= 1"), (["--samples", "-1"], "--samples must be >= 0"),
     (["--threads", "-1"], "--threads must be >= 0"), (["--max-pixels", "0"], "--max-pixels must be >= 1"),
-    (["--device", "gpu"], "--device 'gpu': use auto, cpu, cuda or cuda:N")])
+    (["--device", "gpu"], "--device 'gpu': use auto, cpu, cuda or cuda:N"),
+    (["--pass-k", "a", "--samples", "2"], "--pass-k 'a': give whole numbers")])
 def test_bad_numbers_and_devices_stop_before_any_model_is_loaded(monkeypatch, flags, message):
     monkeypatch.setattr(E, "evaluate_models", lambda *a, **k: pytest.fail("the evaluation ran"))
     with pytest.raises(SystemExit, match="error: " + message):

@@ -40,6 +40,7 @@ def run(args, out, env=None, torchrun=0):
 @pytest.mark.parametrize("flags, message", [
     (["--group-size", "1"], "group-size must be >= 2"),
     (["--group-size", "4,2"], "one value or one per stage"),
+    (["--stage-steps", "x"], "--stage-steps 'x': give whole numbers"),
     (["--stages", "judge,exam"], "--stages"),
     (["--lr", "-1"], "lr > 0"),
     (["--image-size", "100"], "multiple of 28"),
