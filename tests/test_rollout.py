@@ -59,8 +59,8 @@ def test_cached_equals_uncached(any_tiny):
         assert torch.allclose(a.logp, b.logp, atol=1e-5)
 
 
-def test_group_equals_repeated_prompts(tiny):
-    model, processor = tiny
+def test_group_equals_repeated_prompts(any_tiny):
+    model, processor = any_tiny
     G = 3
     grouped = generate(model, processor, prompts(), group_size=G, max_new_tokens=10, greedy=True)
     repeated = generate(model, processor, [p for p in prompts() for _ in range(G)], max_new_tokens=10, greedy=True)
@@ -88,10 +88,10 @@ def test_seeded_sampling_is_reproducible_and_groups_vary(tiny):
 
 @pytest.mark.parametrize("sampling", [dict(), dict(temperature=0.7, top_k=20, top_p=0.9)],
                          ids=["plain", "tempered_filtered"])
-def test_recorded_logprobs_equal_teacher_forced(tiny, sampling):
+def test_recorded_logprobs_equal_teacher_forced(any_tiny, sampling):
     """Temperature, top-k and top-p only shape the sampling: the recorded log-probs stay those of the
     unmodified model (temperature 1, no filtering), which completion_logprobs recomputes for the ratio."""
-    model, processor = tiny
+    model, processor = any_tiny
     r = generate(model, processor, prompts(), group_size=2, max_new_tokens=16,
                  generator=torch.Generator().manual_seed(0), **sampling)
     with torch.no_grad():
