@@ -221,6 +221,8 @@ def validate(cfg):
         (min(run.ckpt_every, run.keep, run.max_bad_steps) >= 1, "need ckpt-every, keep, max-bad-steps >= 1"),
         (min(p2.phase2_prompts, p2.phase2_samples, p2.phase2_epochs, p2.phase2_batch) >= 1 and p2.phase2_lr > 0,
          "phase-2 sizes must be >= 1 and its lr > 0"),
+        (0 <= rl.choice_partial <= 1, "--choice-partial must be between 0 and 1 (the right letters' reward)"),
+        (p2.phase2_bar <= 2, "--phase2-bar: at most 2, the largest reward (accuracy 1 + format 1)"),
         (cfg.data.image_size >= 28 and cfg.data.image_size % 28 == 0, "--image-size must be a multiple of 28"),
         (cfg.data.pool_size >= 1 and cfg.data.eval_n >= 0, "need pool-size >= 1, eval-n >= 0 (0: no evaluation)"),
         (model.max_pixels >= 1, "--max-pixels must be >= 1"),

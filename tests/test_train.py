@@ -50,6 +50,8 @@ def run(args, out, env=None, torchrun=0):
     (["--max-pixels", "0"], "--max-pixels must be >= 1"),
     (["--threads", "-1"], "threads >= 0"),
     (["--sample-every", "-1"], "sample-every >= 0"),
+    (["--choice-partial", "2"], "--choice-partial must be between 0 and 1"),
+    (["--phase2-bar", "3"], "--phase2-bar: at most 2"),
     (["--device", "gpu"], "--device 'gpu': use auto, cpu, cuda or cuda:N"),
     (["--model", "/no/such/folder"], "neither 'tiny' nor a folder"),
     (["--attn", "flash_attention_2"], "needs the flash-attn package"),
