@@ -390,18 +390,16 @@ def check_args(args):
     """SystemExit naming the flag to fix, before any model is built."""
     try:
         runtime.check_device(args.device)
+        runtime.require([
+            (args.threads >= 0, "--threads must be >= 0 (0: torch's default)"),
+            (args.repeats >= 1 and args.warmup >= 0, "--repeats must be >= 1 and --warmup >= 0"),
+            (min(args.sizes) >= 1, "--sizes must be >= 1 pixel"),
+            (min(args.batch, args.group, args.max_new_tokens) >= 1,
+             "--batch, --group and --max-new-tokens must be >= 1"),
+            (args.preset or args.training or args.memory, "nothing to run: give a --preset, or drop --no-training"),
+        ])
     except ValueError as e:
         raise SystemExit(f"error: {e}")
-    checks = [
-        (args.threads >= 0, "--threads must be >= 0 (0: torch's default)"),
-        (args.repeats >= 1 and args.warmup >= 0, "--repeats must be >= 1 and --warmup >= 0"),
-        (min(args.sizes) >= 1, "--sizes must be >= 1 pixel"),
-        (min(args.batch, args.group, args.max_new_tokens) >= 1, "--batch, --group and --max-new-tokens must be >= 1"),
-        (args.preset or args.training or args.memory, "nothing to run: give a --preset, or drop --no-training"),
-    ]
-    for ok, message in checks:
-        if not ok:
-            raise SystemExit(f"error: {message}")
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

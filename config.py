@@ -236,9 +236,7 @@ def validate(cfg):
         (rl.prompts_per_step % W == 0,
          f"--prompts-per-step {rl.prompts_per_step} must split evenly over {W} processes"),
     ]
-    for ok, message in checks:
-        if not ok:
-            raise ValueError(message)
+    runtime.require(checks)
     return stages, groups, steps
 
 def as_dict(cfg):

@@ -43,8 +43,8 @@ import data
 import model as M
 import rewards
 from rollout import generate
-from runtime import (all_reduce_sum, barrier, check_device, cpu_workers, forked_map, resolve_dtype, setup_dist,
-                     world_size, write_atomic)
+from runtime import (all_reduce_sum, barrier, check_device, cpu_workers, forked_map, require, resolve_dtype,
+                     setup_dist, world_size, write_atomic)
 
 IOU_THRESHOLD = 0.5
 TASK_METRICS = {("detection", "open"): {"acc@0.5": "acc@0.5", "iou_mean": "IoU"},   # metric: column label
@@ -395,13 +395,11 @@ def main(argv=None):
         if not stages or any(s not in curriculum.STAGES for s in stages):
             raise ValueError(f"--stages {args.stages!r}: expected some of {', '.join(curriculum.STAGES)}")
         check_device(args.device)
-        for ok, message in [(args.n >= 1, "--n must be >= 1"), (args.batch_size >= 1, "--batch-size must be >= 1"),
-                            (args.max_new_tokens >= 1, "--max-new-tokens must be >= 1"),
-                            (args.samples >= 0, "--samples must be >= 0 (0: greedy only)"),
-                            (args.threads >= 0, "--threads must be >= 0 (0: torch's default)"),
-                            (args.max_pixels is None or args.max_pixels >= 1, "--max-pixels must be >= 1")]:
-            if not ok:
-                raise ValueError(message)
+        require([(args.n >= 1, "--n must be >= 1"), (args.batch_size >= 1, "--batch-size must be >= 1"),
+                 (args.max_new_tokens >= 1, "--max-new-tokens must be >= 1"),
+                 (args.samples >= 0, "--samples must be >= 0 (0: greedy only)"),
+                 (args.threads >= 0, "--threads must be >= 0 (0: torch's default)"),
+                 (args.max_pixels is None or args.max_pixels >= 1, "--max-pixels must be >= 1")])
         if not all(k.strip().isdigit() for k in args.pass_k.split(",") if k.strip()):
             raise ValueError(f"--pass-k {args.pass_k!r}: give whole numbers, comma-separated")
         ks = tuple(int(k) for k in args.pass_k.split(",") if k.strip())

@@ -3,7 +3,7 @@ What every entry point needs around the model, with no project imports:
 - manual DDP, written out: `setup_dist()` reads torchrun's RANK / LOCAL_RANK / WORLD_SIZE (gloo on CPU; on GPUs
   NCCL for CUDA tensors and gloo for CPU ones); without them it is one process, where `all_reduce_sum`,
   `all_reduce_grads` and `barrier` do nothing;
-- `check_device` (a --device flag, checked before any work), `resolve_dtype`, atomic writes (`save_atomically`,
+- `require` and `check_device` (flags checked before any work), `resolve_dtype`, atomic writes (`save_atomically`,
   `write_atomic`) and `lr_factor`, the learning-rate schedule;
 - `forked_map`, work dealt to forked processes of one thread each (the evaluation on a CPU).
 """
@@ -31,6 +31,12 @@ def setup_dist(device=None):
         dist.init_process_group(backend="cpu:gloo,cuda:nccl" if device.startswith("cuda") else "gloo",
                                 timeout=datetime.timedelta(minutes=60))  # rank 0 may write a 50 GB checkpoint
     return rank, local_rank, world, device
+
+def require(checks):
+    """A ValueError with the message of the first (ok, message) pair that is not ok."""
+    for ok, message in checks:
+        if not ok:
+            raise ValueError(message)
 
 def check_device(device):
     """A ValueError naming --device unless it is auto, cpu, cuda, or cuda:N of a GPU that torch sees."""
