@@ -40,6 +40,9 @@ from rewards import STAGES, TASKS  # the three tasks and the three answer forms
 
 log = logging.getLogger("data")
 
+# The tokens that mark an image in a prompt: the processor places them, a row's text may not hold them.
+VISION_TOKENS = ["<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"]
+
 # Every instruction string, in one place. Key: "stage/task", or "stage" for all tasks of a stage.
 INSTRUCTIONS = {
     "judge": "Think in <think></think>, then answer only yes or no in <answer></answer>.",
@@ -95,13 +98,13 @@ def open_image(row_or_path):
         return image if image.mode == "RGB" else image.convert("RGB")
     return _read_image(os.fspath(image))
 
-def _read_image(path, verify=False):
-    """The file as an RGB PIL image (convert() loads it, so the file can close); verify: only check it."""
+def _read_image(path):
+    """The file as an RGB PIL image (convert() loads it, so the file can close)."""
     if not os.path.isfile(path):
         raise DataError(f"image not found: {path}")
     try:
         with Image.open(path) as im:
-            return im.verify() if verify else im.convert("RGB")
+            return im.convert("RGB")
     except Exception as e:
         raise DataError(f"unreadable image {path}: {e}") from e
 
@@ -137,7 +140,10 @@ def _from_messages(messages):
     texts = []
     for content in (turns["user"][0], turns["assistant"][-1]):
         if isinstance(content, list):  # typed parts: keep the text ones
-            content = "".join(part.get("text", "") for part in content if isinstance(part, dict))
+            texts_of = [part.get("text") for part in content if isinstance(part, dict)]
+            if not all(t is None or isinstance(t, str) for t in texts_of):
+                raise DataError("a message part's `text` is not text")
+            content = "".join(t or "" for t in texts_of)
         if not isinstance(content, str):
             raise DataError("message content is neither text nor a list of parts")
         texts.append(content.replace("<image>", "").strip())
@@ -155,6 +161,12 @@ def parse_row(obj, base_dir, default_task=None):
             raise DataError(f"missing field `{field}`")
     if not isinstance(row["problem"], str) or not row["problem"].strip():
         raise DataError("`problem` must be non-empty text")
+    if any(token in row["problem"] for token in VISION_TOKENS):
+        raise DataError(f"`problem` holds a vision token ({', '.join(VISION_TOKENS)}): only the processor places them")
+    if row.get("stage") in (None, ""):
+        row.pop("stage", None)      # no stage: the stage of the file's use
+    elif row["stage"] not in STAGES:
+        raise DataError(f"unknown stage {row['stage']!r}; expected one of {', '.join(STAGES)}")
     row["solution"] = normalize_solution(row["solution"])
     row["task"] = row.get("task") or default_task
     if row["task"] is None:
@@ -170,7 +182,7 @@ def parse_row(obj, base_dir, default_task=None):
         if not isinstance(image, str) or not image:
             raise DataError(f"`image` must be a path, got {image!r}")
         path = image if os.path.isabs(image) else os.path.join(base_dir, image)
-        _read_image(path, verify=True)  # verify() reads the file without decoding it
+        _read_image(path)  # decoded in full: a truncated file fails here, not in a rollout
         image = os.path.normpath(path)
     row["image"] = image
     return row
@@ -250,8 +262,11 @@ def _mixture_items(entries, where, base_dir):
     """MixtureItems of {"path", "rule", "image_root", "task"} dicts; base_dir: what relative paths start from."""
     items = []
     for i, d in enumerate(entries, 1):
-        if not isinstance(d, dict) or "path" not in d:
-            raise DataError(f"{where} {i}: a mixture entry needs a `path`")
+        if not isinstance(d, dict) or not isinstance(d.get("path"), str) or not d["path"]:
+            raise DataError(f"{where} {i}: a mixture entry needs a `path` (text)")
+        for key in ("rule", "image_root", "task"):
+            if d.get(key) is not None and not isinstance(d[key], str):
+                raise DataError(f"{where} {i}: `{key}` must be text, got {d[key]!r}")
         path, image_root = d["path"], d.get("image_root")
         if base_dir is not None:
             path = os.path.join(base_dir, path)  # an absolute path stays as it is

@@ -42,8 +42,6 @@ import data
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
                   "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
                   "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"]
-# Tokens that only the processor may place: a sampled <|image_pad|> breaks every later forward with the image.
-VISION_TOKENS = ["<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"]
 EOS_TOKEN = "<|im_end|>"
 PAD_TOKEN = "<|endoftext|>"
 DEFAULT_SYSTEM = "You are a helpful assistant."
@@ -108,7 +106,8 @@ class Processor:
         self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.token_id[PAD_TOKEN]
         # A completion stops at <|im_end|>; <|endoftext|> also ends a document for Qwen models.
         self.stop_token_ids = [self.eos_token_id, self.token_id[PAD_TOKEN]]
-        self.vision_token_ids = [self.token_id[t] for t in VISION_TOKENS]
+        # Never sampled: a sampled <|image_pad|> breaks every later forward with the image.
+        self.vision_token_ids = [self.token_id[t] for t in data.VISION_TOKENS]
 
     def save_pretrained(self, path):
         os.makedirs(path, exist_ok=True)

@@ -146,7 +146,7 @@ class Judge:
         return cls(*M.load(path, **load_kw), threshold=threshold, name=f"judge {path}")
 
     def prompt(self, row, answer):
-        for token in M.VISION_TOKENS:  # only the processor may place vision tokens in a prompt
+        for token in data.VISION_TOKENS:  # only the processor may place vision tokens in a prompt
             answer = answer.replace(token, "")
         return JUDGE_PROMPT.format(question=row["problem"], reference=rewards.solution_text(row["solution"]),
                                    answer=answer.strip())

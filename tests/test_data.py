@@ -2,6 +2,7 @@
 world (deterministic, splits disjoint, ood shifted as documented, boxes tight around the drawn pixels)."""
 import json
 import os
+import re
 import subprocess
 import sys
 import shutil
@@ -75,14 +76,31 @@ def test_image_root_and_sft_messages(tmp_path):
     ({"solution": "1", "task": "math"}, "missing field `problem`"),
     ({"problem": "q", "solution": "1", "task": "ocr"}, "unknown task 'ocr'"),
     ({"problem": "q", "solution": "1", "task": "math", "image": "bad.png"}, "unreadable image"),
+    ({"problem": "q", "solution": "1", "task": "math", "image": "half.jpg"}, "unreadable image"),  # decoded at load
+    ({"problem": "q", "solution": "1", "task": "math", "stage": "opn"}, "unknown stage 'opn'"),
+    ({"problem": "q <|image_pad|>", "solution": "1", "task": "math"}, "`problem` holds a vision token"),
+    ({"messages": [{"role": "user", "content": [{"type": "text", "text": 5}]},
+                   {"role": "assistant", "content": "1"}], "task": "math"}, "a message part's `text` is not text"),
 ])
 def test_each_kind_of_bad_row_is_named(tmp_path, line, problem):
     (tmp_path / "bad.png").write_bytes(b"not a png")
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(tmp_path / "a.jpg")
+    jpeg = (tmp_path / "a.jpg").read_bytes()
+    (tmp_path / "half.jpg").write_bytes(jpeg[:len(jpeg) // 2])  # its header whole, its scan cut short
     path = tmp_path / "rows.jsonl"
     path.write_text(json.dumps({"problem": "ok", "solution": "1", "task": "math"}) + "\n\n" + json.dumps(line) + "\n")
     with pytest.raises(data.DataError) as e:
         data.load_rows(path)
     assert f"rows.jsonl:3: {problem}" in str(e.value), f"file, line (blank lines counted) and problem: {e.value}"
+
+
+def test_an_empty_stage_is_no_stage(tmp_path):
+    path = tmp_path / "rows.jsonl"
+    path.write_text("".join(json.dumps({"problem": "q", "solution": "1", "task": "math", "stage": s}) + "\n"
+                            for s in (None, "", "choice")))
+    rows = data.load_rows(path)
+    assert ["stage" in r for r in rows] == [False, False, True], "null and \"\" mean no stage (the file's use)"
+    assert [r["stage"] for r in curriculum.prepare_stage_rows(rows, "open")] == ["open", "open", "choice"]
 
 
 def test_json_list_file(tmp_path):
@@ -143,6 +161,17 @@ def test_mixture_json_file(tmp_path):
     spec = tmp_path / "mix.json"
     spec.write_text(json.dumps([{"path": "a", "rule": "first:2"}, {"path": "a", "rule": "last:1", "task": "math"}]))
     assert [r["problem"] for r in data.load_mixture(str(spec))] == ["a0", "a1", "a9"], "paths relative to the spec"
+
+
+@pytest.mark.parametrize("entry, problem", [({"path": None}, "a mixture entry needs a `path` (text)"),
+                                             ({"path": "a", "rule": 1}, "`rule` must be text, got 1"),
+                                             ({"path": "a", "task": ["math"]}, "`task` must be text")])
+def test_a_bad_mixture_entry_is_named(tmp_path, entry, problem):
+    _numbered(tmp_path, "a", 2)
+    spec = tmp_path / "mix.json"
+    spec.write_text(json.dumps([{"path": "a"}, entry]))
+    with pytest.raises(data.DataError, match=re.escape(f"mix.json: item 2: {problem}")):
+        data.load_mixture(str(spec))
 
 
 def test_mixture_sums_skipped_rows():
