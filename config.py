@@ -163,7 +163,8 @@ def make_config(argv=None):
 
 def per_stage(text, stages, name, cast=int):
     """'4' -> [4] * len(stages); '4,2,4' -> one value per stage. Three values name the judge, choice and open
-    stages, so a run of some of them (--stages open) takes theirs: '100,100,150' -> [150] for 'open'."""
+    stages, so a run of some of them, or of them in another order, takes theirs: '100,100,150' -> [150] for
+    'open', [150, 100, 100] for 'open,choice,judge'."""
     flag = f"--{name.replace('_', '-')} {text!r}"
     try:
         values = [cast(v) for v in str(text).split(",") if v.strip()]
@@ -171,7 +172,7 @@ def per_stage(text, stages, name, cast=int):
         raise ValueError(f"{flag}: give {'whole numbers' if cast is int else 'numbers'}, comma-separated") from None
     if len(values) == 1:
         values = values * len(stages)
-    elif len(values) == len(curriculum.STAGES) != len(stages) and all(s in curriculum.STAGES for s in stages):
+    elif len(values) == len(curriculum.STAGES) and all(s in curriculum.STAGES for s in stages):  # in any order
         values = [values[curriculum.STAGES.index(s)] for s in stages]
     if len(values) != len(stages):
         raise ValueError(f"{flag}: give one value or one per stage ({len(stages)})")

@@ -31,7 +31,10 @@ def test_every_arm_is_a_valid_run_with_the_same_rl_budget(common):
     runs = ablate.plan_runs(list(ablate.ARMS), common)
     assert [r.name for r in runs] == ["sft", "rl", "curr-rl", "reverse", "mixed"], "Curr-ReFT shares Curr-RL's run"
     assert runs[2].arms == {"Curr-RL": "final", "Curr-ReFT": "phase2"}
-    assert config.validate(config.make_config(common + runs[3].flags))[0] == ["open", "choice", "judge"]
+    stages, groups, steps = config.validate(config.make_config(common + runs[3].flags))
+    forward = dict(zip(*config.validate(config.make_config(common + runs[2].flags))[::2]))
+    assert stages == ["open", "choice", "judge"] and steps == [forward[s] for s in stages], \
+        "the reverse order gives each stage the steps it has in the forward curriculum"
 
 
 def test_the_interval_against_values_computed_by_hand():

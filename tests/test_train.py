@@ -158,6 +158,8 @@ def test_per_stage_values_map_by_stage_name():
     assert config.per_stage("100,100,150", ["judge", "choice", "open"], "stage_steps") == [100, 100, 150]
     assert config.per_stage("100,100,150", ["open"], "stage_steps") == [150], "three values name the three stages"
     assert config.per_stage("4,2,4", ["choice", "open"], "group_size") == [2, 4]
+    assert config.per_stage("100,100,150", ["open", "choice", "judge"], "stage_steps") == [150, 100, 100], \
+        "all three stages in another order still take their own values"
     assert config.per_stage("7", ["open", "judge"], "stage_steps") == [7, 7]
     with pytest.raises(ValueError, match="one value or one per stage"):
         config.per_stage("1,2", ["open"], "stage_steps")
