@@ -245,6 +245,7 @@ def label_reward(answer: str, solution, mode: str = "jaccard") -> tuple[float, s
 _NUMBER = re.compile(r"-?(?:[0-9]{1,3}(?:,[0-9]{3})+|[0-9]+)(?:\.[0-9]+)?|-?\.[0-9]+")
 _FRAC = re.compile(r"\\frac\{([^{}]{0,40})\}\{([^{}]{0,40})\}")
 _UNIT_POWER = re.compile(r"([A-Za-z])(?:\^[0-9]|[²³])")
+_SIGN_GAP = re.compile(r"-[\s(\[]*(?=[-0-9.])")  # a minus, then spaces or an opening bracket, then the number
 _LEADING_OPTION = re.compile(r"\(?([A-Z])(?:\)|\.|:)")
 _NOT_A_NUMBER = ("\\", "^", "√", "π", "²", "³", "+", "*", "×", "÷", "±", "<", ">", "≤", "≥", "∞", "sqrt")
 DEGREES = (("^{\\circ}", "°"), ("^\\circ", "°"), ("\\degree", "°"))
@@ -285,6 +286,7 @@ def parse_number(text: str) -> tuple[float, bool] | None:
     text = text.replace("≈", "=")
     text = text[text.rfind("=") + 1 :]  # the final answer follows the last "=" (whole text if none)
     text = _UNIT_POWER.sub(r"\1", text)  # cm^2 -> cm
+    text = _SIGN_GAP.sub("-", text).replace("--", "")  # "- 3", "-(1/2)", "- -3/4" (from -\frac{-3}{4}): signed
     if any(mark in text for mark in _NOT_A_NUMBER) or _PI_WORD.search(text):
         return None  # an expression, not a plain number
     tokens = list(_NUMBER.finditer(text))
