@@ -21,16 +21,16 @@ def stage_summary(metrics):
         ms = [m for m in metrics if m["stage"] == stage]
         n, q = len(ms), max(1, len(ms) // 4)
         ys = [m["reward_accuracy"] for m in ms]
-        change = se = 0.0
+        change = "change n/a (under 3 steps)"   # a line through 2 points has no standard error
         if n >= 3:
             xm, ym = (n - 1) / 2, mean(ys)
             sxx = sum((x - xm) ** 2 for x in range(n))
             slope = sum((x - xm) * (y - ym) for x, y in enumerate(ys)) / sxx
             resid = sum((y - ym - slope * (x - xm)) ** 2 for x, y in enumerate(ys)) / (n - 2)
-            change, se = slope * (n - 1), (resid / sxx) ** 0.5 * (n - 1)
+            change = f"change {slope * (n - 1):+.3f} +- {(resid / sxx) ** 0.5 * (n - 1):.3f}"
         rewards = [m["reward_total"] for m in ms]
         lines.append(f"  {stage:6s} {n:4d} steps | accuracy {mean(ys[:q]):.3f} -> {mean(ys[-q:]):.3f} | "
-                     f"change {change:+.3f} +- {se:.3f} | reward {mean(rewards[:q]):.3f} -> {mean(rewards[-q:]):.3f}"
+                     f"{change} | reward {mean(rewards[:q]):.3f} -> {mean(rewards[-q:]):.3f}"
                      f" | {sum(m['seconds'] for m in ms):.0f}s")
         replay = [m["replay_accuracy"] for m in ms if "replay_accuracy" in m]
         if replay:
@@ -85,7 +85,7 @@ def plot_changes(changes, path, width=960, height=400):
             for s in (-1, 1)] or [0.0]
     lo, hi = min(min(ends), 0.0) - 1, max(max(ends), 0.0) + 1
     y = lambda v: T + (height - T - B) * (hi - v) / (hi - lo)
-    step = next(s for s in (1, 2, 5, 10, 20, 50, 100) if (hi - lo) / s <= 8)
+    step = next((s for s in (1, 2, 5, 10, 20, 50, 100) if (hi - lo) / s <= 8), math.ceil((hi - lo) / 8))  # <= 8 lines
     for v in range(math.ceil(lo / step) * step, int(hi) + 1, step):
         d.line([(L, y(v)), (width - R, y(v))], fill=(225, 225, 225) if v else (0, 0, 0))
         d.text((8, y(v) - 6), f"{v:+d}", fill="black")

@@ -152,6 +152,17 @@ def test_reward_plot_and_stage_summary(tmp_path):
     metrics[0]["replay_accuracy"], metrics[19]["replay_accuracy"] = 0.25, 0.75
     assert "replayed open questions | accuracy 0.250 -> 0.750" in report.stage_summary(metrics)
     assert "open     20 steps | accuracy 0.500 -> 0.500 | change +0.000 +- 0.000 |" in text, "flat: no change"
+    assert "judge     2 steps | accuracy 0.250 -> 0.250 | change n/a (under 3 steps) |" in \
+        report.stage_summary(metrics[:2]), "two steps: no line to fit"
+
+
+def test_change_plot_of_wide_intervals(tmp_path):
+    from PIL import Image
+    cell = ("test", "math", "open")
+    for half in (0.05, 4.7, 40.0):  # up to +-4,000 points: two seeds that disagree give t = 12.7
+        report.plot_changes({"RL": {cell: {"mean": 0.4, "half": half}}, "B": {cell: {"mean": -0.1, "half": 0.0}}},
+                            tmp_path / "c.png")
+        assert Image.open(tmp_path / "c.png").size == (960, 400)
 
 
 def test_per_stage_values_map_by_stage_name():
