@@ -423,8 +423,9 @@ def completion_logprobs(model, batch, completion_ids, completion_mask=None):
     lengths = (completion_mask.sum(1).long().clamp(1, T) if completion_mask is not None
                else torch.full((N,), T, device=completion_ids.device))
     # Under FSDP every rank must run the same forwards (each gathers its units), whatever its answers' lengths.
-    buckets = 1 if isinstance(model, FSDPModule) else LENGTH_BUCKETS
-    return _logprobs_prompt_per_group(model, batch, completion_ids, G, lengths, buckets)
+    sharded = isinstance(model, FSDPModule)
+    return _logprobs_prompt_per_group(model, batch, completion_ids, G, lengths, 1 if sharded else LENGTH_BUCKETS,
+                                      every_forward=sharded)
 
 def token_logprobs(logits, ids):
     """log softmax(logits) at ids: (..., V), (...) -> (...), in float32."""
@@ -441,11 +442,13 @@ def length_buckets(lengths, n):
             buckets.append(rows)
     return order, buckets
 
-def _logprobs_prompt_per_group(model, batch, completion_ids, G, lengths, buckets=1):
+def _logprobs_prompt_per_group(model, batch, completion_ids, G, lengths, buckets=1, every_forward=False):
     """(N, T) log-probs of y_1..y_T: the B prompts once, then the answers by length bucket on their prompts' cache.
     Each prompt's keys, values and last logits are repeated for its G answers first, so that a bucket takes its rows
     by distinct indices: the backward then only sums the G copies, always in one order (rows taken straight from the
-    B prompts would scatter-add their gradients, in an order that varies from run to run on a CPU)."""
+    B prompts would scatter-add their gradients, in an order that varies from run to run on a CPU).
+    every_forward: the answers' forward runs even when each is one token long (on y_1, its result weighted 0 in
+    the graph), so that every FSDP rank makes the same forwards and backwards."""
     from transformers.cache_utils import DynamicCache
     out, next_pos = prefill(model, batch)
     first = out.logits[:, -1].repeat_interleave(G, dim=0)                     # (N, V): predicts y_1
@@ -459,13 +462,17 @@ def _logprobs_prompt_per_group(model, batch, completion_ids, G, lengths, buckets
         t = int(lengths[rows[0]])
         ids = completion_ids[rows, :t]
         logp = token_logprobs(first[rows], ids[:, 0])[:, None]                # (n, 1)
-        if t > 1:
+        if t > 1 or every_forward:
+            width = max(t - 1, 1)                                             # inputs y_1..y_width
             cache = DynamicCache([(k[rows], v[rows]) for k, v in kv])
-            mask = torch.cat([prompt_mask[rows], prompt_mask.new_ones(len(rows), t - 1)], dim=1)
-            pos = next_pos[rows, None] + torch.arange(t - 1, device=next_pos.device)         # (n, t-1)
-            rest = model(input_ids=ids[:, :-1], cache=cache, attention_mask=mask,
+            mask = torch.cat([prompt_mask[rows], prompt_mask.new_ones(len(rows), width)], dim=1)
+            pos = next_pos[rows, None] + torch.arange(width, device=next_pos.device)         # (n, width)
+            rest = model(input_ids=completion_ids[rows, :width], cache=cache, attention_mask=mask,
                          position_ids=pos[None].expand(3, -1, -1), use_cache=True).logits    # predicts y_2..y_t
-            logp = torch.cat([logp, token_logprobs(rest, ids[:, 1:])], dim=1)
+            if t == 1:                                                        # nothing to predict: weighted 0
+                logp = logp + 0.0 * rest[:, :1, :1].float().sum()
+            else:
+                logp = torch.cat([logp, token_logprobs(rest, ids[:, 1:])], dim=1)
         parts.append(F.pad(logp, (0, T - t)))
     return torch.cat(parts)[order.argsort()]                                 # back in the rows' order
 

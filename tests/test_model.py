@@ -206,6 +206,38 @@ def test_the_prompt_once_per_group_gives_every_gradient_of_a_prompt_per_answer(a
             assert torch.allclose(shared_grads[name], g, rtol=1e-4, atol=1e-5 * scale), f"{case}, {name}: gradients differ"
 
 
+def test_under_fsdp_the_forwards_do_not_depend_on_the_answers_lengths(tiny):
+    """Every FSDP rank must make the same forwards (each gathers the weights): with every_forward, a micro-batch of
+    one-token answers runs the answers' forward too, weighted 0, and gets the same log-probs and gradients."""
+    model, processor = tiny
+    G, batch = 2, M.encode(processor, samples()[:2])
+    calls, backwards = [], []
+    hooks = [model.register_forward_pre_hook(lambda module, args: calls.append(1)),
+             model.lm_head.register_full_backward_hook(lambda module, g_in, g_out: backwards.append(1))]
+    try:
+        for lengths in ([1, 1, 1, 1], [1, 3, 2, 3]):
+            comp = torch.randint(20, 200, (2 * G, 3), generator=torch.Generator().manual_seed(0))
+            out = {}
+            for every in (False, True):
+                calls.clear(), backwards.clear()
+                model.zero_grad()
+                lp = M._logprobs_prompt_per_group(model, batch, comp, G, torch.tensor(lengths), every_forward=every)
+                mask = (torch.arange(3)[None] < torch.tensor(lengths)[:, None]).float()
+                (lp * mask).sum().backward()
+                out[every] = ((len(calls), len(backwards)), lp.detach() * mask,
+                              {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+            assert out[True][0] == (2, 2), f"lengths {lengths}: the prompts' forward and the answers', whatever " \
+                                           "their length, each with its backward (FSDP reduces gradients in it)"
+            assert out[False][0] == ((1, 1) if max(lengths) == 1 else (2, 2))
+            assert torch.equal(out[True][1], out[False][1]), f"lengths {lengths}: the same log-probs"
+            assert out[True][2].keys() == out[False][2].keys()
+            assert all(torch.equal(out[True][2][n], g) for n, g in out[False][2].items()), "the same gradients"
+    finally:
+        for hook in hooks:
+            hook.remove()
+        model.zero_grad()
+
+
 def test_length_buckets_sort_the_answers_longest_first_and_trim_each_batch():
     lengths = torch.tensor([3, 9, 1, 9, 5, 2, 7, 4])
     order, buckets = M.length_buckets(lengths, 4)
