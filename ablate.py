@@ -300,7 +300,8 @@ def sft_baseline(argv):
     if cfg.model.shard == "fsdp":
         policy = fsdp.shard(policy, dtype)
     R.sft(policy, processor, lambda step: cur.next_batch(cfg.rl.prompts_per_step), budget, lr=cfg.rl.lr,
-          warmup=cfg.rl.warmup, rank=rank, device=device, desc="sft baseline", shard=cfg.model.shard)
+          warmup=cfg.rl.warmup, micro_batch=cfg.rl.micro_batch, rank=rank, device=device, desc="sft baseline",
+          shard=cfg.model.shard)
     fsdp.save(policy, processor, os.path.join(cfg.run.out, "stages", "1_final"), dtype, rank)
     if dist.is_initialized():
         del policy  # FSDP's state holds the process group: free it first

@@ -161,6 +161,10 @@ def make_config(argv=None):
     validate(apply_flags(cfg, args))
     return cfg
 
+def reward_options(rl):
+    """The options of rewards.score that the RL flags set: the RL stages' rule rewards, which phase 2 keeps to."""
+    return {"choice_partial": rl.choice_partial, "box_mode": rl.box_reward}
+
 def per_stage(text, stages, name, cast=int):
     """'4' -> [4] * len(stages); '4,2,4' -> one value per stage. Three values name the judge, choice and open
     stages, so a run of some of them, or of them in another order, takes theirs: '100,100,150' -> [150] for

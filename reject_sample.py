@@ -90,14 +90,15 @@ def sft(model, processor, next_rows, steps, lr=1e-3, warmup=20, micro_batch=None
             g["lr"] = lr * lr_factor(step, warmup, steps, "constant")
         rows = next_rows(step)
         local = rows[rank::W]  # may be empty when a batch has fewer rows than ranks
-        idle = not local and fsdp.is_sharded(model)  # then it still runs FSDP's collectives, on a row weighted 0
-        local = rows[:1] if idle else local
-        mb = micro_batch or max(1, len(local))
-        chunks = [(local[i:i + mb], sft_targets(processor, local[i:i + mb])) for i in range(0, len(local), mb)]
-        num_tokens = all_reduce_sum(0 if idle else sum(mask.sum().item() for _, (_, mask) in chunks))  # global
+        mb = micro_batch or max(1, math.ceil(len(rows) / W))  # rows per forward
+        chunks = [(local[i:i + mb], 1) for i in range(0, len(local), mb)]  # (rows, weight)
+        if fsdp.is_sharded(model):  # every rank makes as many forwards (FSDP's collectives): extra ones weighted 0
+            chunks += [(rows[:1], 0)] * (math.ceil(math.ceil(len(rows) / W) / mb) - len(chunks))
+        chunks = [(chunk, weight, sft_targets(processor, chunk)) for chunk, weight in chunks]
+        num_tokens = all_reduce_sum(sum(w * mask.sum().item() for _, w, (_, mask) in chunks))  # global
         loss_sum = 0.0
-        for chunk, targets in chunks:
-            loss = sft_loss(model, processor, chunk, targets, num_tokens, device) * (0 if idle else W)  # averaged
+        for chunk, weight, targets in chunks:
+            loss = sft_loss(model, processor, chunk, targets, num_tokens, device) * (weight * W)  # averaged
             loss.backward()
             loss_sum += loss.item() / W
         opt.step(max_norm=1.0)  # all-reduce, clip, AdamW on the fp32 masters (optim.py)
@@ -108,18 +109,21 @@ def sft(model, processor, next_rows, steps, lr=1e-3, warmup=20, micro_batch=None
     return steps
 
 class RuleScorer:
-    """The RL stages' rule rewards, accuracy + format; an answer passes at score >= bar (2: both 1; 0: all)."""
+    """The RL stages' rule rewards, accuracy + format; an answer passes at score >= bar (2: both 1; 0: all).
+    options: rewards.score's, as the RL run sets them (config.reward_options)."""
 
-    def __init__(self, bar=2.0):
-        self.bar = bar
+    def __init__(self, bar=2.0, **options):
+        self.bar, self.options = bar, options
 
     def __call__(self, row, answers):
-        scores = [rewards.score(a, row["solution"], row["task"], row.get("stage", "open")) for a in answers]
+        scores = [rewards.score(a, row["solution"], row["task"], row.get("stage", "open"), **self.options)
+                  for a in answers]
         return [{"score": s["total"], "passed": s["total"] >= self.bar - 1e-9, "accuracy": s["accuracy"],
                  "format": s["format"]} for s in scores]
 
     def __str__(self):
-        return f"rule rewards, accuracy + format >= {self.bar:g}"
+        options = "".join(f", {k} {v}" for k, v in self.options.items())
+        return f"rule rewards{options}, accuracy + format >= {self.bar:g}"
 
 JUDGE_PROMPT = ("Grade a candidate answer against the reference answer.\n"
                 "Question: {question}\nReference answer: {reference}\nCandidate answer: {answer}\n"
@@ -292,10 +296,10 @@ P2 = config.Phase2Config()  # one set of phase-2 defaults, for train.py and this
 
 def phase2(model, processor, pool_rows, out_dir, n_samples=P2.phase2_samples, lr=P2.phase2_lr,
            epochs=P2.phase2_epochs, batch_size=P2.phase2_batch, bar=P2.phase2_bar, scorer=None, max_new_tokens=64,
-           temperature=1.0, seed=0, rank=0, device=None, shard="none", cuda_graphs=False):
+           temperature=1.0, seed=0, rank=0, device=None, shard="none", cuda_graphs=False, micro_batch=None):
     """Rejection sampling, out_dir/sft.jsonl, then `epochs` passes of `sft` over the kept rows in global batches
-    of batch_size: fine-tunes `model` in place (unchanged when nothing was kept) and returns the report, also
-    written to out_dir/phase2_report.json."""
+    of batch_size, micro_batch rows per forward on a rank (None: all): fine-tunes `model` in place (unchanged when
+    nothing was kept) and returns the report, also written to out_dir/phase2_report.json."""
     device = device or next(model.parameters()).device
     was_training = model.training
     kept, report = rejection_sample(model, processor, pool_rows, n_samples=n_samples, bar=bar, scorer=scorer,
@@ -328,11 +332,12 @@ def phase2(model, processor, pool_rows, out_dir, n_samples=P2.phase2_samples, lr
                       f"loss {loss:.4f}", flush=True)
             return False
 
-        sft(model, processor, next_rows, steps, lr=lr, warmup=0, rank=rank, device=device, callback=callback,
-            desc="phase 2 sft", shard=shard)
+        sft(model, processor, next_rows, steps, lr=lr, warmup=0, micro_batch=micro_batch, rank=rank, device=device,
+            callback=callback, desc="phase 2 sft", shard=shard)
         model.train(was_training)
     report["sft"] = {"skipped": steps == 0, "rows": len(kept), "steps": steps, "epochs": epochs,
-                     "batch_size": batch_size, "lr": lr, "warmup": 0, "schedule": "constant",
+                     "batch_size": batch_size, "micro_batch": micro_batch, "lr": lr, "warmup": 0,
+                     "schedule": "constant",
                      "loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None,
                      "losses": losses}
     if rank == 0:
@@ -412,7 +417,8 @@ def main(argv=None):
         load_kw = dict(device=device, dtype=dtype, max_pixels=cfg.model.max_pixels)
         model, processor = M.load(cfg.model.model, seed=seed, **load_kw)
         M.set_memory_options(model, cfg.model.attn, cfg.model.grad_checkpointing)
-        scorer = Judge.load(args.judge, threshold=args.judge_threshold, **load_kw) if args.judge else None
+        scorer = (Judge.load(args.judge, threshold=args.judge_threshold, **load_kw) if args.judge
+                  else RuleScorer(p2.phase2_bar, **config.reward_options(cfg.rl)))
     except (FileNotFoundError, ValueError) as e:  # data.DataError is a ValueError
         raise SystemExit(f"error: {e}")
     if cfg.model.shard == "fsdp":
@@ -421,7 +427,8 @@ def main(argv=None):
     report = phase2(model, processor, pool, out, n_samples=p2.phase2_samples, lr=p2.phase2_lr,
                     epochs=p2.phase2_epochs, batch_size=p2.phase2_batch, bar=p2.phase2_bar, scorer=scorer,
                     max_new_tokens=cfg.rl.max_new_tokens, temperature=cfg.rl.temperature, seed=seed, rank=rank,
-                    device=device, shard=cfg.model.shard, cuda_graphs=cfg.model.cuda_graphs)
+                    device=device, shard=cfg.model.shard, cuda_graphs=cfg.model.cuda_graphs,
+                    micro_batch=cfg.rl.micro_batch)
     if rank == 0:
         report["config"] = resolved
         with open(os.path.join(out, "phase2_report.json"), "w") as f:

@@ -51,7 +51,7 @@ import reject_sample as R
 import rewards
 import rollout
 import tiny_base
-from config import ModelConfig, as_dict, make_config, replay_ratios, validate
+from config import ModelConfig, as_dict, make_config, replay_ratios, reward_options, validate
 from report import plot_rewards, stage_summary
 from runtime import (all_reduce_sum, barrier, lr_factor, resolve_dtype, save_atomically,
                      setup_dist, world_size, write_atomic)
@@ -157,8 +157,7 @@ def grpo_step(policy, ref, processor, rows, stage, G, cfg, opt, rank, device, gl
     # 2. Reward, each answer in its row's form (a replayed open question, curriculum.StageSpec.replay, by open rules;
     #    a mixed stage's rows each in their own).
     row_of = [local[n // G] for n in range(len(ro.texts))]                  # (N,) the row of each answer
-    scores = [rewards.score(text, row["solution"], row["task"], row.get("stage", stage),
-                            choice_partial=rl.choice_partial, box_mode=rl.box_reward)
+    scores = [rewards.score(text, row["solution"], row["task"], row.get("stage", stage), **reward_options(rl))
               for text, row in zip(ro.texts, row_of)]
     r = torch.tensor([s["total"] for s in scores], dtype=torch.float32)     # (N,)
 
@@ -399,8 +398,10 @@ def main(argv=None):
         if missing(final_dir):
             R.phase2(policy, processor, phase2_pool, os.path.join(out, "phase2"), device=device,
                      rank=rank, seed=cfg.run.seed, max_new_tokens=cfg.rl.max_new_tokens,
-                     n_samples=p2.phase2_samples, bar=p2.phase2_bar, lr=p2.phase2_lr, epochs=p2.phase2_epochs,
-                     batch_size=p2.phase2_batch, shard=cfg.model.shard, cuda_graphs=cfg.model.cuda_graphs)
+                     temperature=cfg.rl.temperature, micro_batch=cfg.rl.micro_batch, n_samples=p2.phase2_samples,
+                     scorer=R.RuleScorer(p2.phase2_bar, **reward_options(cfg.rl)), lr=p2.phase2_lr,
+                     epochs=p2.phase2_epochs, batch_size=p2.phase2_batch, shard=cfg.model.shard,
+                     cuda_graphs=cfg.model.cuda_graphs)
             fsdp.save(policy, processor, final_dir, dtype, rank)
         named.append(("final (+ phase 2)", final_dir))
         timings["phase2"] = time.time() - t0

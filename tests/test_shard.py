@@ -172,6 +172,15 @@ def test_two_processes_with_fsdp_equal_one_process(one_process, tmp_path):
 
 
 @pytest.mark.slow
+def test_fsdp_with_micro_batches_of_one_row_equals_one_process(one_process, tmp_path):
+    # Phase 2's batches of 5 rows on 2 ranks: 3 forwards on rank 0 and 2 on rank 1, which runs a third weighted 0
+    # (without it rank 0 waits for its collectives until the timeout).
+    r = torchrun(TWO_STEPS + PHASE2 + ["--shard", "fsdp", "--micro-batch", "1"], tmp_path / "mb", port=29657)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert_same_weights(one_process, tmp_path / "mb", "2 processes with FSDP, micro-batches of 1")
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("shard", ["optimizer", "fsdp"])
 def test_a_sharded_run_killed_and_resumed_is_bit_identical(tmp_path, shard):
     args = QUICK + ["--stage-steps", "4", "--ckpt-every", "1", "--shard", shard, "--dtype", "bfloat16"]

@@ -290,14 +290,17 @@ def test_phase2_through_train_py(tmp_path):
     flags = QUICK[:2] + ["--stages", "judge,open", "--stage-steps", "1,2", "--phase2-prompts", "12",
                          "--phase2-samples", "3", "--phase2-epochs", "2", "--phase2-batch", "4", "--phase2-lr", "5e-4",
                          "--eval-n", "3", "--eval-stages", "open"] + QUICK[4:8] + ["--max-new-tokens", "24"]
-    train.main(flags + ["--out", out])
+    train.main(flags + ["--temperature", "0.9", "--box-reward", "iou", "--micro-batch", "2", "--out", out])
     stages = os.path.join(out, "stages")
     report = json.load(open(os.path.join(out, "phase2", "phase2_report.json")))
-    assert report["total"] == 12 and report["n_samples"] == 3 and "accuracy + format >= 2" in report["scorer"]
+    assert report["total"] == 12 and report["n_samples"] == 3 and report["temperature"] == 0.9
+    assert report["scorer"] == "rule rewards, choice_partial 0.2, box_mode iou, accuracy + format >= 2", \
+        "phase 2 keeps answers by the RL stages' rewards (--box-reward, --choice-partial)"
     assert report["kept"] > 0, "the shipped base answers some phase-2 prompts right"
     kept = report["kept"]
     sft = report["sft"]
-    assert (sft["epochs"], sft["batch_size"], sft["lr"], sft["steps"]) == (2, 4, 5e-4, 2 * -(-kept // 4)), \
+    assert (sft["epochs"], sft["batch_size"], sft["micro_batch"], sft["lr"], sft["steps"]) == \
+           (2, 4, 2, 5e-4, 2 * -(-kept // 4)), \
         "phase 2 runs with the flags' settings: ceil(kept / batch) steps per epoch"
     rl_final, p2 = weights(os.path.join(stages, "2_final")), weights(os.path.join(stages, "3_phase2"))
     assert any(not torch.equal(rl_final[k], p2[k]) for k in p2), "phase 2 fine-tunes the RL model"
