@@ -171,8 +171,8 @@ def grpo_step(policy, ref, processor, rows, stage, G, cfg, opt, rank, device, gl
     num_tokens = all_reduce_sum(float(ro.mask.sum()))
     t_ref = time.time() - t0 - t_gen
     policy.train()
-    sums = dict.fromkeys(("loss", "kl", "clip_low", "clip_high", "skipped"), 0.0)   # this rank's, over the passes
-    grad_norm = 0.0
+    sums = dict.fromkeys(("loss", "kl", "clip_low", "clip_high"), 0.0)   # this rank's, over the passes
+    grad_norm, skipped = 0.0, 0                     # the global norm: the same on every rank
     for _ in range(rl.mu):
         for batch, ids, mask, a, ref_logp, old_logp in chunks:
             logp = M.completion_logprobs(policy, batch, ids, mask)                                  # (n, T)
@@ -184,7 +184,7 @@ def grpo_step(policy, ref, processor, rows, stage, G, cfg, opt, rank, device, gl
             for k in ("kl", "clip_low", "clip_high"):              # token means of the whole batch
                 sums[k] += st[k] * float(mask.sum()) / num_tokens / rl.mu
         norm = opt.step(rl.grad_clip)               # all-reduce, clip, AdamW on the fp32 masters (optim.py)
-        sums["skipped"] += 0 if torch.isfinite(norm) else 1
+        skipped += 0 if torch.isfinite(norm) else 1
         grad_norm += float(norm) / rl.mu
 
     # 5. Statistics: sums over ranks by name, then means; replayed open questions apart (replay_accuracy).
@@ -194,7 +194,7 @@ def grpo_step(policy, ref, processor, rows, stage, G, cfg, opt, rank, device, gl
                           "replay_right": sum(s["accuracy"] for s, row in zip(scores, row_of) if row.get("replay"))})
     stats = {k: sums[k] / max(sums["own"], 1) for k in ("reward_total", "reward_accuracy", "reward_format")}
     stats.update(length=num_tokens / num_seqs, **{k: sums[k] for k in ("loss", "kl", "clip_low", "clip_high")},
-                 zero_var=sums["zero_var_groups"] / (P * W), skipped=int(sums["skipped"]), grad_norm=grad_norm,
+                 zero_var=sums["zero_var_groups"] / (P * W), skipped=skipped, grad_norm=grad_norm,
                  t_gen=t_gen, t_ref=t_ref, seconds=time.time() - t0)
     if num_seqs > sums["own"]:
         stats["replay_accuracy"] = sums["replay_right"] / (num_seqs - sums["own"])

@@ -163,6 +163,24 @@ def test_the_step_statistics_are_hand_values(setup, monkeypatch):
     assert [s["answer"] for s in samples] == ro.texts[:2 * G] and samples[0]["total"] == parts[0]["total"]
 
 
+@pytest.mark.parametrize("finite", [True, False])
+def test_two_identical_ranks_log_one_ranks_statistics(setup, monkeypatch, request, finite):
+    """Statistics are global: two ranks with the same prompts and answers (every sum over ranks twice one rank's)
+    log what one rank alone logs, the skipped updates included (the gradient norm is already global)."""
+    if not finite:
+        request.getfixturevalue("non_finite_loss")
+    policy, ref, processor, rows, ro = setup
+    one, _ = run_step(monkeypatch, policy, ref, processor, rows, ro, config(), GradientRecorder(policy))
+    monkeypatch.setattr(train, "world_size", lambda: 2)
+    monkeypatch.setattr(train, "all_reduce_sum", lambda x: x * 2)
+    two, _ = train.grpo_step(policy, ref, processor, rows + rows, "choice", G, config(), GradientRecorder(policy), 0,
+                             "cpu", 0)                                   # rank 0 of 2 takes the first P prompts
+    assert one["skipped"] == two["skipped"] == (0 if finite else 1)
+    for key in ("reward_total", "reward_accuracy", "reward_format", "replay_accuracy", "zero_var", "length", "loss",
+                "kl", "grad_norm"):
+        assert two[key] == pytest.approx(one[key], rel=1e-6, nan_ok=True), f"{key}: a global statistic"
+
+
 def test_a_mixed_stage_scores_each_answer_in_its_own_rows_form(base, monkeypatch):
     """--stages mixed: a batch of judge, choice and open rows; each answer is rewarded by its row's form."""
     policy, processor = base
