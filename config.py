@@ -161,6 +161,23 @@ def make_config(argv=None):
     validate(apply_flags(cfg, args))
     return cfg
 
+# What a resumed run may set anew: where and how fast it runs, its logs and evaluation, and phase 2 (after RL). Any
+# other value changes the RL run itself (its batches, rewards or updates), which a resume must continue as it was.
+RESUME_MAY_CHANGE = {"model": ("device", "attn", "grad_checkpointing", "shard", "cuda_graphs"),
+                     "data": ("eval_data", "eval_n", "eval_stages"), "rl": ("micro_batch",),
+                     "phase2": tuple(f.name for f in dataclasses.fields(Phase2Config)),
+                     "run": ("out", "resume", "ckpt_every", "keep", "sample_every", "max_bad_steps", "threads")}
+
+def check_resume(saved, cfg):
+    """A ValueError naming the first flag whose value is not that of the run being resumed (saved: its as_dict)."""
+    for group, values in as_dict(cfg).items():
+        for name, value in values.items():
+            was = saved.get(group, {}).get(name, value)
+            if name not in RESUME_MAY_CHANGE[group] and was != value:
+                raise ValueError(f"--{name.replace('_', '-')} {value!r}: the run in --out was started with {was!r}; "
+                                 "resume it with that (only the device, memory, logging, evaluation and phase-2 "
+                                 "flags may change), or give another --out")
+
 def reward_options(rl):
     """The options of rewards.score that the RL flags set: the RL stages' rule rewards, which phase 2 keeps to."""
     return {"choice_partial": rl.choice_partial, "box_mode": rl.box_reward}
@@ -193,7 +210,7 @@ def replay_ratios(rl, stages):
     if any(v > 0 for v in ratios) and "open" not in stages:
         raise ValueError("--replay asks open questions in earlier stages; --stages must include open")
     W = int(os.environ.get("WORLD_SIZE", 1))
-    for v in ratios:
+    for v in filter(None, ratios):  # (no replay: validate checks --prompts-per-step itself)
         extra = Fraction(v).limit_denominator(1000) * rl.prompts_per_step
         if extra.denominator != 1 or (rl.prompts_per_step + extra) % W:
             raise ValueError(f"--replay {v} adds {float(extra):g} open questions to {rl.prompts_per_step} prompts: "

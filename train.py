@@ -51,6 +51,7 @@ import reject_sample as R
 import rewards
 import rollout
 import tiny_base
+import config
 from config import ModelConfig, as_dict, make_config, replay_ratios, reward_options, validate
 from report import plot_rewards, stage_summary
 from runtime import (all_reduce_sum, barrier, lr_factor, resolve_dtype, save_atomically,
@@ -104,11 +105,19 @@ def latest_checkpoint(out):
         with open(path) as f:
             return os.path.join(out, "checkpoints", f.read().strip())
 
+def holds_run(out):
+    """Whether `out` holds (part of) a run: a checkpoint, or the log and stage folders of one killed before its first."""
+    return bool(latest_checkpoint(out)) or any(os.path.exists(os.path.join(out, p)) for p in ("metrics.jsonl", "stages"))
+
+def trainer_state(ckpt):
+    """A checkpoint's trainer state, memory-mapped on the CPU: ranks share the pages, and nothing lands on the device
+    rank 0 saved from."""
+    return torch.load(os.path.join(ckpt, "trainer_state.pt"), map_location="cpu", mmap=True, weights_only=False)
+
 def resume(ckpt, out, cur, policy, rank, device, dtype, shard="none"):
     """Load a checkpoint into the schedule, the policy and this rank's RNG; returns this rank's optimizer state (the
     masters, without moments at a stage boundary). Rank 0 drops the log lines of steps taken after the checkpoint."""
-    # Memory-mapped on the CPU: ranks share the pages, and nothing lands on the device rank 0 saved from.
-    state = torch.load(os.path.join(ckpt, "trainer_state.pt"), map_location="cpu", mmap=True, weights_only=False)
+    state = trainer_state(ckpt)
     saved, W = state.get("shard", ["none", 1]), world_size()
     if saved[0] != shard or (shard != "none" and saved[1] != W):
         raise SystemExit(f"error: {ckpt} was saved with --shard {saved[0]} on {saved[1]} processes; resume it with "
@@ -116,7 +125,10 @@ def resume(ckpt, out, cur, policy, rank, device, dtype, shard="none"):
     if shard != "none":
         state["optimizer"] = torch.load(os.path.join(ckpt, "optimizer", f"rank{rank}.pt"), map_location="cpu",
                                         mmap=True, weights_only=False)
-    cur.load_state_dict(state["curriculum"])
+    try:
+        cur.load_state_dict(state["curriculum"])
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
     loaded, _ = M.load(ckpt, device=device, dtype=dtype)
     if fsdp.is_sharded(policy):
         fsdp.load_full_state_dict(policy, loaded.state_dict())  # each rank cuts its own shards
@@ -357,11 +369,22 @@ def main(argv=None):
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)
     dtype = resolve_dtype(cfg.model.dtype, device)
-    out = cfg.run.out
+    out, ckpt = cfg.run.out, latest_checkpoint(cfg.run.out)
+    if ckpt and cfg.run.resume:  # before config.json is written: a refused resume leaves the run as it was
+        try:
+            config.check_resume(trainer_state(ckpt).get("config", {}), cfg)
+        except ValueError as e:
+            raise SystemExit(f"error: {e}")
     if rank == 0:
         os.makedirs(out, exist_ok=True)
-        if not cfg.run.resume and latest_checkpoint(out):
-            raise SystemExit(f"{out} already holds a run: pass --resume to continue it, or another --out")
+        if not cfg.run.resume and holds_run(out):
+            raise SystemExit(f"error: {out} already holds a run: pass --resume to continue it, or another --out")
+        if cfg.run.resume and not ckpt and holds_run(out):  # killed before its first checkpoint: nothing to keep
+            print(f"{out} holds no checkpoint yet: the run starts again from its first step", flush=True)
+            for name in ("metrics.jsonl", "samples.jsonl"):
+                if os.path.exists(os.path.join(out, name)):
+                    os.remove(os.path.join(out, name))
+            shutil.rmtree(os.path.join(out, "stages"), ignore_errors=True)
         print(json.dumps({"world_size": W, "device": str(device), **as_dict(cfg)}, indent=1), flush=True)
         with open(os.path.join(out, "config.json"), "w") as f:
             json.dump(as_dict(cfg), f, indent=1)

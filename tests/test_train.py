@@ -191,6 +191,9 @@ def test_replay_ratios(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "16")
     with pytest.raises(ValueError, match="multiple of the 16 processes"):
         config.replay_ratios(rl("0.25"), ["judge", "open"])  # 40 prompts
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match="--prompts-per-step 3 must split evenly over 2 processes"):
+        config.make_config(["--prompts-per-step", "3"])  # no replay: the prompts' flag is the one to fix
 
 
 # -----------------------------------------------------------------------------
@@ -314,6 +317,50 @@ def test_phase2_through_train_py(tmp_path):
 def metrics_of(out):
     import json
     return [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+
+
+def test_a_run_killed_before_its_first_checkpoint_starts_again(tmp_path, monkeypatch):
+    import model as M
+    out = str(tmp_path / "run")
+    args = QUICK + ["--stage-steps", "2", "--ckpt-every", "5", "--out", out]
+    step, calls = train.grpo_step, []
+
+    def killed_at_step_2(*a, **kw):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("killed")
+        return step(*a, **kw)
+    monkeypatch.setattr(train, "grpo_step", killed_at_step_2)
+    with pytest.raises(RuntimeError, match="killed"):
+        train.main(args)
+    monkeypatch.setattr(train, "grpo_step", step)
+    assert [m["global_step"] for m in metrics_of(out)] == [1] and not train.latest_checkpoint(out)
+    model, processor = M.load("tiny")  # a start folder of another model, as a run with another --model would leave
+    model.save_pretrained(os.path.join(out, "stages", "0_choice_start"))
+    processor.save_pretrained(os.path.join(out, "stages", "0_choice_start"))
+    with pytest.raises(SystemExit, match="already holds a run: pass --resume"):
+        train.main(args)
+    train.main(args + ["--resume"])
+    ms = metrics_of(out)
+    assert [m["global_step"] for m in ms] == [1, 2], "every step logged once"
+    assert ms[0]["kl"] < 1e-9, "the reference is this run's start, not the folder the killed attempt left"
+    base = weights(BASE)
+    assert all(torch.equal(w, base[k]) for k, w in weights(os.path.join(out, "stages", "0_choice_start")).items())
+
+
+def test_a_resume_with_other_training_flags_is_refused(tmp_path):
+    out = str(tmp_path / "run")
+    args = QUICK + ["--stage-steps", "2", "--out", out]
+    train.main(args)
+    before = open(os.path.join(out, "config.json")).read()
+    for flags, message in ((["--prompts-per-step", "4"], "--prompts-per-step 4: the run in --out was started with 8"),
+                           (["--seed", "3"], "--seed 3: the run in --out was started with 0"),
+                           (["--lr", "1e-3"], "--lr 0.001: the run in --out was started with 0.0003")):
+        with pytest.raises(SystemExit, match=message):
+            train.main(args + ["--resume"] + flags)
+        assert open(os.path.join(out, "config.json")).read() == before, "a refused resume leaves config.json alone"
+    train.main(args + ["--resume", "--micro-batch", "2", "--sample-every", "3"])  # memory and logging may change
+    assert [m["global_step"] for m in metrics_of(out)] == [1, 2]
 
 
 def test_each_stage_starts_at_kl_zero_to_its_reference_and_restarts_its_schedule(staged_run, tmp_path):
