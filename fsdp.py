@@ -105,6 +105,9 @@ class ShardedParamsAdamW:
     def step(self, max_norm):
         """Clip the (already reduce-scattered, averaged) gradients to max_norm by their global norm and, when it is
         finite, update the shards. Clears the gradients; returns the norm (a plain tensor, equal on every rank)."""
+        for p in self.params:  # a missing gradient counts as zero, as in optim.MasterAdamW and ShardedAdamW
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
         norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)   # one all-reduce of the squared norms
         if isinstance(norm, DTensor):
             norm = norm.full_tensor()

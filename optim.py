@@ -10,7 +10,9 @@ fast rollouts) while the optimizer holds an fp32 master copy of every such param
     w32 = AdamW(w32, g32)               the update accumulates in the master, however small
     w   = bf16(w32)                     the model's weights are the master, rounded, after each step
 
-A float32 parameter is its own master: then this is torch.optim.AdamW, step for step and bit for bit.
+A float32 parameter is its own master: then this is torch.optim.AdamW, step for step and bit for bit, except that
+a parameter without a gradient (the vision tower on a text-only batch) counts as zeros, where torch's AdamW skips
+it: so one process steps it as N processes, ShardedAdamW and FSDP do.
 
     opt = MasterAdamW(model.parameters(), lr=1e-6, betas=(0.9, 0.99))
     loss.backward()

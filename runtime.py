@@ -60,12 +60,14 @@ def all_reduce_sum(x):
     return t if isinstance(x, torch.Tensor) else t.item()
 
 def all_reduce_grads(params):
-    """Average gradients over ranks; a missing gradient counts as zero, so every rank runs the same collectives."""
-    if world_size() == 1:
-        return
+    """Average gradients over ranks. A missing gradient counts as zero, so every rank runs the same collectives,
+    and one process steps such a parameter as N processes (and the sharded optimizers) do."""
     for p in params:
         if p.grad is None:
             p.grad = torch.zeros_like(p)
+    if world_size() == 1:
+        return
+    for p in params:
         dist.all_reduce(p.grad)
         p.grad /= world_size()
 

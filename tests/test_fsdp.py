@@ -158,6 +158,7 @@ def worker(out):
     opt = fsdp.ShardedParamsAdamW(tied.parameters(), lr=LR, betas=(0.9, 0.99))
     for s in range(STEPS):
         grpo_like_step(tied, opt, batch, ids, weights[s], lo, hi, world)
+    opt.step(1.0)  # no gradient at all: each counts as zeros (as MasterAdamW's), AdamW's moments still move the weights
     fsdp.save(tied, processor, os.path.join(out, "saved_tied"), torch.float32, rank)
 
     # bf16 compute from a model loaded in bf16: the shards are fp32 masters and they move.
@@ -212,6 +213,8 @@ def reference():
             norms.append(grpo_like_step(model, opt, batch, ids, weights[s], 0, P, 1))
             if s == 1 and not tied_embeddings:
                 roll = [greedy(model, processor, k * P // 2, (k + 1) * P // 2) for k in range(2)]
+        if tied_embeddings:
+            opt.step(1.0)  # the sharded run's step without gradients
         return model, norms, roll
     return train(), train(tied_embeddings=True)
 
