@@ -52,8 +52,7 @@ import reject_sample as R
 import rewards
 import rollout
 import tiny_base
-import config
-from config import ModelConfig, as_dict, make_config, replay_ratios, reward_options, validate
+from config import ModelConfig, as_dict, check_resume, make_config, replay_ratios, reward_options, validate
 from report import plot_rewards, stage_summary
 from runtime import (all_reduce_sum, barrier, lr_factor, resolve_dtype, save_atomically,
                      setup_dist, world_size, write_atomic)
@@ -107,8 +106,9 @@ def latest_checkpoint(out):
             return os.path.join(out, "checkpoints", f.read().strip())
 
 def holds_run(out):
-    """Whether `out` holds (part of) a run: a checkpoint, or the log and stage folders of one killed before its first."""
-    return bool(latest_checkpoint(out)) or any(os.path.exists(os.path.join(out, p)) for p in ("metrics.jsonl", "stages"))
+    """Whether `out` holds a run: a checkpoint, or the log and stage folders of one killed before its first."""
+    left = (os.path.join(out, name) for name in ("metrics.jsonl", "stages"))
+    return bool(latest_checkpoint(out)) or any(map(os.path.exists, left))
 
 def trainer_state(ckpt):
     """A checkpoint's trainer state, memory-mapped on the CPU: ranks share the pages, and nothing lands on the device
@@ -373,7 +373,7 @@ def main(argv=None):
     out, ckpt = cfg.run.out, latest_checkpoint(cfg.run.out)
     if ckpt and cfg.run.resume:  # before config.json is written: a refused resume leaves the run as it was
         try:
-            config.check_resume(trainer_state(ckpt).get("config", {}), cfg)
+            check_resume(trainer_state(ckpt).get("config", {}), cfg)
         except ValueError as e:
             raise SystemExit(f"error: {e}")
     if rank == 0:
