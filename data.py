@@ -140,10 +140,10 @@ def _from_messages(messages):
     texts = []
     for content in (turns["user"][0], turns["assistant"][-1]):
         if isinstance(content, list):  # typed parts: keep the text ones
-            texts_of = [part.get("text") for part in content if isinstance(part, dict)]
-            if not all(t is None or isinstance(t, str) for t in texts_of):
+            parts = [part.get("text") for part in content if isinstance(part, dict)]
+            if not all(t is None or isinstance(t, str) for t in parts):
                 raise DataError("a message part's `text` is not text")
-            content = "".join(t or "" for t in texts_of)
+            content = "".join(t or "" for t in parts)
         if not isinstance(content, str):
             raise DataError("message content is neither text nor a list of parts")
         texts.append(content.replace("<image>", "").strip())
