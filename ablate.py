@@ -163,7 +163,8 @@ def eval_step(models, out, cfg, threads):
     every row's scores; done once out holds every model's records."""
     argv = ([sys.executable, os.path.join(HERE, "eval.py"), "--model", ",".join(models), "--records", "--seed", "0",
              "--out", out, "--data", cfg.data.eval_data or "synthetic", "--n", str(cfg.data.eval_n),
-             "--stages", cfg.data.eval_stages, "--max-new-tokens", str(cfg.rl.max_new_tokens),
+             "--stages", cfg.data.eval_stages, "--image-size", str(cfg.data.image_size),
+             "--max-new-tokens", str(cfg.rl.max_new_tokens),
              "--device", cfg.model.device, "--dtype", cfg.model.dtype, "--max-pixels", str(cfg.model.max_pixels)]
             + (["--image-root", cfg.data.image_root] if cfg.data.image_root else []) + threads)
     return Step(lambda: argv, lambda: set(models) <= set((read_json(out) or {}).get("records", {})))

@@ -225,13 +225,14 @@ def validate(cfg):
         raise ValueError(f"--stages {rl.stages!r}: use judge, choice, open (or mixed), comma-separated")
     groups, steps = per_stage(rl.group_size, stages, "group_size"), per_stage(rl.stage_steps, stages, "stage_steps")
     replay_ratios(rl, stages)
-    bad_forms = [s for s in cfg.data.eval_stages.split(",") if s not in curriculum.STAGES]
+    forms = cfg.data.eval_stages.split(",")
+    bad_forms = [s for s in forms if s not in curriculum.STAGES] + [s for s in set(forms) if forms.count(s) > 1]
     W = int(os.environ.get("WORLD_SIZE", 1))
     runtime.check_device(model.device)
     checks = [
         (model.attn != "flash_attention_2" or importlib.util.find_spec("flash_attn") is not None,
          "--attn flash_attention_2 needs the flash-attn package (pip install flash-attn), or use --attn sdpa"),
-        (not bad_forms, f"--eval-stages: unknown forms {bad_forms}; use judge, choice and open"),
+        (not bad_forms, f"--eval-stages: unknown or repeated forms {bad_forms}; use judge, choice, open, each once"),
         (model.model != "", "--model: give the folder of a Qwen2.5-VL / Qwen2-VL checkpoint"),
         (all(g >= 2 for g in groups), "--group-size must be >= 2: a group of one has no relative advantage"),
         (all(s >= 1 for s in steps), "--stage-steps must be >= 1"),

@@ -243,6 +243,7 @@ class Curriculum:
                 self.replay_pool = rows
         if self.replay_pool is None and any(s.replay > 0 for s in self.stages):
             raise ValueError("replay asks open questions in earlier stages; the schedule needs an open stage")
+        self._tasks = [len({r.get("task") for r in rows}) if isinstance(rows, list) else 1 for rows in self.pools]
         self.stage_index, self.step, self.position, self.global_step = 0, 0, 0, 0
         self._perms = {}  # tag -> ((stage index, epoch), permutation) of the epoch being drawn
 
@@ -266,7 +267,10 @@ class Curriculum:
     def _row_at(self, position):
         """The row at data position `position` of the current stage (a pure function of the state)."""
         spec, pool = self.stages[self.stage_index], self.pools[self.stage_index]
-        form, truth = spec.name, position % 2 == 0
+        # Judge claims true at every other position: balanced_order takes the tasks in turn, so with an even number
+        # of tasks a task would then hold only true (or only false) claims; there the truth turns every round.
+        tasks = self._tasks[self.stage_index]
+        form, truth = spec.name, (position if tasks % 2 else position // tasks) % 2 == 0
         if spec.name == MIXED:
             forms = list(pool) if isinstance(pool, dict) else STAGES
             form, truth = forms[(position // 3) % len(forms)], (position // (3 * len(forms))) % 2 == 0

@@ -241,11 +241,12 @@ def evaluate_models(models, eval_sets, batch_size=EVAL_BATCH, max_new_tokens=64,
     if any(not 1 <= k <= samples for k in ks):
         raise ValueError(f"pass@k needs 1 <= k <= samples={samples}, got k in {ks}")
     cells = cells_of(eval_sets)
+    names = [os.fspath(e) if isinstance(e, (str, os.PathLike)) else e[0] for e in models]
+    if len(set(names)) < len(names):  # before the first model's hours of evaluation
+        raise ValueError(f"two models are named {next(n for n in names if names.count(n) > 1)!r}")
     results = {}
     for entry in models:
         name, model, processor = _open_model(entry, device, dtype, max_pixels)
-        if name in results:
-            raise ValueError(f"two models are named {name!r}")
         workers = cpu_workers(next(model.parameters()).device)
         was_training = model.training
         model.eval()
@@ -273,6 +274,7 @@ def evaluate_models(models, eval_sets, batch_size=EVAL_BATCH, max_new_tokens=64,
         results[name] = metrics(records, cells, ks, reduce=all_reduce_sum)
         for cell in (c for tasks in results[name].values() for stages in tasks.values() for c in stages.values()):
             cell["samples"] = samples
+        del model, processor  # the next model loads without this one in memory
     return results
 
 def paired_differences(records_a, records_b, cells, reduce=None):
@@ -367,6 +369,8 @@ def build_parser():
     p.add_argument("--n", "--rows", dest="n", type=int, default=300,
                    help="synthetic rows per split (n/3 per task); write --rows under torchrun, which takes --n")
     p.add_argument("--stages", default="open", help="synthetic forms asked of each row: any of judge,choice,open")
+    p.add_argument("--image-size", type=int, default=112, help="synthetic image side in pixels (a multiple of 28; "
+                                                               "train.py's --image-size)")
     p.add_argument("--seed", type=int, default=0, help="seed of the synthetic splits and of the sampling")
     p.add_argument("--batch-size", type=int, default=EVAL_BATCH, help="sequences per generation batch on one rank")
     p.add_argument("--max-new-tokens", type=int, default=64, help="answer length limit (the paper samples 256)")
@@ -389,23 +393,26 @@ def main(argv=None):
         paths = [m.strip() for m in args.model.split(",") if m.strip()]
         if not paths:
             raise ValueError("--model names no checkpoint")
+        if len(set(paths)) < len(paths):
+            raise ValueError(f"--model names {next(p for p in paths if paths.count(p) > 1)!r} twice")
         for path in paths:
             check_checkpoint(path)
         stages = tuple(s.strip() for s in args.stages.split(",") if s.strip())
-        if not stages or any(s not in curriculum.STAGES for s in stages):
-            raise ValueError(f"--stages {args.stages!r}: expected some of {', '.join(curriculum.STAGES)}")
+        if not stages or any(s not in curriculum.STAGES for s in stages) or len(set(stages)) < len(stages):
+            raise ValueError(f"--stages {args.stages!r}: expected some of {', '.join(curriculum.STAGES)}, each once")
         check_device(args.device)
         require([(args.n >= 1, "--n must be >= 1"), (args.batch_size >= 1, "--batch-size must be >= 1"),
                  (args.max_new_tokens >= 1, "--max-new-tokens must be >= 1"),
                  (args.samples >= 0, "--samples must be >= 0 (0: greedy only)"),
                  (args.threads >= 0, "--threads must be >= 0 (0: torch's default)"),
-                 (args.max_pixels is None or args.max_pixels >= 1, "--max-pixels must be >= 1")])
+                 (args.max_pixels is None or args.max_pixels >= 1, "--max-pixels must be >= 1"),
+                 (args.image_size >= 28 and args.image_size % 28 == 0, "--image-size must be a multiple of 28")])
         if not all(k.strip().isdigit() for k in args.pass_k.split(",") if k.strip()):
             raise ValueError(f"--pass-k {args.pass_k!r}: give whole numbers, comma-separated")
         ks = tuple(int(k) for k in args.pass_k.split(",") if k.strip())
         if (ks and not args.samples) or any(not 1 <= k <= args.samples for k in ks):
             raise ValueError(f"--pass-k {args.pass_k!r} needs --samples >= every k (got --samples {args.samples})")
-        sets = load_eval_sets(args.data, args.n, args.seed, stages, args.image_root, args.task)
+        sets = load_eval_sets(args.data, args.n, args.seed, stages, args.image_root, args.task, args.image_size)
     except (ValueError, FileNotFoundError) as e:   # data.DataError is a ValueError
         raise SystemExit(f"error: {e}")
     if args.records and (not args.out or int(os.environ.get("WORLD_SIZE", 1)) > 1):

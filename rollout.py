@@ -76,12 +76,15 @@ def sample_next(logits, u, temperature=1.0, top_k=0, top_p=1.0, greedy=False):
     if top_p < 1.0:
         sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
         p = sorted_logits.softmax(-1)
-        drop = p.cumsum(-1) - p > top_p       # keep the smallest prefix whose mass reaches top_p
+        drop = p.cumsum(-1) - p >= top_p      # keep the smallest prefix whose mass reaches top_p
         logits = logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
-    cdf = logits.softmax(-1).cumsum(-1)                                      # (N, V)
+    probs = logits.softmax(-1)
+    cdf = probs.cumsum(-1)                                                   # (N, V)
     total = cdf[:, -1:]
     target = torch.minimum(u[:, None] * total, torch.nextafter(total, torch.zeros_like(total)))  # below the total:
-    return torch.searchsorted(cdf, target, right=True).squeeze(1)  # the token found has a nonzero probability
+    token = torch.searchsorted(cdf, target, right=True).squeeze(1)  # a token of nonzero probability, where zeros
+    # add exactly 0 to the sum (a CPU's cumsum); CUDA's one-row scan may round a zero-probability token's step above 0
+    return torch.where(probs.gather(1, token[:, None]).squeeze(1) > 0, token, probs.argmax(-1))
 
 class PreallocatedLayer(DynamicLayer):
     """One layer's keys and values in buffers sized for the prompt and every new token, written in place: the
@@ -327,6 +330,8 @@ def generate(model, processor, samples, group_size=1, max_new_tokens=128, temper
         raise ValueError(f"group_size and max_new_tokens must be >= 1, got {group_size}, {max_new_tokens}")
     if not greedy and temperature <= 0:
         raise ValueError(f"temperature must be > 0 when sampling (use greedy=True), got {temperature}")
+    if not 0 < top_p <= 1 or top_k < 0:
+        raise ValueError(f"need 0 < top_p <= 1 and top_k >= 0 (0: no top-k), got top_p {top_p}, top_k {top_k}")
     if isinstance(generator, (list, tuple)) and len(generator) != len(samples):
         raise ValueError(f"got {len(generator)} generators for {len(samples)} prompts; give one per prompt")
     device = next(model.parameters()).device

@@ -47,6 +47,15 @@ def _is_wrong_box(box, m):
             and min(box) >= 0 and max(box) <= m["size"]), ("other" if other else "moved")
 
 
+@pytest.mark.parametrize("tasks", [("math",), ("detection", "math"), ("detection", "classify", "math")])
+def test_a_judge_stage_asks_each_task_true_and_false_claims_in_turn(tasks):
+    pool = data.make_rows("train", 12 * len(tasks), draw=False, tasks=tasks)
+    rows = Curriculum([StageSpec("judge", steps=10)], pool=pool).next_batch(len(pool))
+    truths = Counter((r["task"], r["meta"]["judge"]["truth"]) for r in rows)
+    assert truths == {(t, truth): 6 for t in tasks for truth in (True, False)}, \
+        f"{len(tasks)} tasks: half the claims about each task are true, or the task gives the answer away"
+
+
 def test_judge_is_balanced_and_false_claims_are_near_misses():
     rows = curriculum.stage_rows(POOL, "judge", seed=0)
     yes = sum(r["solution"] == "<answer>yes</answer>" for r in rows)
@@ -154,13 +163,14 @@ def test_every_derived_solution_scores_right_through_rewards():
 def test_stage_files_pass_through_with_the_instruction_added_when_missing(tmp_path):
     path = tmp_path / "judge.jsonl"
     lines = [{"problem": "Is there a cat?", "solution": "<answer>yes</answer>", "task": "classify"},
-             {"problem": "Is it 3? Put it in <answer> </answer>.", "solution": "no", "task": "math", "stage": "x"}]
+             {"problem": "Is it 3? Put it in <answer> </answer>.", "solution": "no", "task": "math", "stage": "choice"}]
     path.write_text("".join(json.dumps(x) + "\n" for x in lines))
     mapping = curriculum.parse_stage_data(f"judge={path}:all")
     stages = curriculum.assign_stage_data([StageSpec("judge", steps=5)], mapping)
     rows = Curriculum(stages, seed=0).next_batch(2)
     rows.sort(key=lambda r: r["problem"])
-    assert rows[0]["problem"] == "Is it 3? Put it in <answer> </answer>." and rows[0]["stage"] == "x", "left alone"
+    assert rows[0]["problem"] == "Is it 3? Put it in <answer> </answer>." and rows[0]["stage"] == "choice", \
+        "left alone: its problem, and the stage it names (scored in that form)"
     assert rows[1]["problem"] == "Is there a cat?\n" + data.INSTRUCTIONS["judge"] and rows[1]["stage"] == "judge"
     with pytest.raises(ValueError, match="not in the schedule"):
         curriculum.assign_stage_data(stages, {"open": "x.jsonl"})

@@ -4,6 +4,7 @@ present with its n, one table row per model, and the command line end to end."""
 import json
 import math
 import os
+import re
 
 import pytest
 
@@ -253,11 +254,27 @@ def test_bad_input_names_it(tmp_path):
     (["--max-new-tokens", "0"], "--max-new-tokens must be >= 1"), (["--samples", "-1"], "--samples must be >= 0"),
     (["--threads", "-1"], "--threads must be >= 0"), (["--max-pixels", "0"], "--max-pixels must be >= 1"),
     (["--device", "gpu"], "--device 'gpu': use auto, cpu, cuda or cuda:N"),
-    (["--pass-k", "a", "--samples", "2"], "--pass-k 'a': give whole numbers")])
+    (["--pass-k", "a", "--samples", "2"], "--pass-k 'a': give whole numbers"),
+    (["--stages", "open,open"], "--stages 'open,open': expected some of judge, choice, open, each once"),
+    (["--image-size", "100"], "--image-size must be a multiple of 28"),
+    (["--model", "tiny,tiny"], "--model names 'tiny' twice")])
 def test_bad_numbers_and_devices_stop_before_any_model_is_loaded(monkeypatch, flags, message):
     monkeypatch.setattr(E, "evaluate_models", lambda *a, **k: pytest.fail("the evaluation ran"))
-    with pytest.raises(SystemExit, match="error: " + message):
+    with pytest.raises(SystemExit, match="error: " + re.escape(message)):
         E.main(["--model", "tiny"] + flags)
+
+
+def test_the_synthetic_images_have_the_image_size(monkeypatch):
+    seen = {}
+
+    def evaluate_models(models, sets, *args, **kwargs):
+        seen.update(sets)
+        raise KeyboardInterrupt  # the sets are what this test needs
+    monkeypatch.setattr(E, "evaluate_models", evaluate_models)
+    with pytest.raises(KeyboardInterrupt):
+        E.main(["--model", "tiny", "--n", "3", "--image-size", "56"])
+    assert {data.open_image(r).size for rows in seen.values() for r in rows} == {(56, 56)}, \
+        "train.py's --image-size, which ablate.py passes on"
 
 
 def test_paired_differences_are_per_row_changes_with_a_paired_se():

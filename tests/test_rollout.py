@@ -166,6 +166,8 @@ def test_top_k_and_top_p_restrict_the_support():
     p = logits[0].softmax(-1)  # p = 0.636, 0.234, 0.086, 0.032, 0.012: top two hold p0 + p1 = 0.87
     assert p[0] < 0.8 < p[0] + p[1]  # so top_p = 0.8 keeps exactly them
     assert set(sample_next(logits, u(), top_p=0.8).tolist()) == {0, 1}
+    even = torch.zeros(2000, 4)  # four tokens of 0.25: two reach top_p = 0.5 exactly, and a third is not needed
+    assert set(sample_next(even, u(), top_p=0.5).tolist()) == {0, 1}
     assert set(sample_next(logits, u(), temperature=100.0).tolist()) == {0, 1, 2, 3, 4}
     # Temperature divides the logits. At 1, token 0 has p0 = e^3 / (e^3 + e^2 + e + 1 + 1/e) = 0.636
     # (2000 draws: standard error 0.011); at 0.05 the gap of 1 becomes 20 (p1 / p0 = e^-20 = 2e-9), only
@@ -348,6 +350,26 @@ def test_inverse_cdf_never_draws_a_zero_probability_token():
         assert torch.isfinite(logits.gather(1, token[:, None])).all(), f"u={u} drew a banned token: {token}"
     assert sample_next(logits, torch.tensor([0.0, 0.0])).tolist() == [1, 0], "u = 0: the first allowed token"
     assert sample_next(logits, torch.tensor([0.99, 0.99])).tolist() == [2, 3]
+
+
+def test_a_zero_probability_token_is_never_drawn_where_the_cdf_rounds_up_at_it(monkeypatch):
+    """CUDA's scan of a single row may sum in another order and give a zero-probability token a step of one
+    rounding unit; emulated here on a CPU (a cumsum that adds 1e-7 at token 1): the draw that lands in that step
+    takes the most probable token instead."""
+    from rollout import sample_next
+    cumsum = torch.Tensor.cumsum
+    monkeypatch.setattr(torch.Tensor, "cumsum", lambda x, dim: cumsum(x, dim) + 1e-7 * (torch.arange(x.shape[-1]) >= 1))
+    logits = torch.tensor([[1.0, float("-inf"), 2.0]])
+    p0 = logits.softmax(-1)[0, 0].item()
+    token = sample_next(logits, torch.tensor([(p0 + 5e-8) / (1 + 1e-7)]))  # inside token 1's rounded-up step
+    assert token.tolist() == [2], "the banned token 1 must not be drawn"
+
+
+def test_bad_sampling_settings_are_refused(tiny):
+    model, processor = tiny
+    for kw in (dict(top_p=0.0), dict(top_p=1.5), dict(top_p=-0.1), dict(top_k=-1)):
+        with pytest.raises(ValueError, match="need 0 < top_p <= 1 and top_k >= 0"):
+            generate(model, processor, prompts()[:1], max_new_tokens=2, **kw)
 
 
 def test_the_fixed_shape_step_gives_the_answers_of_the_step_by_hand(any_tiny, monkeypatch):

@@ -42,6 +42,7 @@ def run(args, out, env=None, torchrun=0):
     (["--group-size", "4,2"], "one value or one per stage"),
     (["--stage-steps", "x"], "--stage-steps 'x': give whole numbers"),
     (["--stages", "judge,exam"], "--stages"),
+    (["--eval-stages", "open,open"], "--eval-stages: unknown or repeated forms \\['open'\\]"),
     (["--lr", "-1"], "lr > 0"),
     (["--image-size", "100"], "multiple of 28"),
     (["--image-size", "0"], "multiple of 28"),
