@@ -4,6 +4,7 @@ import torch
 from PIL import Image
 
 import model as M
+import rollout
 from rollout import generate
 
 
@@ -357,6 +358,7 @@ def test_a_zero_probability_token_is_never_drawn_where_the_cdf_rounds_up_at_it(m
     rounding unit; emulated here on a CPU (a cumsum that adds 1e-7 at token 1): the draw that lands in that step
     takes the most probable token instead."""
     from rollout import sample_next
+    monkeypatch.setattr(rollout, "CHECK_DRAWN_ON", ("cuda", "cpu"))  # the check CUDA runs, here on the CPU
     cumsum = torch.Tensor.cumsum
     monkeypatch.setattr(torch.Tensor, "cumsum", lambda x, dim: cumsum(x, dim) + 1e-7 * (torch.arange(x.shape[-1]) >= 1))
     logits = torch.tensor([[1.0, float("-inf"), 2.0]])
