@@ -322,8 +322,8 @@ def build_parser():
     p.add_argument("--out", default=None, help="output folder (default runs/ablate, --quick runs/ablate-quick)")
     p.add_argument("--quick", action="store_true", help="1 seed, stages of 4/4/8 steps, 60 evaluation rows per split "
                                                         "and form: a smoke test of the grid, not results")
-    p.add_argument("--launcher", default="", help="command that starts train.py and eval.py, e.g. 'torchrun "
-                                                  "--nproc_per_node=8' (default: this python)")
+    p.add_argument("--launcher", default="", help="command that starts train.py, e.g. 'torchrun --nproc_per_node=8' "
+                                                  "(default: this python); eval.py runs in one process (--records)")
     return p
 
 def main(argv=None):

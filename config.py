@@ -162,8 +162,9 @@ def make_config(argv=None):
     return cfg
 
 # What a resumed run may set anew: where and how fast it runs, its logs and evaluation, and phase 2 (after RL). Any
-# other value changes the RL run itself (its batches, rewards or updates), which a resume must continue as it was.
-RESUME_MAY_CHANGE = {"model": ("device", "attn", "grad_checkpointing", "shard", "cuda_graphs"),
+# other value changes the RL run itself (its batches, rewards or updates), which a resume must continue as it was;
+# --shard too, since the checkpoint holds the optimizer state in the mode's layout.
+RESUME_MAY_CHANGE = {"model": ("device", "attn", "grad_checkpointing", "cuda_graphs"),
                      "data": ("eval_data", "eval_n", "eval_stages"), "rl": ("micro_batch",),
                      "phase2": tuple(f.name for f in dataclasses.fields(Phase2Config)),
                      "run": ("out", "resume", "ckpt_every", "keep", "sample_every", "max_bad_steps", "threads")}
@@ -175,8 +176,8 @@ def check_resume(saved, cfg):
             was = saved.get(group, {}).get(name, value)
             if name not in RESUME_MAY_CHANGE[group] and was != value:
                 raise ValueError(f"--{name.replace('_', '-')} {value!r}: the run in --out was started with {was!r}; "
-                                 "resume it with that (only the device, memory, logging, evaluation and phase-2 "
-                                 "flags may change), or give another --out")
+                                 "resume it with that (only the device, memory but --shard, logging, evaluation and "
+                                 "phase-2 flags may change), or give another --out")
 
 def reward_options(rl):
     """The options of rewards.score that the RL flags set: the RL stages' rule rewards, which phase 2 keeps to."""

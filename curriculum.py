@@ -15,10 +15,11 @@ The stages share their images and questions; only the answer form (and so its re
     python curriculum.py --out synth --split ood --stage judge  # a split as Curr-ReFT JSONL + PNGs
 
 Judge and choice rows derive from an open synthetic row's `meta` (`make_stage_row`). A judge claim is true at
-even data positions, else a near miss: a count off by 1-2 (pixels: by 1-2 cells), a label swapped, added or
-dropped, another shape, another object's box or the true one moved to IoU < 0.5. Choice: A-D, shuffled, one
-right among such distractors, or 1-3 present labels for "which colours / shapes". Stage files (StageSpec.data,
-a mixture spec) are used as they are; a problem without `<answer>` gets its instruction line.
+every other data position (with an even number of tasks, every other round of them), else a near miss: a count
+off by 1-2 (pixels: by 1-2 cells), a label swapped, added or dropped, another shape, another object's box or the
+true one moved to IoU < 0.5. Choice: A-D, shuffled, one right among such distractors, or 1-3 present labels for
+"which colours / shapes". Stage files (StageSpec.data, a mixture spec) are used as they are; a problem without
+`<answer>` gets its instruction line.
 Each stage runs `steps` optimizer steps over epochs of task-interleaved permutations seeded by (seed, stage,
 epoch); `replay` r adds floor(n * r) open rows along a stage's first n. A mixed stage asks data position p in form
 STAGES[(p // 3) % 3], so that every 9 positions hold each task in each form once (the tasks take turns); given

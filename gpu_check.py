@@ -2,7 +2,7 @@
 gpu_check.py: checks of this project on one or two GPUs, printed as ONE markdown table (under 10 min on an H100).
 
     python gpu_check.py                        # every check; exits 1 when any failed
-    python gpu_check.py --quick                # checks 0-2 only (tiny runs); --skip-3b: no checks 3-4
+    python gpu_check.py --quick                # checks 0-2 only (tiny runs); --skip-3b: no checks 3-5
     python gpu_check.py --device cpu --quick   # the same code paths on a CPU: gloo, float32 (and a 2-layer "3B")
 
 0. transformers API: Qwen2.5-VL's forward takes the `cache=` and `mm_encoder_outputs=` that rollout.py and
@@ -442,7 +442,7 @@ def main(argv=None):
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     p.add_argument("--dtype", choices=["bfloat16", "float32"], help="default: bfloat16 on cuda, float32 on cpu")
     p.add_argument("--quick", action="store_true", help="checks 0-2 only")
-    p.add_argument("--skip-3b", action="store_true", help="skip checks 3-4")
+    p.add_argument("--skip-3b", action="store_true", help="skip checks 3-5 (the 3B shape)")
     p.add_argument("--out", help="work folder: runs and logs (default: a new temporary folder)")
     a = p.parse_args(argv)
     if a.device == "cuda" and not torch.cuda.is_available():

@@ -66,7 +66,7 @@ CHAT_TEMPLATE_EXAMPLE = (f"<|im_start|>system\n{DEFAULT_SYSTEM}<|im_end|>\n<|im_
 QWEN_SPLIT = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
               r"""|\s*[\r\n]+|\s+(?!\S)|\s+""")
 
-# Model sizes built in code: "tiny" (~0.35 M parameters) is the CPU default, "small" a preset for benchmarks.
+# Model sizes built in code: "tiny" (~0.38 M parameters) is the CPU default, "small" a preset for benchmarks.
 PRESETS = {
     "tiny": dict(hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128,
                  v_hidden=64, v_depth=2, v_heads=4, v_intermediate=128),

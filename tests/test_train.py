@@ -356,7 +356,8 @@ def test_a_resume_with_other_training_flags_is_refused(tmp_path):
     before = open(os.path.join(out, "config.json")).read()
     for flags, message in ((["--prompts-per-step", "4"], "--prompts-per-step 4: the run in --out was started with 8"),
                            (["--seed", "3"], "--seed 3: the run in --out was started with 0"),
-                           (["--lr", "1e-3"], "--lr 0.001: the run in --out was started with 0.0003")):
+                           (["--lr", "1e-3"], "--lr 0.001: the run in --out was started with 0.0003"),
+                           (["--shard", "optimizer"], "--shard 'optimizer': the run in --out was started with 'none'")):
         with pytest.raises(SystemExit, match=message):
             train.main(args + ["--resume"] + flags)
         assert open(os.path.join(out, "config.json")).read() == before, "a refused resume leaves config.json alone"
