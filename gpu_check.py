@@ -472,6 +472,9 @@ def main(argv=None):
         for name, text in state.get("batch_rows", {}).items():
             ROWS.append((f"4 {DECODE_ROWS} rows", name, text, 0.0))
         del state
+        gc.collect()  # check 3's model leaves the GPU before check 5's processes share it
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
         for mode in ("none", "optimizer", "fsdp") if nproc == 2 else ():
             attempt("5 sharded GRPO step", f"2 processes, --shard {mode}, check 3's step with checkpointing, "
                     f"1 prompt per rank, {a.dtype}", lambda: check_shard(a, mode))

@@ -82,12 +82,16 @@ def resolve_dtype(name, device):
     return getattr(torch, name)
 
 def save_atomically(path, write):
-    """write(tmp) fills a temporary folder that then replaces `path`, so a kill never leaves half a folder."""
-    tmp = path + ".tmp"
+    """write(tmp) fills a temporary folder that then replaces `path` by renames, so a kill never leaves half a
+    folder at `path` (the old one moves aside whole, and goes only once the new one is in place)."""
+    tmp, old = path + ".tmp", path + ".old"
     shutil.rmtree(tmp, ignore_errors=True)
     write(tmp)
-    shutil.rmtree(path, ignore_errors=True)
+    shutil.rmtree(old, ignore_errors=True)
+    if os.path.exists(path):
+        os.rename(path, old)
     os.rename(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
 
 def write_atomic(path, text):
     tmp = path + ".tmp"

@@ -29,7 +29,7 @@ import data
 import eval as E
 import model as M
 from reject_sample import sft
-from runtime import save_atomically, setup_dist
+from runtime import all_reduce_sum, save_atomically, setup_dist, world_size
 
 def base_world(phase):
     """make_rows overrides of a phase: the base's world for "open" and "all", none (the full world) for "full"."""
@@ -91,7 +91,8 @@ def build_base(out, seed=0, batch_size=32, lr=1e-3, eval_every=250, eval_n=48, m
 
     def callback(step, loss):
         nonlocal phase, steps_open, steps_all
-        minutes = minutes_before + (time.time() - t0) / 60
+        # the ranks' mean clock: under torchrun every rank must stop at the same step (its collectives)
+        minutes = minutes_before + all_reduce_sum((time.time() - t0) / 60) / world_size()
         if (step + 1) % (full_eval_every if phase == "full" else eval_every) and minutes < max_minutes:
             return False
         acc = E.evaluate(model, processor, test_rows,
@@ -121,7 +122,6 @@ def build_base(out, seed=0, batch_size=32, lr=1e-3, eval_every=250, eval_n=48, m
         offset += sft(model, processor, next_rows, steps=10**9, lr=lr, warmup=20, rank=rank, device=device,
                       callback=callback, desc="warm-start (full world)")
     if rank == 0:
-        M.save(model, processor, out)
         kinds = sorted(k for v in data.BASE_KINDS.values() for k in v)
         rules = {key: {f"{t}/{s}": v for (t, s), v in rule.items()}
                  for key, rule in (("breakout_rule", BREAKOUT), ("stop_rule", BASE_RULE), ("full_rule", FULL_RULE))}
@@ -137,8 +137,12 @@ def build_base(out, seed=0, batch_size=32, lr=1e-3, eval_every=250, eval_n=48, m
                 "minutes": round(minutes_before + (time.time() - t0) / 60, 2),
                 "passed": history[-1]["accuracy"], "history": history,
                 "torch": torch.__version__, "threads": torch.get_num_threads()}
-        with open(os.path.join(out, "base_card.json"), "w") as f:
-            json.dump(card, f, indent=1)
+
+        def write(folder):  # the weights, processor and card in one folder, which then replaces `out`
+            M.save(model, processor, folder)
+            with open(os.path.join(folder, "base_card.json"), "w") as f:
+                json.dump(card, f, indent=1)
+        save_atomically(out, write)  # train.py takes any `out` folder for a built base
         print(f"base written to {out} after {offset} steps, {card['minutes']} min")
     return model, processor
 

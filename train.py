@@ -353,10 +353,11 @@ def load_base(cfg, device, dtype, rank):
     """The base policy and processor; the shipped tiny base is built first when it is missing."""
     path = cfg.model.model
     if path == ModelConfig.model and not os.path.isdir(path):
-        if rank == 0:
-            print(f"{path} is missing: building the tiny base (python tiny_base.py)", flush=True)
-            tiny_base.build_base(path, seed=0)
-        barrier()
+        if world_size() > 1:  # its warm-start runs in one process: the other ranks would wait in its collectives
+            raise SystemExit(f"error: {path} is missing: build it first, in one process (python tiny_base.py "
+                             f"--out {path}), then start torchrun")
+        print(f"{path} is missing: building the tiny base (python tiny_base.py)", flush=True)
+        tiny_base.build_base(path, seed=0)
     with torch.random.fork_rng(devices=[]):
         policy, processor = M.load(path, device=device, dtype=dtype, seed=cfg.run.seed, max_pixels=cfg.model.max_pixels)
     return M.set_memory_options(policy, cfg.model.attn, cfg.model.grad_checkpointing), processor

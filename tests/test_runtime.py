@@ -68,3 +68,31 @@ def test_cpu_workers_one_per_thread_on_a_cpu_only(monkeypatch):
     assert runtime.cpu_workers("cuda:0") == 1
     monkeypatch.setattr(runtime, "world_size", lambda: 2)
     assert runtime.cpu_workers("cpu") == 1, "torchrun ranks already share the machine"
+
+
+def test_save_atomically_replaces_a_folder_by_renames(tmp_path, monkeypatch):
+    path = str(tmp_path / "model")
+
+    def write(text):
+        def fill(folder):
+            os.makedirs(folder)
+            with open(os.path.join(folder, "weights"), "w") as f:
+                f.write(text)
+        return fill
+    runtime.save_atomically(path, write("one"))
+    renames, rename = [], os.rename
+
+    def watched(src, dst):  # what `path` holds at each rename: never a folder half deleted
+        renames.append((os.path.basename(dst), sorted(os.listdir(path)) if os.path.isdir(path) else None))
+        rename(src, dst)
+    monkeypatch.setattr(runtime.os, "rename", watched)
+    runtime.save_atomically(path, write("two"))
+    assert renames == [("model.old", ["weights"]), ("model", None)], "the old folder moves aside whole, then the new in"
+    assert open(os.path.join(path, "weights")).read() == "two" and sorted(os.listdir(tmp_path)) == ["model"]
+
+    def broken(folder):
+        os.makedirs(folder)
+        raise RuntimeError("killed while writing")
+    with pytest.raises(RuntimeError):
+        runtime.save_atomically(path, broken)
+    assert open(os.path.join(path, "weights")).read() == "two", "a write that dies leaves the folder as it was"

@@ -349,6 +349,14 @@ def test_a_run_killed_before_its_first_checkpoint_starts_again(tmp_path, monkeyp
     assert all(torch.equal(w, base[k]) for k, w in weights(os.path.join(out, "stages", "0_choice_start")).items())
 
 
+def test_a_missing_tiny_base_under_torchrun_is_an_error(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no assets/tiny-base here
+    monkeypatch.setattr(train, "world_size", lambda: 2)
+    monkeypatch.setattr(train.tiny_base, "build_base", lambda *a, **k: pytest.fail("rank 0 alone began to build"))
+    with pytest.raises(SystemExit, match="assets/tiny-base is missing: build it first, in one process"):
+        train.load_base(config.make_config([]), "cpu", torch.float32, 0)
+
+
 def test_a_resume_with_other_training_flags_is_refused(tmp_path):
     out = str(tmp_path / "run")
     args = QUICK + ["--stage-steps", "2", "--out", out]
