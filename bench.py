@@ -166,6 +166,8 @@ def _memory_child(job):
     """In a fresh process: one call of one arm; the peak memory above what was in use before it, in bytes."""
     if job["threads"]:
         torch.set_num_threads(job["threads"])
+    if job["device"].startswith("cuda"):
+        torch.cuda.set_device(job["device"])
     fn = load(job)[3][job["arm"]]
     fn()                                                  # the first call's one-off allocations are not the arm's
     if job["device"].startswith("cuda"):
@@ -220,7 +222,8 @@ PHASES = {"policy parameters, bf16": "held", "fp32 master weights": "held", "gra
           f"CUDA context + allocator slack ({ALLOWANCE_GIB} GiB allowance)": "held",
           "FSDP: other ranks' bf16 parameters, gathered": "rollout", "KV cache, bf16": "rollout",
           "activations, text layers": "update", "activations, vision blocks": "update",
-          "checkpointing: 1 layer recomputed in backward": "update", "logits, fp32 log_softmax": "update",
+          "checkpointing: 1 layer recomputed in backward": "update",
+          "logits, fp32 log_softmax and its 2 gradients": "update",
           "optimizer step: fp32 gradient copies (less the bf16 ones freed)": "step"}
 
 def qwen_config(shape, text=(), vision=()):
@@ -328,7 +331,8 @@ def memory_plan(shape, n_params, acts, checkpointing, opt_ranks=1, fsdp_ranks=1,
              (t["num_hidden_layers"] * a["text_layer"] + a["text_rest"]) * tokens * rows,
              (shape["vision"]["depth"] * a["vision_block"] + a["vision_rest"]) * patches * mb,   # once per prompt
              max(full["text_layer"] * tokens * rows, full["vision_block"] * patches) if checkpointing else 0,
-             rows * new_tokens * t["vocab_size"] * 4,                               # completion tokens only
+             rows * new_tokens * t["vocab_size"] * 12,  # completion tokens; at the backward's start the fp32
+             # log_softmax kept for it, the gradient from gather and log_softmax's own: 12 B (measured, CPU)
              4 * P / O - (2 * P / F if O == F else 0)]   # optim.MasterAdamW.step: each bf16 gradient freed once copied
     plan = dict(zip(PHASES, parts))
     phase = {p: sum(v for k, v in plan.items() if PHASES[k] == p) for p in ("held", "rollout", "update", "step")}
@@ -367,7 +371,9 @@ def print_memory_plans(ranks=8, prompt_lengths=(1300, 600), new_tokens=256, grou
         print(f"\nComputed: GiB per rank; 1 prompt per rank (one micro-batch), G = {group}, prompt {prompt:,} tokens "
               f"(one image of {patches:,} patches = {patches // 4} tokens) + {new_tokens} new tokens. opt/{ranks}: "
               f"master weights and moments sharded over {ranks} ranks; FSDP/{ranks}: parameters, gradients, optimizer "
-              f"and reference over {ranks}, the parameters gathered for the rollout; ckpt: gradient checkpointing\n")
+              f"and reference over {ranks}, the parameters gathered for the rollout; ckpt: gradient checkpointing (without it, "
+              f"each answer is counted with its own prompt's activations: an upper bound, since the update runs a "
+              f"prompt once per group)\n")
         print("| component | phase | " + " | ".join(f"{n} {label}{' ckpt' if ckpt else ''}"
                                                     for n, label, _, _, ckpt in columns) + " |")
         print("|---|---|" + "---:|" * len(columns))
@@ -425,6 +431,8 @@ def main(argv=None):
     if args.memory:
         return print_memory_plans()
     cuda = args.device.startswith("cuda")
+    if cuda:
+        torch.cuda.set_device(args.device)  # cuda:N: its syncs, memory counters and name, not cuda:0's
     where = torch.cuda.get_device_name() if cuda else f"CPU, {torch.get_num_threads()} threads"
     print(f"rollout throughput, new tokens/s: median (min–max) of {args.repeats} interleaved calls per arm after "
           f"{args.warmup} warm-up calls; {args.dtype} on {where}; torch {torch.__version__}\n")

@@ -201,7 +201,10 @@ def load(name_or_path="tiny", device="cpu", dtype=torch.float32, min_pixels=None
     if name_or_path in PRESETS:
         kw = {k: v for k, v in (("min_pixels", min_pixels), ("max_pixels", max_pixels)) if v is not None}
         model, processor = build_tiny(name_or_path, seed=seed, **kw)
-        return model.to(device=device, dtype=dtype), processor
+        model.to(device)
+        for p in model.parameters():  # the parameters only: the rotary tables stay float32, as from a folder
+            p.data = p.data.to(dtype)
+        return model, processor
     path = str(name_or_path)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"model {path!r} is neither a preset ({', '.join(PRESETS)}) nor a folder")
@@ -245,7 +248,12 @@ def load_weights(cls, path, device, dtype):
                         loaded.add(id(params[name]))  # a tied lm_head comes with the embeddings
     if not files or any(id(p) not in loaded for p in params.values()):  # names that do not map
         del model
-        return cls.from_pretrained(path, dtype=dtype).to(device)
+        model, info = cls.from_pretrained(path, dtype=dtype, output_loading_info=True)
+        if info["missing_keys"]:  # left at their random init otherwise, with transformers' report silenced
+            missing = sorted(info["missing_keys"])
+            raise ValueError(f"{path}: its weights lack {len(missing)} of {cls.__name__}'s tensors (e.g. "
+                             f"{', '.join(missing[:3])}): another model, a partial download or renamed weights")
+        return model.to(device)
     if os.path.isfile(os.path.join(path, "generation_config.json")):
         model.generation_config = transformers.GenerationConfig.from_pretrained(path)
     return model.eval()

@@ -337,13 +337,30 @@ def test_weights_are_read_straight_onto_the_device(any_tiny, tmp_path, monkeypat
         assert (loaded.lm_head.weight is loaded.get_input_embeddings().weight) == (name == "tied")
         assert not loaded.training
     assert devices == ["cpu:0", "cpu:0"], "each safetensors file is opened on the model's device"
-    # A checkpoint whose names do not map goes through from_pretrained (which then reports what is wrong).
+    # A checkpoint whose names do not map goes through from_pretrained; weights it cannot find are an error.
     weights = load_file(tmp_path / "plain" / "model.safetensors")
     save_file({"renamed." + k: v for k, v in weights.items()}, tmp_path / "plain" / "model.safetensors")
+    with pytest.raises(ValueError, match=f"its weights lack {len(want)} of"):
+        M.load(str(tmp_path / "plain"))  # every tensor left at its random init otherwise, silently
+    del weights[next(k for k in weights if "up_proj" in k)]
+    save_file(weights, tmp_path / "plain" / "model.safetensors")
+    with pytest.raises(ValueError, match=r"lack 1 of .*up_proj"):
+        M.load(str(tmp_path / "plain"))
     called = []
-    monkeypatch.setattr(type(model), "from_pretrained", lambda *a, **k: called.append(a) or model)
+    monkeypatch.setattr(type(model), "from_pretrained",
+                        lambda *a, **k: called.append(a) or (model, {"missing_keys": set()}))
     M.load(str(tmp_path / "plain"))
     assert called, "names that do not map must fall back to from_pretrained"
+
+
+def test_a_bf16_preset_keeps_float32_rotary_tables_as_its_saved_copy(tmp_path):
+    model, processor = M.load("tiny", dtype=torch.bfloat16)
+    M.save(model, processor, tmp_path / "saved")
+    loaded, _ = M.load(str(tmp_path / "saved"), dtype=torch.bfloat16)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert [(n, b.dtype) for n, b in model.named_buffers()] == [(n, b.dtype) for n, b in loaded.named_buffers()]
+    assert torch.equal(logits_of(model.eval(), processor), logits_of(loaded.eval(), processor)), \
+        "a bf16 preset computes what its saved and reloaded copy computes"
 
 
 def test_gradient_checkpointing_gives_the_same_gradients(any_tiny):
