@@ -202,8 +202,15 @@ def test_sampled_answers_do_not_depend_on_batching(base):
 def test_quick_evaluate_is_the_mean_training_reward(base):
     model, processor = base
     rows = curriculum.stage_rows(data.make_split("test", 12, seed=2), "choice")
-    out = E.evaluate(model, processor, rows, max_new_tokens=64, reward_options={"choice_partial": 0.5})
     texts = [generate(model, processor, data.samples_of([r]), max_new_tokens=64, greedy=True).texts[0] for r in rows]
+    right = [i for i, t in enumerate(texts) if rewards.score(t, rows[i]["solution"], rows[i]["task"], "choice")
+             ["accuracy"] == 1.0]
+    k = right[0]  # a right answer, made a proper subset of the right letters: partial credit
+    rows[k] = {**rows[k], "solution": "<answer>A, B, C, D</answer>"}
+    model.train()
+    out = E.evaluate(model, processor, rows, max_new_tokens=64, reward_options={"choice_partial": 0.5})
+    assert model.training, "the model is left in the mode it was in"
+    model.eval()
     for task in data.TASKS:
         scores = [rewards.score(t, r["solution"], task, "choice", choice_partial=0.5)
                   for t, r in zip(texts, rows) if r["task"] == task]
@@ -212,7 +219,8 @@ def test_quick_evaluate_is_the_mean_training_reward(base):
         assert cell["accuracy"] == pytest.approx(sum(s["accuracy"] for s in scores) / 4), \
             f"{task}: the training reward's accuracy (partial credit included) of each row's own answer"
         assert cell["format"] == pytest.approx(sum(s["format"] for s in scores) / 4)
-    assert not model.training, "the model is left in the mode it was in"
+    assert rewards.score(texts[k], rows[k]["solution"], rows[k]["task"], "choice", choice_partial=0.5)["accuracy"] \
+        == 0.5, "one right answer became a proper subset of four right letters: partial credit, used above"
 
 
 # -----------------------------------------------------------------------------

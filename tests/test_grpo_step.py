@@ -318,10 +318,14 @@ def test_the_configured_reward_options_and_gradient_clip_are_used(setup, monkeyp
     ro = dataclasses.replace(ro, texts=list(ro.texts))     # a replayed box of IoU 1/3: hard reward 0, IoU 1/3
     shift = (x2 - x1) // 2
     ro.texts[3 * G + 1] = f"<think>a box</think><answer>[{x1 + shift}, {y1}, {x2 + shift}, {y2}]</answer>"
+    rows = list(rows)                                        # a two-letter question answered by one right letter
+    rows[1] = {**rows[1], "solution": "<answer>A, C</answer>"}
+    ro.texts[G] = "<think>one of them</think><answer>C</answer>"
     cfg = config(choice_partial=0.5, box_reward="iou", grad_clip=0.01)
     opt = GradientRecorder(policy)
     stats, _ = run_step(monkeypatch, policy, ref, processor, rows, ro, cfg, opt)
     parts = hand_scores(rows, ro.texts, cfg)                # choice_partial 0.5, box_reward iou
+    assert parts[G]["accuracy"] == 0.5, "the proper subset earns --choice-partial"
     assert stats["reward_total"] == pytest.approx(sum(s["total"] for s in parts[:3 * G]) / (3 * G))
     assert stats["replay_accuracy"] == pytest.approx(sum(s["accuracy"] for s in parts[3 * G:]) / G)
     assert 0 < stats["replay_accuracy"] < 1 and stats["replay_accuracy"] not in (0.25, 0.5, 0.75), \

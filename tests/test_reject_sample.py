@@ -76,6 +76,15 @@ def test_filter_keeps_only_the_best_passing_answer(monkeypatch, capsys):
     assert kept == [] and report["kept"] == 0, "a scorer that passes nothing keeps nothing"
 
 
+def test_the_rule_scorer_scores_with_the_rl_runs_reward_options():
+    row = {"solution": "<answer>[0, 0, 10, 10]</answer>", "task": "detection", "stage": "open"}
+    box = "<think>a box</think><answer>[0, 0, 10, 6]</answer>"  # IoU 0.6: hard reward 1, IoU reward 0.6
+    assert R.RuleScorer(2.0)(row, [box])[0]["passed"], "the default (hard) box reward: 1 + format 1"
+    iou = R.RuleScorer(2.0, box_mode="iou")(row, [box])[0]
+    assert iou["score"] == pytest.approx(1.6) and not iou["passed"], "--box-reward iou: 0.6 + 1, below the bar"
+    assert str(R.RuleScorer(2.0, box_mode="iou")) == "rule rewards, box_mode iou, accuracy + format >= 2"
+
+
 def test_duplicates_are_dropped(monkeypatch):
     answers = {"How many circles?": [GOOD, GOOD, "<think>c</think><answer>3</answer>", "junk"],
                "Which colours?": ANSWERS["Which colours?"]}

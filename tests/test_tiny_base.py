@@ -18,7 +18,9 @@ def test_warm_start_phases_draw_their_worlds():
     full = [r for step in range(6) for r in B.base_rows(step, 32, "full", seed=0)]
     assert 16 in sizes(full) and kinds(full) & set(data.GEOMETRY), "the last phase meets the whole world"
     assert {r["stage"] for r in full} == {"judge", "choice", "open"}
-    assert B.base_rows(3, 32, "all", seed=0) == B.base_rows(3, 32, "all", seed=0), "batches are seeded by step"
+    assert B.base_rows(3, 32, "all", seed=0) == B.base_rows(3, 32, "all", seed=0), "batches are seeded"
+    scenes = lambda step: [r["meta"]["objects"] for r in B.base_rows(step, 32, "all", seed=0)]
+    assert scenes(3) != scenes(4), "by step: fresh scenes every step"
     assert ("classify", "choice") not in B.FULL_RULE and B.FULL_RULE[("detection", "open")] > 0.05
 
 
