@@ -51,9 +51,10 @@ def _is_wrong_box(box, m):
 def test_a_judge_stage_asks_each_task_true_and_false_claims_in_turn(tasks):
     pool = data.make_rows("train", 12 * len(tasks), draw=False, tasks=tasks)
     rows = Curriculum([StageSpec("judge", steps=10)], pool=pool).next_batch(len(pool))
-    truths = Counter((r["task"], r["meta"]["judge"]["truth"]) for r in rows)
-    assert truths == {(t, truth): 6 for t in tasks for truth in (True, False)}, \
-        f"{len(tasks)} tasks: half the claims about each task are true, or the task gives the answer away"
+    for t in tasks:
+        truths = [r["meta"]["judge"]["truth"] for r in rows if r["task"] == t]
+        assert truths == [truths[0], not truths[0]] * 6, \
+            f"{len(tasks)} tasks: each task's claims true and false in turn, or the task gives the answer away"
 
 
 def test_judge_is_balanced_and_false_claims_are_near_misses():
@@ -296,7 +297,7 @@ def test_a_mixed_stage_asks_every_task_in_every_form_in_turn(tmp_path):
     judge = [r for r in rows if r["stage"] == "judge"]
     for task in data.TASKS:
         answers = [r["solution"] for r in judge if r["task"] == task]
-        assert answers.count("<answer>yes</answer>") == answers.count("<answer>no</answer>") == 2
+        assert answers == ["<answer>yes</answer>", "<answer>no</answer>"] * 2, f"{task}: true and false in turn"
     for r in rows:  # every row's reference answer is right in its own form
         assert rewards.score(data.reference_completion(r) if r["stage"] == "open" else
                              "<think></think>" + r["solution"], r["solution"], r["task"], r["stage"])["accuracy"] == 1
