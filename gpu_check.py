@@ -12,8 +12,9 @@ gpu_check.py: checks of this project on one or two GPUs, printed as ONE markdown
    tests/test_train.py; bf16: reported). One GPU: one process under torchrun (train.py puts rank r on cuda:r).
 2. Kill + resume: 4 steps, a checkpoint each; SIGKILL to the process groups of torchrun and of each rank (torchrun
    gives each a session) once checkpoint 2 is written and step 3 logged (its checkpoint held back); then --resume:
-   final weights against an uninterrupted run, each step logged once, each rank's peak memory (train.py reports
-   none: torchrun runs train_worker below, train.main and then the peak).
+   final weights against an uninterrupted run (float32: bit-identical on a CPU, within 1e-6 on CUDA, whose atomic
+   adds may round apart), each step logged once, each rank's peak memory (train.py reports none: torchrun runs
+   train_worker below, train.main and then the peak).
 3. One GRPO step at the real Qwen2.5-VL-3B shape (bench.SHAPES["3B"], random weights made on the GPU, bf16 with fp32
    masters: optim.MasterAdamW), a frozen reference, one ~1,300-token prompt with a 401,408-pixel random image, 256
    new tokens, G = 4: train.grpo_step (rollout, rewards, loss, backward, optimizer step); peak memory and seconds,
@@ -234,7 +235,8 @@ def check_resume(a, nproc):
     diff, _, _ = max_diff(os.path.join(full, "stages/1_final"), os.path.join(out, "stages/1_final"))
     text = (f"resumed after checkpoint 2 (step 3 redone): {same(diff)} vs uninterrupted; logged steps {steps}; peak "
             f"per rank: uninterrupted {peaks(full + '.peak', nproc)}, resumed {peaks(out + '.peak', nproc)}")
-    if steps != [1, 2, 3, 4] or (a.dtype == "float32" and diff != 0):
+    # float32: bit-identical on a CPU; CUDA's atomic adds (the embedding's backward) may round apart, as in check 1
+    if steps != [1, 2, 3, 4] or (a.dtype == "float32" and diff > (0 if a.device == "cpu" else 1e-6)):
         raise CheckFailed(text)
     return text
 
