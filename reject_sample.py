@@ -345,6 +345,16 @@ def phase2(model, processor, pool_rows, out_dir, n_samples=P2.phase2_samples, lr
             json.dump(report, f, indent=1)
     return report
 
+def phase2_of_run(cfg, model, processor, pool_rows, out_dir, rank=0, device=None, scorer=None):
+    """phase2 as a run's config sets it (train.py and this command line): its phase-2 flags and the RL stages'
+    answer length, temperature, micro-batch, seed, sharding and rule rewards (scorer: another grader)."""
+    p2, rl = cfg.phase2, cfg.rl
+    return phase2(model, processor, pool_rows, out_dir, n_samples=p2.phase2_samples, lr=p2.phase2_lr,
+                  epochs=p2.phase2_epochs, batch_size=p2.phase2_batch, bar=p2.phase2_bar,
+                  scorer=scorer or RuleScorer(p2.phase2_bar, **config.reward_options(rl)),
+                  max_new_tokens=rl.max_new_tokens, temperature=rl.temperature, seed=cfg.run.seed, rank=rank,
+                  device=device, shard=cfg.model.shard, cuda_graphs=cfg.model.cuda_graphs, micro_batch=rl.micro_batch)
+
 def phase2_prompts(rows, seed=0):
     """Synthetic open rows as phase 2's prompts: each task's rows asked in judge, choice and open form in turn,
     so every (task, form) cell gets a near-equal share and the SFT keeps every answer form of every task."""
@@ -406,7 +416,7 @@ def main(argv=None):
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)
     dtype = resolve_dtype(cfg.model.dtype, device)
-    out, seed, p2 = cfg.run.out, cfg.run.seed, cfg.phase2
+    out, seed = cfg.run.out, cfg.run.seed
     resolved = {"world_size": W, "device": str(device), **config.as_dict(cfg), "judge": args.judge,
                 "judge_threshold": args.judge_threshold}
     if rank == 0:
@@ -417,18 +427,13 @@ def main(argv=None):
         load_kw = dict(device=device, dtype=dtype, max_pixels=cfg.model.max_pixels)
         model, processor = M.load(cfg.model.model, seed=seed, **load_kw)
         M.set_memory_options(model, cfg.model.attn, cfg.model.grad_checkpointing)
-        scorer = (Judge.load(args.judge, threshold=args.judge_threshold, **load_kw) if args.judge
-                  else RuleScorer(p2.phase2_bar, **config.reward_options(cfg.rl)))
+        scorer = Judge.load(args.judge, threshold=args.judge_threshold, **load_kw) if args.judge else None
     except (FileNotFoundError, ValueError) as e:  # data.DataError is a ValueError
         raise SystemExit(f"error: {e}")
     if cfg.model.shard == "fsdp":
         model = fsdp.shard(model, dtype)
     torch.manual_seed(seed)
-    report = phase2(model, processor, pool, out, n_samples=p2.phase2_samples, lr=p2.phase2_lr,
-                    epochs=p2.phase2_epochs, batch_size=p2.phase2_batch, bar=p2.phase2_bar, scorer=scorer,
-                    max_new_tokens=cfg.rl.max_new_tokens, temperature=cfg.rl.temperature, seed=seed, rank=rank,
-                    device=device, shard=cfg.model.shard, cuda_graphs=cfg.model.cuda_graphs,
-                    micro_batch=cfg.rl.micro_batch)
+    report = phase2_of_run(cfg, model, processor, pool, out, rank=rank, device=device, scorer=scorer)
     if rank == 0:
         report["config"] = resolved
         with open(os.path.join(out, "phase2_report.json"), "w") as f:

@@ -417,17 +417,11 @@ def main(argv=None):
     named = list(zip(["base"] + [f"after {s}" for s in stages], dirs))
 
     # Phase 2: rejection-sampling SFT on the RL model's own best answers.
-    p2 = cfg.phase2
-    if p2.phase2:
+    if cfg.phase2.phase2:
         t0 = time.time()
         final_dir = os.path.join(out, "stages", f"{len(stages) + 1}_phase2")
         if missing(final_dir):
-            R.phase2(policy, processor, phase2_pool, os.path.join(out, "phase2"), device=device,
-                     rank=rank, seed=cfg.run.seed, max_new_tokens=cfg.rl.max_new_tokens,
-                     temperature=cfg.rl.temperature, micro_batch=cfg.rl.micro_batch, n_samples=p2.phase2_samples,
-                     scorer=R.RuleScorer(p2.phase2_bar, **reward_options(cfg.rl)), lr=p2.phase2_lr,
-                     epochs=p2.phase2_epochs, batch_size=p2.phase2_batch, shard=cfg.model.shard,
-                     cuda_graphs=cfg.model.cuda_graphs)
+            R.phase2_of_run(cfg, policy, processor, phase2_pool, os.path.join(out, "phase2"), rank=rank, device=device)
             fsdp.save(policy, processor, final_dir, dtype, rank)
         named.append(("final (+ phase 2)", final_dir))
         timings["phase2"] = time.time() - t0
