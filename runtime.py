@@ -83,21 +83,45 @@ def resolve_dtype(name, device):
 
 def save_atomically(path, write):
     """write(tmp) fills a temporary folder that then replaces `path` by renames, so a kill never leaves half a
-    folder at `path` (the old one moves aside whole, and goes only once the new one is in place)."""
+    folder at `path` (the old one moves aside whole, and goes only once the new one is in place). The new files reach
+    the disk before the renames, and the renames before this returns: a power cut leaves the old folder or the new
+    one, never a new name over files the disk has not written yet."""
     tmp, old = path + ".tmp", path + ".old"
     shutil.rmtree(tmp, ignore_errors=True)
     write(tmp)
+    sync_tree(tmp)
     shutil.rmtree(old, ignore_errors=True)
     if os.path.exists(path):
         os.rename(path, old)
     os.rename(tmp, path)
+    sync_dir(os.path.dirname(os.path.abspath(path)))
     shutil.rmtree(old, ignore_errors=True)
 
 def write_atomic(path, text):
+    """`text` as the file `path`, whole or not at all: written beside it, flushed to the disk, then renamed over it."""
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
         f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
+    sync_dir(os.path.dirname(os.path.abspath(path)))
+
+def sync_dir(folder):
+    """fsync a folder: its entries (new names, renames) reach the disk."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+def sync_tree(folder):
+    """fsync every file and folder under `folder`, itself included."""
+    for root, _, files in os.walk(folder):
+        for name in files:
+            with open(os.path.join(root, name), "rb") as f:
+                os.fsync(f.fileno())
+        sync_dir(root)
 
 def lr_factor(step, warmup, total, schedule="constant", floor=0.1):
     """Multiplier of the base learning rate: linear warm-up, then constant, linear or cosine decay to floor."""

@@ -96,3 +96,32 @@ def test_save_atomically_replaces_a_folder_by_renames(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError):
         runtime.save_atomically(path, broken)
     assert open(os.path.join(path, "weights")).read() == "two", "a write that dies leaves the folder as it was"
+
+
+def test_atomic_writes_reach_the_disk_before_their_renames(tmp_path, monkeypatch):
+    """A power cut must find the old files or the new ones: each new file, and its folder, fsynced before the rename
+    that makes it current, and the parent folder (which holds the renames) after it."""
+    events, fsync, rename, replace = [], os.fsync, os.rename, os.replace
+
+    def synced(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        fsync(fd)
+    monkeypatch.setattr(runtime.os, "fsync", synced)
+    monkeypatch.setattr(runtime.os, "rename", lambda src, dst: (events.append(("rename", dst)), rename(src, dst)))
+    monkeypatch.setattr(runtime.os, "replace", lambda src, dst: (events.append(("rename", dst)), replace(src, dst)))
+    path, root = str(tmp_path / "model"), str(tmp_path)
+
+    def fill(folder):
+        os.makedirs(os.path.join(folder, "optimizer"))
+        for name in ("weights", os.path.join("optimizer", "rank0.pt")):
+            with open(os.path.join(folder, name), "w") as f:
+                f.write("new")
+    runtime.save_atomically(path, fill)
+    tmp = path + ".tmp"
+    assert events == [("fsync", os.path.join(tmp, "weights")), ("fsync", tmp),
+                      ("fsync", os.path.join(tmp, "optimizer", "rank0.pt")), ("fsync", os.path.join(tmp, "optimizer")),
+                      ("rename", path), ("fsync", root)]
+    events.clear()
+    runtime.write_atomic(os.path.join(root, "latest"), "step_000001")
+    assert events == [("fsync", os.path.join(root, "latest.tmp")), ("rename", os.path.join(root, "latest")),
+                      ("fsync", root)]
