@@ -172,9 +172,10 @@ def write(model, processor, path, state_dict, dtype):
     """Rank 0: the folder of a model, from its full_state_dict when sharded (state_dict None: M.save)."""
     if state_dict is None:
         return M.save(model, processor, path)
-    model.save_pretrained(path, state_dict={M.checkpoint_name(k): v for k, v in state_dict.items()})
     config = copy.deepcopy(model.config)        # its dtype is the fp32 shards': say what the files hold
     for c in [config] + [getattr(config, k) for k in config.sub_configs]:
         c.dtype = dtype
-    config.save_pretrained(path)
-    processor.save_pretrained(path)
+    with M.quiet_transformers():
+        model.save_pretrained(path, state_dict={M.checkpoint_name(k): v for k, v in state_dict.items()})
+        config.save_pretrained(path)
+        processor.save_pretrained(path)

@@ -25,6 +25,7 @@ Departures from the paper's release, and why:
 - The tiny tokenizer is a byte-level BPE of a few hundred tokens trained on the synthetic world's text, with
   Qwen's pre-tokenizer regex and special tokens: one token per byte kept a tiny model from using the image.
 """
+import contextlib
 import json
 import os
 
@@ -194,10 +195,25 @@ def build_tiny(preset="tiny", seed=0, model_type="qwen2_5_vl", min_pixels=56 * 5
 def load(name_or_path="tiny", device="cpu", dtype=torch.float32, min_pixels=None, max_pixels=None, seed=0):
     """(model, processor) from "tiny" / "small" (built in code) or a local Qwen2.5-VL / Qwen2-VL folder."""
     check_transformers()
-    import transformers
+    with quiet_transformers():
+        return _load(name_or_path, device, dtype, min_pixels, max_pixels, seed)
+
+@contextlib.contextmanager
+def quiet_transformers():
+    """transformers' per-file progress bars and info lines off while it loads or saves, and back as they were after."""
     from transformers.utils import logging as hf_logging
-    hf_logging.disable_progress_bar()  # no per-file progress bars or info lines from transformers
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+def _load(name_or_path, device, dtype, min_pixels, max_pixels, seed):
+    import transformers
     if name_or_path in PRESETS:
         kw = {k: v for k, v in (("min_pixels", min_pixels), ("max_pixels", max_pixels)) if v is not None}
         model, processor = build_tiny(name_or_path, seed=seed, **kw)
@@ -273,8 +289,9 @@ def set_memory_options(model, attn="sdpa", checkpointing=False):
 
 def save(model, processor, path):
     """A folder that `load(path)` and transformers' `from_pretrained` both open."""
-    model.save_pretrained(path)
-    processor.save_pretrained(path)
+    with quiet_transformers():
+        model.save_pretrained(path)
+        processor.save_pretrained(path)
 
 def num_parameters(module):
     return sum(p.numel() for p in module.parameters())

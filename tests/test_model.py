@@ -419,3 +419,25 @@ def test_the_gradient_of_the_log_probs_is_the_same_in_every_call():
         (M.completion_logprobs(model, ro.batch, ro.completion_ids, ro.mask) * ro.mask).sum().backward()
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
     assert all(torch.equal(grads[0], g) for g in grads[1:]), "the same gradient in every call"
+
+
+def test_load_quiets_transformers_only_while_it_loads(tiny, tmp_path, monkeypatch):
+    from transformers.utils import logging as hf_logging
+    path, seen, load_weights = str(tmp_path / "ckpt"), [], M.load_weights
+    M.save(*tiny, path)
+
+    def watched(*args):  # transformers' logging as load_weights sees it
+        seen.append((hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()))
+        return load_weights(*args)
+    monkeypatch.setattr(M, "load_weights", watched)
+    before = (hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled())
+    try:
+        hf_logging.set_verbosity_info()
+        hf_logging.enable_progress_bar()
+        M.load(path)
+        assert seen == [(hf_logging.ERROR, False)], "quiet while loading"
+        assert (hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()) == (hf_logging.INFO, True), \
+            "the caller's transformers logging as it was, after"
+    finally:
+        hf_logging.set_verbosity(before[0])
+        (hf_logging.enable_progress_bar if before[1] else hf_logging.disable_progress_bar)()
