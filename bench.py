@@ -298,7 +298,8 @@ def _saved_bytes(model, layers, forward):
 
 def activation_bytes(shape, checkpointing, model=None, tokens=128, grid=(16, 16)):
     """MEASURED (bf16, CPU, sdpa attention): bytes kept for backward per text token in each text layer and outside
-    them, and per image patch in each vision block and outside them, in one forward of `tokens` tokens / one image."""
+    them, and per image patch in each vision block and outside them, in one forward of `tokens` tokens / one image.
+    Without checkpointing, also the update's own forward (update_bytes)."""
     model = model if model is not None else truncated_model(shape)
     if checkpointing:
         M.set_memory_options(model, "sdpa", checkpointing=True)
@@ -311,8 +312,45 @@ def activation_bytes(shape, checkpointing, model=None, tokens=128, grid=(16, 16)
     pixels = torch.randn(patches, 3 * 2 * 14 * 14, dtype=torch.bfloat16)        # channels x time x patch^2
     thw = torch.tensor([[1, *grid]])
     block, v_total = _saved_bytes(model, visual.blocks, lambda: visual(pixels, grid_thw=thw).pooler_output)
-    return {"text_layer": layer / tokens, "text_rest": (total - len(text) * layer) / tokens,
-            "vision_block": block / patches, "vision_rest": (v_total - len(visual.blocks) * block) / patches}
+    out = {"text_layer": layer / tokens, "text_rest": (total - len(text) * layer) / tokens,
+           "vision_block": block / patches, "vision_rest": (v_total - len(visual.blocks) * block) / patches}
+    return out if checkpointing else {**out, **update_bytes(model)}
+
+def update_layer_bytes(model, prompt_tokens, answer_tokens, group):
+    """MEASURED: bytes kept for backward inside the last text layer by the update without checkpointing
+    (model.completion_logprobs: the prompt once, then its `group` answers on the prompt's keys and values), for one
+    text prompt of `prompt_tokens` and answers that forward `answer_tokens` tokens each."""
+    g = torch.Generator().manual_seed(0)
+    batch = {"input_ids": torch.randint(0, 1024, (1, prompt_tokens), generator=g),
+             "attention_mask": torch.ones(1, prompt_tokens, dtype=torch.long),
+             "mm_token_type_ids": torch.zeros(1, prompt_tokens, dtype=torch.long)}
+    answers = torch.randint(0, 1024, (group, answer_tokens + 1), generator=g)   # the last token is only predicted
+    text = model.model.language_model.layers
+    return _saved_bytes(model, text, lambda: M.completion_logprobs(model, batch, answers))[0]
+
+def update_bytes(model, P=64, A=16, G=2):
+    """The update's bytes in each text layer, as update_layer_bytes = prompt * P + answer * G * A + prompt_kv * G * P:
+    per prompt token (its own activations, once), per answer token, and per prompt token for each answer (the
+    prompt's keys and values that the answer's attention keeps, its KV heads repeated to the query heads). Solved from
+    a base measurement and three that double P, A and G in turn (the fit holds to 1e-4 at 4x; the test checks it)."""
+    base = update_layer_bytes(model, P, A, G)
+    d_prompt = update_layer_bytes(model, 2 * P, A, G) - base                   # prompt * P + prompt_kv * G * P
+    d_answer = update_layer_bytes(model, P, 2 * A, G) - base                   # answer * G * A
+    d_group = update_layer_bytes(model, P, A, 2 * G) - base                    # answer * G * A + prompt_kv * G * P
+    prompt_kv = (d_group - d_answer) / (G * P)
+    return {"update_prompt": d_prompt / P - prompt_kv * G, "update_answer": d_answer / (G * A),
+            "update_prompt_kv": prompt_kv}
+
+def text_activations(t, a, checkpointing, prompts, group, prompt_tokens, new_tokens):
+    """Bytes kept for backward in and around the text layers by the update of `prompts` prompts x `group` answers.
+    With checkpointing each answer runs after its own copy of its prompt (model._logprobs_prompt_per_answer); without,
+    each prompt runs once and its answers attend to its keys and values (model._logprobs_prompt_per_group)."""
+    rows, layers = prompts * group, t["num_hidden_layers"]
+    if checkpointing:
+        return (layers * a["text_layer"] + a["text_rest"]) * (prompt_tokens + new_tokens) * rows
+    per_layer = (a["update_prompt"] * prompt_tokens * prompts + a["update_answer"] * new_tokens * rows
+                 + a["update_prompt_kv"] * prompt_tokens * rows)
+    return layers * per_layer + a["text_rest"] * (prompt_tokens * prompts + new_tokens * rows)
 
 def memory_plan(shape, n_params, acts, checkpointing, opt_ranks=1, fsdp_ranks=1, prompts=1, group=4,
                 prompt_tokens=1300, new_tokens=256, patches=2048, micro_batch=1):
@@ -328,7 +366,8 @@ def memory_plan(shape, n_params, acts, checkpointing, opt_ranks=1, fsdp_ranks=1,
     parts = [2 * P / F, 4 * P / O, 2 * P / F, 8 * P / O, 2 * P / F, ALLOWANCE_GIB * GIB,
              2 * P * (1 - 1 / F),                                                   # a rank holds its shard already
              kv_per_token * prompts * group * tokens,
-             (t["num_hidden_layers"] * a["text_layer"] + a["text_rest"]) * tokens * rows,
+             text_activations(t, a, checkpointing, mb, group, prompt_tokens, new_tokens) + (0 if checkpointing else
+             kv_per_token * prompt_tokens * (mb + rows)),   # the prompts' caches, and their copies for the answers
              (shape["vision"]["depth"] * a["vision_block"] + a["vision_rest"]) * patches * mb,   # once per prompt
              max(full["text_layer"] * tokens * rows, full["vision_block"] * patches) if checkpointing else 0,
              rows * new_tokens * t["vocab_size"] * 12,  # completion tokens; at the backward's start the fp32
@@ -362,6 +401,12 @@ def print_memory_plans(ranks=8, prompt_lengths=(1300, 600), new_tokens=256, grou
             print(f"| {name} | {'yes' if ckpt else 'no'} | {a['text_layer']:,.0f} | {a['text_rest']:,.0f} | "
                   f"{a['vision_block']:,.0f} | {a['vision_rest']:,.0f} |")
         del model
+    print("\nMeasured: bytes kept for backward in each text layer by the update without checkpointing (the prompt "
+          "once, then its answers on its keys and values; update_bytes), the same model\n")
+    print("| model | per prompt token | per answer token | per prompt token, for each answer |\n|---|---|---|---|")
+    for name, a in acts.items():
+        a = a[False]
+        print(f"| {name} | {a['update_prompt']:,.0f} | {a['update_answer']:,.0f} | {a['update_prompt_kv']:,.0f} |")
     setups = [("DDP", 1, 1), (f"opt/{ranks}", ranks, 1), (f"FSDP/{ranks}", 1, ranks)]
     columns = [(name, label, o, f, ckpt) for name in SHAPES for label, o, f in setups for ckpt in (False, True)]
     for prompt in prompt_lengths:
@@ -371,9 +416,8 @@ def print_memory_plans(ranks=8, prompt_lengths=(1300, 600), new_tokens=256, grou
         print(f"\nComputed: GiB per rank; 1 prompt per rank (one micro-batch), G = {group}, prompt {prompt:,} tokens "
               f"(one image of {patches:,} patches = {patches // 4} tokens) + {new_tokens} new tokens. opt/{ranks}: "
               f"master weights and moments sharded over {ranks} ranks; FSDP/{ranks}: parameters, gradients, optimizer "
-              f"and reference over {ranks}, the parameters gathered for the rollout; ckpt: gradient checkpointing (without it, "
-              f"each answer is counted with its own prompt's activations: an upper bound, since the update runs a "
-              f"prompt once per group)\n")
+              f"and reference over {ranks}, the parameters gathered for the rollout; ckpt: gradient checkpointing (each "
+              f"answer then re-runs its prompt; without it, the update runs a prompt once per group)\n")
         print("| component | phase | " + " | ".join(f"{n} {label}{' ckpt' if ckpt else ''}"
                                                     for n, label, _, _, ckpt in columns) + " |")
         print("|---|---|" + "---:|" * len(columns))
