@@ -176,8 +176,12 @@ def check_resume(saved, cfg):
             was = saved.get(group, {}).get(name, value)
             if name not in RESUME_MAY_CHANGE[group] and was != value:
                 raise ValueError(f"--{name.replace('_', '-')} {value!r}: the run in --out was started with {was!r}; "
-                                 "resume it with that (only the device, memory but --shard, logging, evaluation and "
-                                 "phase-2 flags may change), or give another --out")
+                                 f"resume it with that (only {resume_flags()} may change), or give another --out")
+
+def resume_flags():
+    """The flags that RESUME_MAY_CHANGE names, as a user types them (phase 2's as --phase2 and --phase2-*)."""
+    names = [n for g, ns in RESUME_MAY_CHANGE.items() if g != "phase2" for n in ns if n != "resume"]
+    return ", ".join(f"--{n.replace('_', '-')}" for n in names) + ", --phase2 and --phase2-*"
 
 def reward_options(rl):
     """The options of rewards.score that the RL flags set: the RL stages' rule rewards, which phase 2 keeps to."""

@@ -3,8 +3,8 @@ train.py: Curr-ReFT in one command: curriculum GRPO (judge -> choice -> open), r
 
     python train.py                                    # tiny preset: shipped tiny base, synthetic world, CPU
     python train.py --resume                           # continue the run in --out from its latest checkpoint
-                                                       # (its flags; device, memory but --shard, logs, eval, phase 2
-                                                       # may change)
+                                                       # (its flags; config.RESUME_MAY_CHANGE names those
+                                                       # that may change)
     python train.py --preset qwen2.5-vl-3b --model /ckpt/Qwen2.5-VL-3B-Instruct --stage-data \\
         "judge=judge.jsonl;choice=choice.jsonl;open=open.jsonl" --eval-data "test=test.jsonl;ood=ood.jsonl"
     torchrun --nproc_per_node=8 train.py --preset qwen2.5-vl-3b ...   # manual DDP, one process per GPU

@@ -373,6 +373,27 @@ def test_a_resume_with_other_training_flags_is_refused(tmp_path):
     assert [m["global_step"] for m in metrics_of(out)] == [1, 2]
 
 
+def test_the_refusal_names_the_flags_a_resume_may_change():
+    """The message names the flags a resume accepts a new value of, and every other flag is refused."""
+    saved = config.as_dict(config.make_config([]))
+    with pytest.raises(ValueError, match="only --device, .* and --phase2-\\* may change") as refused:
+        config.check_resume(saved, config.make_config(["--seed", "3"]))
+    named = refused.value.args[0].split("only ")[1].split(" may change")[0].replace(" and ", ", ").split(", ")
+    fields = {f"--{name.replace('_', '-')}": (group, name) for group, values in saved.items() for name in values}
+    assert set(named) - set(fields) == {"--phase2-*"} and "--resume" not in named
+    named = [f for f in named if f != "--phase2-*"] + [f for f in fields if f.startswith("--phase2-")]
+    for flag, (group, name) in fields.items():
+        cfg = config.make_config([])
+        value = getattr(getattr(cfg, group), name)
+        other = not value if isinstance(value, bool) else value + "x" if isinstance(value, str) else value * 2 + 1
+        setattr(getattr(cfg, group), name, other)
+        if flag in named or flag == "--resume":
+            config.check_resume(saved, cfg)                                  # accepted
+        else:
+            with pytest.raises(ValueError, match=f"^{flag} "):
+                config.check_resume(saved, cfg)
+
+
 def test_each_stage_starts_at_kl_zero_to_its_reference_and_restarts_its_schedule(staged_run, tmp_path):
     ms = metrics_of(staged_run)
     assert [(m["stage"], m["step"]) for m in ms] == [(s, k) for s in ("judge", "choice", "open") for k in (1, 2)]
