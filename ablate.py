@@ -350,9 +350,11 @@ def main(argv=None):
         runs = plan_runs(arms, common)
         for run in runs:
             config.make_config(common + run.flags)
+        launcher = shlex.split(args.launcher) or [sys.executable]
+        if shutil.which(launcher[0]) is None:
+            raise ValueError(f"--launcher {args.launcher!r}: no command {launcher[0]!r} on this machine's PATH")
     except ValueError as e:
         raise SystemExit(f"error: {e}")
-    launcher = shlex.split(args.launcher) or [sys.executable]
     threads = ["--threads", "1"] if args.jobs > 1 else []
     os.makedirs(out, exist_ok=True)
     jobs = plan_jobs(runs, seeds, cfg, common, out, launcher, threads)

@@ -11,6 +11,7 @@ Precedence: defaults (the tiny preset) <- preset <- flags; the resolved config i
 import argparse
 import dataclasses
 import importlib.util
+import math
 import os
 from dataclasses import dataclass, field
 from fractions import Fraction
@@ -171,10 +172,21 @@ RESUME_MAY_CHANGE = {"model": ("device", "attn", "grad_checkpointing", "cuda_gra
 
 def check_resume(saved, cfg):
     """A ValueError naming the first flag whose value is not that of the run being resumed (saved: its as_dict)."""
+    stages = [s.strip() for s in cfg.rl.stages.split(",") if s.strip()]
+
+    def same(name, was, value):  # a per-stage value, as each stage takes it: "12" is "12,12,12" for 3 stages
+        if name in ("group_size", "stage_steps", "replay") and was != value:
+            cast = float if name == "replay" else int
+            try:
+                return per_stage(was, stages, name, cast) == per_stage(value, stages, name, cast)
+            except ValueError:
+                return False
+        return was == value
+
     for group, values in as_dict(cfg).items():
         for name, value in values.items():
             was = saved.get(group, {}).get(name, value)
-            if name not in RESUME_MAY_CHANGE[group] and was != value:
+            if name not in RESUME_MAY_CHANGE[group] and not same(name, was, value):
                 raise ValueError(f"--{name.replace('_', '-')} {value!r}: the run in --out was started with {was!r}; "
                                  f"resume it with that (only {resume_flags()} may change), or give another --out")
 
@@ -234,7 +246,11 @@ def validate(cfg):
     bad_forms = [s for s in forms if s not in curriculum.STAGES] + [s for s in set(forms) if forms.count(s) > 1]
     W = int(os.environ.get("WORLD_SIZE", 1))
     runtime.check_device(model.device)
+    infinite = [f"--{f.name.replace('_', '-')} {getattr(g, f.name)}" for g in (cfg.model, cfg.data, rl, p2, run)
+                for f in dataclasses.fields(g) if isinstance(getattr(g, f.name), float)
+                and not math.isfinite(getattr(g, f.name))]
     checks = [
+        (not infinite, f"{', '.join(infinite)}: give a finite number"),
         (model.attn != "flash_attention_2" or importlib.util.find_spec("flash_attn") is not None,
          "--attn flash_attention_2 needs the flash-attn package (pip install flash-attn), or use --attn sdpa"),
         (not bad_forms, f"--eval-stages: unknown or repeated forms {bad_forms}; use judge, choice, open, each once"),
@@ -253,8 +269,14 @@ def validate(cfg):
         (p2.phase2_bar <= 2, "--phase2-bar: at most 2, the largest reward (accuracy 1 + format 1)"),
         (cfg.data.image_size >= 28 and cfg.data.image_size % 28 == 0, "--image-size must be a multiple of 28"),
         (cfg.data.pool_size >= 1 and cfg.data.eval_n >= 0, "need pool-size >= 1, eval-n >= 0 (0: no evaluation)"),
+        (cfg.data.eval_n == 0 or cfg.data.eval_n >= 3 or cfg.data.eval_data,
+         f"--eval-n {cfg.data.eval_n}: at least 3 (a third of the rows for each task), or 0 for no evaluation"),
+        (not p2.phase2 or p2.phase2_data or p2.phase2_prompts <= cfg.data.pool_size,
+         f"--phase2-prompts {p2.phase2_prompts}: more than the --pool-size {cfg.data.pool_size} rows that phase 2 "
+         "asks its prompts from (the pool's last rows); lower it or raise --pool-size"),
         (model.max_pixels >= 1, "--max-pixels must be >= 1"),
         (run.threads >= 0 and run.sample_every >= 0, "need threads >= 0 (0: torch's default), sample-every >= 0"),
+        (run.threads <= (os.cpu_count() or 1), f"--threads {run.threads}: this machine has {os.cpu_count()} cores"),
         (model.model in ("tiny", "small", ModelConfig.model) or os.path.isdir(model.model),
          f"--model {model.model!r} is neither 'tiny' nor a folder"),
         (not model.cuda_graphs or (model.device != "cpu" and torch.cuda.is_available()),

@@ -154,10 +154,15 @@ def stage_rows(rows, stage, seed=0):
             for i, row in enumerate(rows)]
 
 def prepare_stage_rows(rows, stage):
-    """Rows of a stage's own files: unchanged, except the instruction line when the problem lacks one."""
+    """Rows of a stage's own files: unchanged, except the instruction line when the problem lacks one. A DataError
+    names a row that no answer can get right (data.check_answerable), in its own stage or else this one."""
     out = []
-    for row in rows:
+    for i, row in enumerate(rows, 1):
         row = {**row, "stage": row.get("stage", stage)}
+        try:
+            data.check_answerable(row, row["stage"])
+        except data.DataError as e:
+            raise data.DataError(f"{row['stage']} row {i} ({row['problem'][:60]!r}): {e}") from None
         if "<answer>" not in row["problem"].lower():  # the problem does not say how to answer
             row["problem"] = build_problem(row["problem"], row["task"], stage)
         out.append(row)
@@ -189,7 +194,7 @@ def assign_stage_data(stages, mapping):
     """A copy of `stages` whose stages named in `mapping` (stage -> mixture spec) read those files."""
     unknown = set(mapping) - {s.name for s in stages}
     if unknown:
-        raise ValueError(f"data given for stages not in the schedule: {sorted(unknown)}")
+        raise ValueError(f"stage data given for stages not in the schedule (--stages): {sorted(unknown)}")
     return [dataclasses.replace(s, data=mapping.get(s.name, s.data)) for s in stages]
 
 def parse_stage_data(text):
@@ -222,14 +227,18 @@ class Curriculum:
             raise ValueError("a curriculum needs at least one stage")
         self.seed = seed
         self.pools, self.replay_pool = [], None  # replay asks the (last) open stage's rows
+        def read(spec_text, form):  # a stage's files, each row checked
+            try:
+                return prepare_stage_rows(data.load_mixture(spec_text, seed=seed, image_root=image_root,
+                                                            on_error=on_error), form)
+            except data.DataError as e:
+                raise data.DataError(f"stage data {form}={spec_text}: {e}") from None
+
         for spec in self.stages:
             if isinstance(spec.data, dict):  # a mixed stage's files, form by form
-                rows = {form: prepare_stage_rows(data.load_mixture(d, seed=seed, image_root=image_root,
-                                                                   on_error=on_error), form)
-                        for form, d in spec.data.items()}
+                rows = {form: read(d, form) for form, d in spec.data.items()}
             elif spec.data is not None:
-                rows = data.load_mixture(spec.data, seed=seed, image_root=image_root, on_error=on_error)
-                rows = prepare_stage_rows(rows, spec.name)
+                rows = read(spec.data, spec.name)
             elif pool is None:
                 raise ValueError(f"stage {spec.name!r} has no data files and no synthetic pool was given")
             else:
@@ -238,7 +247,7 @@ class Curriculum:
                     raise ValueError(f"stage {spec.name!r} derives its questions from `meta`; "
                                      "the pool holds rows without it")
             if not rows or (isinstance(rows, dict) and not all(rows.values())):
-                raise ValueError(f"stage {spec.name!r} has no rows")
+                raise ValueError(f"stage {spec.name!r} has no rows" + (f" in {spec.data}" if spec.data else ""))
             self.pools.append(rows)
             if spec.name == "open":
                 self.replay_pool = rows

@@ -36,7 +36,7 @@ from dataclasses import dataclass, replace
 
 from PIL import Image, ImageDraw
 
-from rewards import STAGES, TASKS  # the three tasks and the three answer forms
+from rewards import STAGES, TASKS, answerable  # the three tasks and the three answer forms
 
 log = logging.getLogger("data")
 
@@ -186,6 +186,14 @@ def parse_row(obj, base_dir, default_task=None):
         image = os.path.normpath(path)
     row["image"] = image
     return row
+
+def check_answerable(row, stage):
+    """A DataError unless some answer to the row in this stage earns full accuracy (rewards.answerable)."""
+    if not answerable(row["solution"], row["task"], stage):
+        want = {"judge": "yes or no", "choice": "option letters", "detection": "a box [x1, y1, x2, y2] of some area",
+                "classify": "category names", "math": "a number, letters or text"}
+        raise DataError(f"`solution` {row['solution']!r}: no {stage} answer to a {row['task']} row can match it; "
+                        f"give {want.get(stage, want[row['task']])}")
 
 def load_rows(path, image_root=None, default_task=None, on_error="raise"):
     """All rows of one JSONL / JSON file, a `Rows` list. image_root: where relative image paths start (None:

@@ -182,9 +182,9 @@ def parse_data_spec(text):
     return out
 
 def load_eval_sets(spec="synthetic", n=300, seed=0, stages=("open",), image_root=None, default_task=None,
-                   size=112):
-    """Evaluation sets from `--data`: "synthetic" (or empty) or 'name=spec;name=spec' of Curr-ReFT files.
-    A missing or bad file raises data.DataError naming it and the split."""
+                   size=112, flag="--data"):
+    """Evaluation sets from `flag` (this command's --data, train.py's --eval-data): "synthetic" (or empty) or
+    'name=spec;name=spec' of Curr-ReFT files. A missing or bad file raises data.DataError naming it and the split."""
     if spec.strip() in ("", "synthetic"):
         return eval_sets_synthetic(n, seed, stages, size)
     sets = {}
@@ -192,27 +192,23 @@ def load_eval_sets(spec="synthetic", n=300, seed=0, stages=("open",), image_root
         try:
             rows = data.load_mixture(mixture, seed=seed, image_root=image_root, default_task=default_task)
         except data.DataError as e:
-            raise data.DataError(f"--data {name}={mixture}: {e}") from e
+            raise data.DataError(f"{flag} {name}={mixture}: {e}") from e
         if not rows:
-            raise data.DataError(f"--data {name}={mixture}: no rows")
-        sets[name] = []
+            raise data.DataError(f"{flag} {name}={mixture}: no rows")
         for i, row in enumerate(rows, 1):
-            stage = row.get("stage") or "open"
-            if stage not in rewards.STAGES:
-                raise data.DataError(f"--data {name}: row {i} has unknown stage {stage!r}")
-            sets[name] += curriculum.prepare_stage_rows([row], stage)   # adds the instruction line if missing
+            if row.get("stage", "open") not in rewards.STAGES:
+                raise data.DataError(f"{flag} {name}: row {i} has unknown stage {row['stage']!r}")
+        try:  # adds the instruction line where it is missing; a row without a stage is an open question
+            sets[name] = curriculum.prepare_stage_rows(rows, "open")
+        except data.DataError as e:
+            raise data.DataError(f"{flag} {name}={mixture}: {e}") from None
     return sets
 
 def check_checkpoint(path):
-    """Raise FileNotFoundError naming `path` unless it is a preset of model.load or a checkpoint folder."""
-    if path in M.PRESETS:
-        return
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"model {path!r}: no such folder (and not a preset: {', '.join(M.PRESETS)})")
-    missing = [f for f in ("config.json", "tokenizer.json", "preprocessor_config.json")
-               if not os.path.isfile(os.path.join(path, f))]
-    if missing:
-        raise FileNotFoundError(f"model {path!r} is not a checkpoint folder: it has no {', '.join(missing)}")
+    """Raise FileNotFoundError or ValueError naming what to fix unless `path` is a preset of model.load or a
+    checkpoint folder that model.load can read (model.check_checkpoint)."""
+    if path not in M.PRESETS:
+        M.check_checkpoint(path)
 
 def _open_model(entry, device, dtype, max_pixels):
     """(name, model, processor) from a path, a (name, path) pair or a (name, model, processor) triple."""
@@ -401,10 +397,15 @@ def main(argv=None):
         if not stages or any(s not in curriculum.STAGES for s in stages) or len(set(stages)) < len(stages):
             raise ValueError(f"--stages {args.stages!r}: expected some of {', '.join(curriculum.STAGES)}, each once")
         check_device(args.device)
-        require([(args.n >= 1, "--n must be >= 1"), (args.batch_size >= 1, "--batch-size must be >= 1"),
+        require([(args.n >= 1, "--n must be >= 1"),
+                 (args.n >= 3 or args.data.strip() not in ("", "synthetic"),
+                  "--n must be >= 3 on the synthetic sets (a third of the rows for each task)"),
+                 (args.batch_size >= 1, "--batch-size must be >= 1"),
                  (args.max_new_tokens >= 1, "--max-new-tokens must be >= 1"),
                  (args.samples >= 0, "--samples must be >= 0 (0: greedy only)"),
                  (args.threads >= 0, "--threads must be >= 0 (0: torch's default)"),
+                 (args.threads <= (os.cpu_count() or 1), f"--threads {args.threads}: this machine has "
+                                                         f"{os.cpu_count()} cores"),
                  (args.max_pixels is None or args.max_pixels >= 1, "--max-pixels must be >= 1"),
                  (args.image_size >= 28 and args.image_size % 28 == 0, "--image-size must be a multiple of 28")])
         if not all(k.strip().isdigit() for k in args.pass_k.split(",") if k.strip()):

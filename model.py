@@ -212,6 +212,33 @@ def quiet_transformers():
         if bars:
             hf_logging.enable_progress_bar()
 
+def check_checkpoint(path):
+    """The model_type of the Qwen-VL checkpoint folder `path`, read without loading it: a FileNotFoundError names
+    what is missing (the folder, its config, processor or weights files), a ValueError what is wrong (another
+    model_type, a safetensors file cut short)."""
+    from safetensors import SafetensorError, safe_open
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"model {path!r} is neither a preset ({', '.join(PRESETS)}) nor a folder")
+    files = os.listdir(path)
+    if "config.json" not in files:
+        raise FileNotFoundError(f"{path} is not a Qwen-VL checkpoint folder: it has no config.json")
+    with open(os.path.join(path, "config.json")) as f:
+        model_type = json.load(f).get("model_type")
+    if model_type not in MODEL_CLASSES:
+        raise ValueError(f"{path}/config.json has model_type {model_type!r}; expected one of {sorted(MODEL_CLASSES)}")
+    lacks = [f for f in ("tokenizer.json", "preprocessor_config.json") if f not in files]
+    weights = [f for f in files if f.endswith((".safetensors", ".bin"))]
+    if lacks or not weights:
+        raise FileNotFoundError(f"{path} is not a Qwen-VL checkpoint folder: it has no "
+                                f"{', '.join(lacks + ([] if weights else ['weights (*.safetensors)']))}")
+    for f in sorted(w for w in weights if w.endswith(".safetensors")):
+        try:
+            with safe_open(os.path.join(path, f), "pt"):   # reads the header only, which covers the whole file
+                pass
+        except SafetensorError as e:
+            raise ValueError(f"{path}/{f} cannot be read ({e}): a partial copy or download? copy it again") from None
+    return model_type
+
 def _load(name_or_path, device, dtype, min_pixels, max_pixels, seed):
     import transformers
     if name_or_path in PRESETS:
@@ -222,15 +249,7 @@ def _load(name_or_path, device, dtype, min_pixels, max_pixels, seed):
             p.data = p.data.to(dtype)
         return model, processor
     path = str(name_or_path)
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"model {path!r} is neither a preset ({', '.join(PRESETS)}) nor a folder")
-    config_file = os.path.join(path, "config.json")
-    if not os.path.isfile(config_file):
-        raise FileNotFoundError(f"{path} is not a Qwen-VL checkpoint folder: it has no config.json")
-    with open(config_file) as f:
-        model_type = json.load(f).get("model_type")
-    if model_type not in MODEL_CLASSES:
-        raise ValueError(f"{config_file} has model_type {model_type!r}; expected one of {sorted(MODEL_CLASSES)}")
+    model_type = check_checkpoint(path)
     model = load_weights(getattr(transformers, MODEL_CLASSES[model_type]), path, device, dtype)
     return model, Processor.from_pretrained(path, min_pixels=min_pixels, max_pixels=max_pixels)
 

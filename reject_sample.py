@@ -372,7 +372,12 @@ def load_pool(cfg, pool=None):
     phase2_prompts asks them."""
     if cfg.phase2.phase2_data:
         rows = data.load_mixture(cfg.phase2.phase2_data, seed=cfg.run.seed, image_root=cfg.data.image_root or None)
-        return [curriculum.prepare_stage_rows([r], r.get("stage") or "open")[0] for r in rows]
+        if not rows:
+            raise data.DataError(f"--phase2-data {cfg.phase2.phase2_data!r}: no rows")
+        try:  # a row without a stage is an open question
+            return curriculum.prepare_stage_rows(rows, "open")
+        except data.DataError as e:
+            raise data.DataError(f"--phase2-data {cfg.phase2.phase2_data!r}: {e}") from None
     if pool is None:
         pool = data.make_split("train", cfg.data.pool_size, seed=cfg.run.seed, size=cfg.data.image_size)
     return phase2_prompts(pool[-cfg.phase2.phase2_prompts:], cfg.run.seed)
@@ -399,6 +404,8 @@ def check_args(args, cfg):
             raise SystemExit(f"error: {flag} {path!r}: no such folder (give a Qwen2.5-VL / Qwen2-VL checkpoint "
                              f"folder{', or tiny' if flag == '--model' else ''})")
     spec = cfg.phase2.phase2_data
+    if not 0 <= args.judge_threshold <= 100:
+        raise SystemExit(f"error: --judge-threshold {args.judge_threshold}: the judge grades 0 to 100")
     try:
         config.validate(cfg)
         missing = [item.path for item in (data.parse_mixture(spec) if spec else []) if not os.path.isfile(item.path)]

@@ -331,6 +331,11 @@ def math_reward(answer: str, solution, rel_tol: float = 1e-6, abs_tol: float = 1
         p, g = (p / 100, g) if p_pct else (p, g / 100)
     return float(math.isclose(p, g, rel_tol=rel_tol, abs_tol=abs_tol)), f"{pred[0]:.12g}" + "%" * p_pct
 
+def answerable(solution, task: str, stage: str) -> bool:
+    """Whether an answer can earn full accuracy: the solution's own text, given as the answer, does. False for a
+    solution that does not parse as its task and stage ask (three numbers for a box, empty text, "maybe" for yes/no)."""
+    return score(f"<think>.</think><answer>{solution_text(solution)}</answer>", solution, task, stage)["accuracy"] == 1
+
 def score(completion: str, solution, task: str, stage: str, **options) -> dict:
     """One completion's reward: a dict of accuracy, format, total, answer (cut at 200 characters), parsed ("" if it
     does not parse) and, for open detection, iou (the first key). Options: RewardOptions."""

@@ -104,7 +104,20 @@ def latest_checkpoint(out):
     path = os.path.join(out, "checkpoints", "latest")
     if os.path.isfile(path):
         with open(path) as f:
-            return os.path.join(out, "checkpoints", f.read().strip())
+            name = f.read().strip()
+        ckpt = os.path.join(out, "checkpoints", name)
+        if not os.path.isfile(os.path.join(ckpt, "trainer_state.pt")):
+            others = sorted(f for f in os.listdir(os.path.dirname(path)) if f.startswith("step_")
+                            and os.path.isfile(os.path.join(os.path.dirname(path), f, "trainer_state.pt")))
+            raise SystemExit(f"error: {path} names {name!r}, which is gone or incomplete: write the name of one that "
+                             f"is there ({', '.join(others) or 'none is'}) into it, or give another --out")
+        return ckpt
+
+def read_json(path):
+    """The JSON in `path`, or None where there is no such file."""
+    if os.path.isfile(path):
+        with open(path) as f:
+            return json.load(f)
 
 def holds_run(out):
     """Whether `out` holds a run: a checkpoint, or the log and stage folders of one killed before its first."""
@@ -251,8 +264,9 @@ def make_curriculum(cfg, stages, groups, steps, pool):
     specs = [curriculum.StageSpec(name, group_size=g, steps=n, replay=r)
              for name, g, n, r in zip(stages, groups, steps, replay_ratios(cfg.rl, stages))]
     stage_data = curriculum.parse_stage_data(cfg.data.stage_data) if cfg.data.stage_data else {}
-    mixed = {curriculum.MIXED: stage_data} if curriculum.MIXED in stages and stage_data else {}  # each form's files
-    specs = curriculum.assign_stage_data(specs, {**{k: v for k, v in stage_data.items() if k in stages}, **mixed})
+    if curriculum.MIXED in stages and stage_data:  # the mixed stage reads each form's files
+        stage_data = {**{k: v for k, v in stage_data.items() if k in stages}, curriculum.MIXED: stage_data}
+    specs = curriculum.assign_stage_data(specs, stage_data)   # a file for a stage not in the run is an error
     return curriculum.Curriculum(specs, pool=pool, seed=cfg.run.seed, image_root=cfg.data.image_root or None)
 
 def run_rl(cfg, cur, out, rank, device, dtype, policy, processor, base):
@@ -398,9 +412,10 @@ def main(argv=None):
         policy, processor = load_base(cfg, device, dtype, rank)
         pool = data.make_split("train", cfg.data.pool_size, seed=cfg.run.seed, size=cfg.data.image_size)
         cur = make_curriculum(cfg, stages, groups, steps, pool)
-        eval_sets = E.load_eval_sets(cfg.data.eval_data or "synthetic", n=cfg.data.eval_n, seed=cfg.run.seed,
-                                     image_root=cfg.data.image_root or None, size=cfg.data.image_size,
-                                     stages=cfg.data.eval_stages.split(",")) if cfg.data.eval_n > 0 else None
+        eval_sets = (E.load_eval_sets(cfg.data.eval_data or "synthetic", n=cfg.data.eval_n, seed=cfg.run.seed,
+                                      image_root=cfg.data.image_root or None, size=cfg.data.image_size,
+                                      stages=cfg.data.eval_stages.split(","), flag="--eval-data")
+                     if cfg.data.eval_n > 0 else None)
         phase2_pool = R.load_pool(cfg, pool) if cfg.phase2.phase2 else None
     except (ValueError, FileNotFoundError) as e:  # data.DataError is a ValueError
         raise SystemExit(f"error: {e}")
@@ -420,9 +435,17 @@ def main(argv=None):
     if cfg.phase2.phase2:
         t0 = time.time()
         final_dir = os.path.join(out, "stages", f"{len(stages) + 1}_phase2")
+        trained_with = os.path.join(out, "phase2", "flags.json")   # the phase-2 flags of final_dir's model
+        if not missing(final_dir) and read_json(trained_with) != as_dict(cfg)["phase2"]:   # changed on a resume
+            if rank == 0:
+                print(f"phase 2's flags differ from those of {final_dir}: phase 2 runs again", flush=True)
+                shutil.rmtree(final_dir)
+            barrier()
         if missing(final_dir):
             R.phase2_of_run(cfg, policy, processor, phase2_pool, os.path.join(out, "phase2"), rank=rank, device=device)
             fsdp.save(policy, processor, final_dir, dtype, rank)
+            if rank == 0:
+                write_atomic(trained_with, json.dumps(as_dict(cfg)["phase2"]))
         named.append(("final (+ phase 2)", final_dir))
         timings["phase2"] = time.time() - t0
 

@@ -72,7 +72,8 @@ def test_paired_statistics_and_the_marks():
 def test_bad_arguments_stop_before_any_work(tmp_path):
     for argv, words in ((["--arms", "RL,nope"], "unknown"), (["--seeds", "0"], ">= 1"),
                         (["--", "--seed", "3"], "set per run"), (["--", "--lr", "-1"], "lr"),
-                        (["--", "--eval-n", "0"], "--eval-n")):
+                        (["--", "--eval-n", "0"], "--eval-n"),
+                        (["--launcher", "no-such-launcher --nproc_per_node=2"], "no command 'no-such-launcher'")):
         with pytest.raises(SystemExit, match=words):
             ablate.main(["--out", str(tmp_path / "x")] + argv)
     assert not (tmp_path / "x").exists()

@@ -164,7 +164,7 @@ def test_every_derived_solution_scores_right_through_rewards():
 def test_stage_files_pass_through_with_the_instruction_added_when_missing(tmp_path):
     path = tmp_path / "judge.jsonl"
     lines = [{"problem": "Is there a cat?", "solution": "<answer>yes</answer>", "task": "classify"},
-             {"problem": "Is it 3? Put it in <answer> </answer>.", "solution": "no", "task": "math", "stage": "choice"}]
+             {"problem": "Is it 3? Put it in <answer> </answer>.", "solution": "B", "task": "math", "stage": "choice"}]
     path.write_text("".join(json.dumps(x) + "\n" for x in lines))
     mapping = curriculum.parse_stage_data(f"judge={path}:all")
     stages = curriculum.assign_stage_data([StageSpec("judge", steps=5)], mapping)

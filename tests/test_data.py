@@ -96,11 +96,36 @@ def test_each_kind_of_bad_row_is_named(tmp_path, line, problem):
 
 def test_an_empty_stage_is_no_stage(tmp_path):
     path = tmp_path / "rows.jsonl"
-    path.write_text("".join(json.dumps({"problem": "q", "solution": "1", "task": "math", "stage": s}) + "\n"
+    path.write_text("".join(json.dumps({"problem": "q", "solution": "B", "task": "math", "stage": s}) + "\n"
                             for s in (None, "", "choice")))
     rows = data.load_rows(path)
     assert ["stage" in r for r in rows] == [False, False, True], "null and \"\" mean no stage (the file's use)"
     assert [r["stage"] for r in curriculum.prepare_stage_rows(rows, "open")] == ["open", "open", "choice"]
+
+
+@pytest.mark.parametrize("row, problem", [
+    ({"solution": "<answer>[1, 2, 3]</answer>", "task": "detection", "stage": "open"},
+     "`solution` '<answer>[1, 2, 3]</answer>': no open answer to a detection row can match it; give a box"),
+    ({"solution": "<answer></answer>", "task": "math"}, "`solution` '<answer></answer>': no open answer"),
+    ({"solution": "<answer>maybe</answer>", "task": "classify", "stage": "judge"},
+     "`solution` '<answer>maybe</answer>': no judge answer to a classify row can match it; give yes or no"),
+])
+def test_a_question_no_answer_can_get_right_is_named(row, problem):
+    """A stage's, the evaluation's or phase 2's row is checked in its own stage, else the stage of its use."""
+    rows = [{"problem": "q", "solution": "<answer>B</answer>", "task": "math"}, {"problem": "Is it?", **row}]
+    with pytest.raises(data.DataError) as e:
+        curriculum.prepare_stage_rows(rows, "open")
+    assert f"{row.get('stage', 'open')} row 2 ('Is it?'): {problem}" in str(e.value)
+
+
+def test_a_row_without_a_stage_is_checked_in_the_stage_of_its_use():
+    rows = [{"problem": "Is there a cat?", "solution": "<answer>maybe</answer>", "task": "classify"}]
+    assert curriculum.prepare_stage_rows(rows, "open")[0]["stage"] == "open", "a label may be any name"
+    with pytest.raises(data.DataError, match="judge row 1 .*no judge answer to a classify row can match it"):
+        curriculum.prepare_stage_rows(rows, "judge")
+    sft = [{"problem": "Is there a cat?", "solution": "<answer>a cat</answer>", "task": "classify", "stage": "judge"}]
+    assert data.parse_row(sft[0], ".")["solution"] == "<answer>a cat</answer>", \
+        "an SFT row's solution is the text to learn, read as it is"
 
 
 def test_json_list_file(tmp_path):

@@ -265,11 +265,29 @@ def test_bad_input_names_it(tmp_path):
     (["--pass-k", "a", "--samples", "2"], "--pass-k 'a': give whole numbers"),
     (["--stages", "open,open"], "--stages 'open,open': expected some of judge, choice, open, each once"),
     (["--image-size", "100"], "--image-size must be a multiple of 28"),
-    (["--model", "tiny,tiny"], "--model names 'tiny' twice")])
+    (["--model", "tiny,tiny"], "--model names 'tiny' twice"),
+    (["--n", "2"], "--n must be >= 3 on the synthetic sets")])
 def test_bad_numbers_and_devices_stop_before_any_model_is_loaded(monkeypatch, flags, message):
     monkeypatch.setattr(E, "evaluate_models", lambda *a, **k: pytest.fail("the evaluation ran"))
     with pytest.raises(SystemExit, match="error: " + re.escape(message)):
         E.main(["--model", "tiny"] + flags)
+
+
+def test_a_bad_checkpoint_stops_before_any_model_is_evaluated(tmp_path, monkeypatch):
+    """Every --model folder is read as far as its header before the first model's evaluation."""
+    import shutil
+    monkeypatch.setattr(E, "evaluate_models", lambda *a, **k: pytest.fail("the evaluation ran"))
+    base = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets", "tiny-base")
+    other, cut, bare = (shutil.copytree(base, tmp_path / name) for name in ("llama", "cut", "bare"))
+    config_file = other / "config.json"
+    config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "model_type": "llama"}))
+    weights = cut / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:weights.stat().st_size // 2])
+    os.remove(bare / "model.safetensors")
+    for folder, message in ((other, "has model_type 'llama'"), (cut, "model.safetensors cannot be read"),
+                            (bare, "it has no weights")):
+        with pytest.raises(SystemExit, match=re.escape(message)):
+            E.main(["--model", f"{base},{folder}", "--n", "3"])
 
 
 def test_the_synthetic_images_have_the_image_size(monkeypatch):

@@ -336,7 +336,8 @@ def test_weights_are_read_straight_onto_the_device(any_tiny, tmp_path, monkeypat
         assert all(torch.equal(b, dict(m.named_buffers())[k]) for k, b in loaded.named_buffers()), name
         assert (loaded.lm_head.weight is loaded.get_input_embeddings().weight) == (name == "tied")
         assert not loaded.training
-    assert devices == ["cpu:0", "cpu:0"], "each safetensors file is opened on the model's device"
+    assert [d for d in devices if d != "cpu"] == ["cpu:0", "cpu:0"], \
+        "each safetensors file is opened on the model's device (after check_checkpoint reads its header on the CPU)"
     # A checkpoint whose names do not map goes through from_pretrained; weights it cannot find are an error.
     weights = load_file(tmp_path / "plain" / "model.safetensors")
     save_file({"renamed." + k: v for k, v in weights.items()}, tmp_path / "plain" / "model.safetensors")

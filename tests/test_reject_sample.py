@@ -262,6 +262,13 @@ def test_command_line_errors_and_run(tmp_path, capsys):
         R.main(["--model", str(tmp_path / "missing"), "--out", str(tmp_path / "o")])
     with pytest.raises(SystemExit, match="data file not found"):
         R.main(["--model", "tiny", "--phase2-data", str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "o")])
+    (tmp_path / "empty.jsonl").write_text("")
+    with pytest.raises(SystemExit, match="empty.jsonl': no rows"):
+        R.main(["--model", "tiny", "--phase2-data", str(tmp_path / "empty.jsonl"), "--out", str(tmp_path / "o")])
+    with pytest.raises(SystemExit, match="--judge-threshold 500.0: the judge grades 0 to 100"):
+        R.main(["--model", "tiny", "--judge-threshold", "500", "--out", str(tmp_path / "o")])
+    with pytest.raises(SystemExit, match="--phase2-prompts 9: more than the --pool-size 3 rows"):
+        R.main(["--model", "tiny", "--phase2-prompts", "9", "--pool-size", "3", "--out", str(tmp_path / "o")])
     with pytest.raises(SystemExit, match="--out"):
         R.main(["--model", "tiny"])
     out = tmp_path / "run"

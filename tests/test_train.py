@@ -50,6 +50,7 @@ def run(args, out, env=None, torchrun=0):
     (["--eval-n", "-1"], "eval-n >= 0"),
     (["--max-pixels", "0"], "--max-pixels must be >= 1"),
     (["--threads", "-1"], "threads >= 0"),
+    (["--threads", "100000"], "--threads 100000: this machine has"),
     (["--sample-every", "-1"], "sample-every >= 0"),
     (["--choice-partial", "2"], "--choice-partial must be between 0 and 1"),
     (["--phase2-bar", "3"], "--phase2-bar: at most 2"),
@@ -62,7 +63,15 @@ def run(args, out, env=None, torchrun=0):
     (["--phase2-data", "/no/such.jsonl"], "data file not found: /no/such.jsonl"),
     (["--stage-data", "choice=/no/such.jsonl"], "data file not found: /no/such.jsonl"),
     (["--eval-data", "test=" + os.path.join(ROOT, "tests", "fixtures", "real", "sample.jsonl")],
+     "--eval-data test=" + os.path.join(ROOT, "tests", "fixtures", "real", "sample.jsonl") + ": "),
+    (["--eval-data", "test=" + os.path.join(ROOT, "tests", "fixtures", "real", "sample.jsonl")],
      "sample.jsonl:4: image not found"),
+    (["--stages", "open", "--stage-data", "judge=/no/such.jsonl"], "stage data given for stages not in the schedule"),
+    (["--lr", "inf"], "--lr inf: give a finite number"),
+    (["--temperature", "inf", "--beta", "nan"], "--temperature inf, --beta nan: give a finite number"),
+    (["--eval-n", "2"], "--eval-n 2: at least 3"),
+    (["--phase2-prompts", "81", "--pool-size", "80"], "--phase2-prompts 81: more than the --pool-size 80 rows"),
+    (["--phase2-data", os.path.join(ROOT, "tests", "fixtures", "empty.jsonl")], "empty.jsonl': no rows"),
 ])
 def test_bad_config_is_a_clear_error(tmp_path, flags, message):
     with pytest.raises(SystemExit, match="error: .*" + message.replace("-", r"\-").replace("+", r"\+")):
@@ -314,6 +323,16 @@ def test_phase2_through_train_py(tmp_path):
     assert list(models) == ["base", "after judge", "after open", "final (+ phase 2)"]
     assert models["final (+ phase 2)"] == os.path.join(stages, "3_phase2")
 
+    args = flags + ["--temperature", "0.9", "--box-reward", "iou", "--micro-batch", "2", "--out", out, "--resume"]
+    saved = os.path.getmtime(os.path.join(stages, "3_phase2", "model.safetensors"))
+    train.main(args)
+    assert os.path.getmtime(os.path.join(stages, "3_phase2", "model.safetensors")) == saved, \
+        "a resume with the same phase-2 flags keeps phase 2's model"
+    train.main(args + ["--phase2-lr", "1e-3"])
+    assert json.load(open(os.path.join(out, "phase2", "phase2_report.json")))["sft"]["lr"] == 1e-3
+    again = weights(os.path.join(stages, "3_phase2"))
+    assert any(not torch.equal(again[k], p2[k]) for k in p2), "a resume with another --phase2-lr runs phase 2 again"
+
 
 def metrics_of(out):
     import json
@@ -373,6 +392,19 @@ def test_a_resume_with_other_training_flags_is_refused(tmp_path):
     assert [m["global_step"] for m in metrics_of(out)] == [1, 2]
 
 
+def test_a_latest_pointer_to_a_removed_checkpoint_names_those_left(tmp_path):
+    out = tmp_path / "run"
+    for step in (4, 5):
+        os.makedirs(out / "checkpoints" / f"step_{step:06d}")
+        (out / "checkpoints" / f"step_{step:06d}" / "trainer_state.pt").write_bytes(b"")
+    (out / "checkpoints" / "latest").write_text("step_000005")
+    assert train.latest_checkpoint(str(out)) == str(out / "checkpoints" / "step_000005")
+    os.remove(out / "checkpoints" / "step_000005" / "trainer_state.pt")
+    with pytest.raises(SystemExit, match="names 'step_000005', which is gone or incomplete: write the name of one "
+                                         "that is there \\(step_000004\\) into it"):
+        train.main(QUICK + ["--out", str(out), "--resume"])
+
+
 def test_the_refusal_names_the_flags_a_resume_may_change():
     """The message names the flags a resume accepts a new value of, and every other flag is refused."""
     saved = config.as_dict(config.make_config([]))
@@ -392,6 +424,8 @@ def test_the_refusal_names_the_flags_a_resume_may_change():
         else:
             with pytest.raises(ValueError, match=f"^{flag} "):
                 config.check_resume(saved, cfg)
+    same = config.as_dict(config.make_config(["--stage-steps", "12,12,12", "--group-size", "8,8,8"]))
+    config.check_resume(same, config.make_config(["--stage-steps", "12", "--group-size", "8"]))  # the same values
 
 
 def test_each_stage_starts_at_kl_zero_to_its_reference_and_restarts_its_schedule(staged_run, tmp_path):
