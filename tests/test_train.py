@@ -50,7 +50,6 @@ def run(args, out, env=None, torchrun=0):
     (["--eval-n", "-1"], "eval-n >= 0"),
     (["--max-pixels", "0"], "--max-pixels must be >= 1"),
     (["--threads", "-1"], "threads >= 0"),
-    (["--threads", "100000"], "--threads 100000: this machine has"),
     (["--sample-every", "-1"], "sample-every >= 0"),
     (["--choice-partial", "2"], "--choice-partial must be between 0 and 1"),
     (["--phase2-bar", "3"], "--phase2-bar: at most 2"),
